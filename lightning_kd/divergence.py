@@ -1,0 +1,113 @@
+"""Per-chunk divergence math with analytic gradients.
+
+A :class:`Divergence` turns one chunk of student and teacher logit rows into a per-row value and,
+on request, the gradient of that value with respect to the temperature-scaled student logits
+``z = s / T``. It writes the gradient into a buffer it is handed and uses at most one extra
+workspace of the same shape, which is what keeps the chunked engine
+(:mod:`lightning_kd.chunked`) bounded in memory. Softmaxes and row sums go through a
+vocabulary-softmax object (:mod:`lightning_kd.vocab_softmax`), so the same code serves a full
+vocabulary row and a tensor-parallel vocabulary shard.
+
+Conventions: ``P = softmax(t / T)`` (teacher), ``Q = softmax(s / T)`` (student); terms with
+zero probability contribute nothing, so vocabulary entries that are ``-inf`` in both logits
+(padded or masked vocabulary) are harmless. Values are not multiplied by ``T**2``; the engine
+does that.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+
+class VocabSoftmax(Protocol):
+    """What a divergence needs from the vocabulary dimension (see ``vocab_softmax``)."""
+
+    def log_softmax(self, x: Tensor, temperature: float, out: Tensor) -> Tensor: ...
+
+    def softmax(self, x: Tensor, temperature: float, out: Tensor) -> Tensor: ...
+
+    def all_sum(self, partial: Tensor) -> Tensor: ...
+
+
+def _row_sum_of_products(products: Tensor) -> Tensor:
+    """Row sums of elementwise products ``w * x`` (computed in place by the caller), treating
+    the NaN of ``0 · ±inf`` as 0 (0·log 0 = 0). Rows that came out NaN are cleaned in place and
+    summed again; finite inputs pay nothing extra. ``products``: [n, V]; returns [n]."""
+    out = products.sum(-1)
+    bad = out.isnan()
+    if bad.any():
+        idx = bad.nonzero().squeeze(1)
+        fixed = products.index_select(0, idx).nan_to_num_(
+            nan=0.0, posinf=math.inf, neginf=-math.inf
+        )
+        products.index_copy_(0, idx, fixed)
+        out[idx] = fixed.sum(-1)
+    return out
+
+
+class Divergence:
+    """Base class: one chunk of rows in, per-row values (and gradient) out.
+
+    Subclasses implement :meth:`chunk`. Chunk arguments:
+        student: [n, V] student logit rows (any floating dtype; not modified).
+        teacher: [n, V] teacher logit rows (any floating dtype; not modified).
+        temperature: softmax temperature ``T``.
+        vocab: the vocabulary-softmax object (local or tensor-parallel).
+        work: [n, V] scratch buffer in the compute dtype.
+        grad: [n, V] buffer in the compute dtype; on return it holds ``d value / d z`` with
+            ``z = student / T`` when ``need_grad`` is True (else it is scratch).
+        need_grad: whether the gradient is wanted.
+
+    Returns:
+        [n] per-row values in the compute dtype, already summed over vocabulary shards.
+    """
+
+    def chunk(
+        self,
+        student: Tensor,
+        teacher: Tensor,
+        temperature: float,
+        vocab: VocabSoftmax,
+        work: Tensor,
+        grad: Tensor,
+        need_grad: bool,
+    ) -> Tensor:
+        raise NotImplementedError
+
+
+class ForwardKL(Divergence):
+    """KL(P ‖ Q) = sum_v P (log P − log Q); gradient w.r.t. z = s / T is ``Q − P``."""
+
+    def chunk(self, student, teacher, temperature, vocab, work, grad, need_grad):
+        log_p = vocab.log_softmax(teacher, temperature, out=work)
+        log_q = vocab.log_softmax(student, temperature, out=grad)
+        delta = torch.sub(log_p, log_q, out=grad)  # log P − log Q
+        p = log_p.exp_()
+        value = vocab.all_sum(_row_sum_of_products(delta.mul_(p)))
+        if need_grad:
+            vocab.softmax(student, temperature, out=grad).sub_(p)  # Q − P
+        return value
+
+
+class ReverseKL(Divergence):
+    """KL(Q ‖ P) = sum_v Q (log Q − log P); gradient w.r.t. z is ``Q (log Q − log P − KL)``.
+
+    Not used by :class:`~lightning_kd.KDLoss` today; it shows (and its tests check) that a
+    divergence whose gradient needs the reduced row value plugs into the same engine and the
+    same tensor-parallel softmax.
+    """
+
+    def chunk(self, student, teacher, temperature, vocab, work, grad, need_grad):
+        log_p = vocab.log_softmax(teacher, temperature, out=work)
+        log_q = vocab.log_softmax(student, temperature, out=grad)
+        delta = torch.sub(log_q, log_p, out=work)  # log Q − log P
+        q = log_q.exp_()
+        terms = delta.mul_(q)  # Q (log Q − log P), 0 where Q == 0
+        value = vocab.all_sum(_row_sum_of_products(terms))
+        if need_grad:
+            grad.mul_(-value.unsqueeze(1)).add_(terms)  # Q (log Q − log P − KL)
+        return value

@@ -1,0 +1,41 @@
+"""Softmax over the vocabulary (last) dimension, written into caller-owned buffers.
+
+The divergences in :mod:`lightning_kd.divergence` never call ``torch.softmax`` directly: they ask a
+*vocabulary-softmax* object, so that the same per-chunk math runs on a full vocabulary row
+(:class:`LocalVocabSoftmax`, fused PyTorch kernels) and on one rank's slice of a vocabulary that
+is sharded across a tensor-parallel group (``lightning_kd.tensor_parallel``), where the
+normaliser needs collectives. Every method writes into ``out`` so that the chunked engine
+controls exactly which buffers exist.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class LocalVocabSoftmax:
+    """Softmax, log-softmax and row sums when each row holds the whole vocabulary."""
+
+    def load(self, x: Tensor, temperature: float, out: Tensor) -> Tensor:
+        """Write ``x / temperature`` into ``out`` in ``out``'s dtype (cast before dividing)."""
+        out.copy_(x)
+        if temperature != 1.0:
+            out.div_(temperature)
+        return out
+
+    def log_softmax(self, x: Tensor, temperature: float, out: Tensor) -> Tensor:
+        """``out = log_softmax(x / temperature)`` over the last dim; ``x``, ``out``: [n, V]."""
+        if temperature == 1.0 and x.dtype == out.dtype:
+            return torch.log_softmax(x, -1, out=out)
+        return torch.log_softmax(self.load(x, temperature, out), -1, out=out)
+
+    def softmax(self, x: Tensor, temperature: float, out: Tensor) -> Tensor:
+        """``out = softmax(x / temperature)`` over the last dim; ``x``, ``out``: [n, V]."""
+        if temperature == 1.0 and x.dtype == out.dtype:
+            return torch.softmax(x, -1, out=out)
+        return torch.softmax(self.load(x, temperature, out), -1, out=out)
+
+    def all_sum(self, partial: Tensor) -> Tensor:
+        """Sum per-row partial results over vocabulary shards: a no-op for a full row."""
+        return partial
