@@ -27,6 +27,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/kd_loss.py
+	$(PY) benchmarks/kd_loss_tp.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

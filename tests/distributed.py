@@ -1,0 +1,34 @@
+"""Run a test function in real worker processes joined by a gloo process group (CPU)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _entry(rank: int, fn: Callable, world_size: int, port: int, args: tuple) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        fn(rank, world_size, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_workers(fn: Callable[..., Any], world_size: int, *args: Any) -> None:
+    """Call ``fn(rank, world_size, *args)`` in ``world_size`` spawned processes; re-raise the
+    first worker's exception. ``fn`` must be a module-level function (it is pickled)."""
+    mp.spawn(_entry, args=(fn, world_size, _free_port(), args), nprocs=world_size, join=True)
