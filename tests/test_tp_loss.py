@@ -18,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_kd import KDLoss
 from lightning_kd.chunked import divergence_over_rows
+from lightning_kd.cross_entropy import token_cross_entropy
 from lightning_kd.divergence import ReverseKL
 from lightning_kd.tensor_parallel import VocabParallelSoftmax, find_vocab_tp_group
 from lightning_kd.vocab_softmax import LocalVocabSoftmax
@@ -230,3 +231,27 @@ def test_mixed_inputs_rejected_and_replicated_dtensors_work():
 
 def test_find_vocab_tp_group_on_plain_tensor_is_none():
     assert find_vocab_tp_group(torch.randn(2, 3)) is None
+
+
+def _cross_entropy_matches(rank, world):
+    mesh = init_device_mesh("cpu", (world,))
+    for vocab in (40, 37):
+        student, _, labels = _case_inputs(vocab, seed=11)
+        full = student.clone().requires_grad_()
+        ref = token_cross_entropy(full, labels)
+        ref.backward()
+        expected = torch.nn.functional.cross_entropy(
+            student.reshape(-1, vocab), labels.reshape(-1), reduction="sum"
+        )
+        _assert_rel(ref, expected, 1e-6, "plain cross-entropy")
+        s = distribute_tensor(student, mesh, [Shard(-1)]).requires_grad_()
+        with _CollectiveRecorder() as rec:
+            ce = token_cross_entropy(s, labels)
+        assert all("allreduce" in name for name, _ in rec.calls), rec.calls
+        ce.backward()
+        _assert_rel(ce, ref, 1e-5, f"sharded cross-entropy V={vocab}")
+        _assert_rel(s.grad.full_tensor(), full.grad, 1e-5, f"sharded CE grad V={vocab}")
+
+
+def test_cross_entropy_on_vocab_shards_matches_plain():
+    run_workers(_cross_entropy_matches, 2)

@@ -1,0 +1,199 @@
+"""A small Llama-style causal language model with its tensor-parallel plan.
+
+It serves the tests and the demo without any download: RMSNorm, rotary position embeddings,
+grouped-query attention, a SwiGLU MLP, and a tied or untied lm_head. The constructor's typed
+arguments are its config, so a YAML ``class_path: lightning_kd.TinyLlama`` with ``init_args``
+builds one. :meth:`TinyLlama.tensor_parallel_plan` is the explicit Megatron-style plan
+(attention and MLP projections column/row-parallel, lm_head column-parallel with
+vocabulary-sharded DTensor output) that :class:`~lightning_kd.DistillationModule` applies.
+
+Inputs: ``input_ids`` [B, S] int64. Output: logits [B, S, V] (a DTensor sharded on V under TP).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.distributed.tensor import Shard
+from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm (no bias), computed in fp32."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.to(x.dtype) * self.weight
+
+
+def _rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[Tensor, Tensor]:
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
+    return angles.cos().float(), angles.sin().float()
+
+
+def _apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x: [B, H, S, D]; cos/sin: [S, D/2]. Rotates pairs (first half, second half)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return out.to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Causal grouped-query self-attention. Head counts are inferred from the projections'
+    output widths, so the same code runs on a tensor-parallel shard with fewer local heads."""
+
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int) -> None:
+        super().__init__()
+        self.head_dim = dim // n_heads
+        self.wq = nn.Linear(dim, n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        bsz, seq, _ = x.shape
+        q = self.wq(x).view(bsz, seq, -1, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(bsz, seq, -1, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(bsz, seq, -1, self.head_dim).transpose(1, 2)
+        q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
+        groups = q.shape[1] // k.shape[1]
+        if groups > 1:
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.wo(out.transpose(1, 2).reshape(bsz, seq, -1))
+
+
+class SwiGLU(nn.Module):
+    """``w2(silu(w1 x) * w3 x)``."""
+
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block."""
+
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, hidden_dim: int, eps: float):
+        super().__init__()
+        self.attn_norm = RMSNorm(dim, eps)
+        self.attn = Attention(dim, n_heads, n_kv_heads)
+        self.mlp_norm = RMSNorm(dim, eps)
+        self.mlp = SwiGLU(dim, hidden_dim)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class TinyLlama(nn.Module):
+    """A Llama-style decoder-only language model.
+
+    Args:
+        vocab_size: vocabulary size V (teacher and student must share it).
+        dim: model width.
+        n_layers: number of transformer blocks.
+        n_heads: attention heads; must divide ``dim``.
+        n_kv_heads: key/value heads (grouped-query attention); must divide ``n_heads``.
+        hidden_dim: SwiGLU hidden width.
+        max_seq_len: longest sequence the rotary tables cover.
+        rope_theta: rotary base.
+        norm_eps: RMSNorm epsilon.
+        tie_embeddings: share the embedding matrix with the lm_head (not with TP > 1).
+        init_std: standard deviation of the normal weight init.
+
+    Raises:
+        ValueError: for inconsistent sizes.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int = 256,
+        dim: int = 64,
+        n_layers: int = 2,
+        n_heads: int = 4,
+        n_kv_heads: int = 2,
+        hidden_dim: int = 176,
+        max_seq_len: int = 512,
+        rope_theta: float = 10000.0,
+        norm_eps: float = 1e-5,
+        tie_embeddings: bool = False,
+        init_std: float = 0.02,
+    ) -> None:
+        super().__init__()
+        if min(vocab_size, dim, n_layers, n_heads, n_kv_heads, hidden_dim, max_seq_len) < 1:
+            raise ValueError("TinyLlama sizes must all be positive integers.")
+        if dim % n_heads or n_heads % n_kv_heads or (dim // n_heads) % 2:
+            raise ValueError(
+                f"TinyLlama needs n_heads | dim, n_kv_heads | n_heads and an even head size, got "
+                f"dim={dim}, n_heads={n_heads}, n_kv_heads={n_kv_heads}."
+            )
+        self.vocab_size, self.n_heads, self.n_kv_heads = vocab_size, n_heads, n_kv_heads
+        self.tie_embeddings = tie_embeddings
+        self.embed = nn.Embedding(vocab_size, dim)
+        self.layers = nn.ModuleList(
+            Block(dim, n_heads, n_kv_heads, hidden_dim, norm_eps) for _ in range(n_layers)
+        )
+        self.norm = RMSNorm(dim, norm_eps)
+        self.lm_head = nn.Linear(dim, vocab_size, bias=False)
+        cos, sin = _rope_tables(dim // n_heads, max_seq_len, rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        for module in self.modules():
+            if isinstance(module, nn.Linear | nn.Embedding):
+                nn.init.normal_(module.weight, std=init_std)
+        if tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        """input_ids: [B, S] int64 -> logits [B, S, V] (vocab-sharded DTensor under TP)."""
+        seq = input_ids.shape[1]
+        if seq > self.rope_cos.shape[0]:
+            raise ValueError(f"sequence length {seq} exceeds max_seq_len {self.rope_cos.shape[0]}")
+        cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
+        x = self.embed(input_ids)
+        for layer in self.layers:
+            x = layer(x, cos, sin)
+        return self.lm_head(self.norm(x))
+
+    def tensor_parallel_plan(self, tp_size: int) -> dict[str, ParallelStyle]:
+        """The TP plan for ``parallelize_module``: column-parallel q/k/v and MLP up-projections,
+        row-parallel output projections, and a column-parallel lm_head whose output stays a
+        DTensor sharded on the vocabulary (``use_local_output=False``) for KDLoss.
+
+        Raises:
+            ValueError: when ``tp_size`` does not divide the head counts or the embeddings are
+                tied (a sharded lm_head cannot share the replicated embedding).
+        """
+        if self.n_kv_heads % tp_size or self.n_heads % tp_size:
+            raise ValueError(
+                f"tensor_parallel_size={tp_size} must divide n_heads={self.n_heads} and "
+                f"n_kv_heads={self.n_kv_heads}."
+            )
+        if self.tie_embeddings and tp_size > 1:
+            raise ValueError("tie_embeddings=True is not supported with tensor parallelism.")
+        plan: dict[str, ParallelStyle] = {}
+        for i in range(len(self.layers)):
+            for name in ("attn.wq", "attn.wk", "attn.wv", "mlp.w1", "mlp.w3"):
+                plan[f"layers.{i}.{name}"] = ColwiseParallel()
+            for name in ("attn.wo", "mlp.w2"):
+                plan[f"layers.{i}.{name}"] = RowwiseParallel()
+        plan["lm_head"] = ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)
+        return plan
+
+    def fsdp_units(self) -> list[nn.Module]:
+        """Submodules to wrap with FSDP2 ``fully_shard`` before the root (one per block)."""
+        return list(self.layers)

@@ -1,0 +1,230 @@
+"""DistillationModule on one process with a real Lightning Trainer (CPU, tiny models)."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from lightning_kd import DistillationModule, KDLoss, TinyLlama
+from lightning_kd.grad_clip import clip_grad_norm
+from lightning_kd.parallelize import tensor_parallel_plan
+from tests.scripts.fit_run import RandomTokens, make_models
+
+
+def _trainer(**kwargs) -> L.Trainer:
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        deterministic=True,
+    )
+    defaults.update(kwargs)
+    return L.Trainer(**defaults)
+
+
+def _module(**kwargs) -> DistillationModule:
+    student, teacher = make_models()
+    kwargs.setdefault("optimizer", lambda p: torch.optim.AdamW(p, lr=3e-3))
+    return DistillationModule(student, teacher, **kwargs)
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_fit_trains_student_only_and_kd_loss_falls_on_a_fixed_batch():
+    L.seed_everything(0, verbose=False)
+    module = _module(loss=KDLoss(chunk_size=7, temperature=2.0))
+    teacher_before, student_before = _state(module.teacher), _state(module.student)
+    losses = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(float(trainer.callback_metrics["train/kd_loss"]))
+            assert not pl_module.teacher.training, "teacher must stay in eval mode"
+
+    loader = DataLoader(RandomTokens(samples=4), batch_size=4)
+    _trainer(max_steps=25, callbacks=[Record()]).fit(module, loader)
+    teacher_after, student_after = _state(module.teacher), _state(module.student)
+    assert all(torch.equal(teacher_before[k], v) for k, v in teacher_after.items())
+    assert any(not torch.equal(student_before[k], v) for k, v in student_after.items())
+    assert not any(p.requires_grad for p in module.teacher.parameters())
+    optimized = {id(p) for g in module.trainer.optimizers[0].param_groups for p in g["params"]}
+    assert optimized == {id(p) for p in module.student.parameters()}
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_gradient_accumulation_equals_the_larger_batch():
+    """Micro-batches with different numbers of valid tokens: the window normalisation must
+    weight them by tokens, so accumulate=2 with batch 2 equals batch 4 exactly."""
+
+    class Uneven(RandomTokens):
+        def __getitem__(self, i):
+            item = super().__getitem__(i)
+            item["labels"][: 2 + 3 * (i % 3)] = -100
+            return item
+
+    finals = []
+    for batch_size, accumulate in ((4, 1), (2, 2)):
+        L.seed_everything(0, verbose=False)
+        module = _module(kd_ratio=0.6, optimizer=lambda p: torch.optim.SGD(p, lr=0.5))
+        loader = DataLoader(Uneven(samples=8), batch_size=batch_size)
+        _trainer(max_steps=2, accumulate_grad_batches=accumulate).fit(module, loader)
+        finals.append(_state(module.student))
+    for key, value in finals[0].items():
+        torch.testing.assert_close(finals[1][key], value, rtol=1e-5, atol=1e-7)
+
+
+def test_checkpoint_excludes_teacher_and_resume_continues_the_trajectory(tmp_path):
+    def run(steps, ckpt_path=None, ckpt_dir=None, save_teacher=False):
+        L.seed_everything(0, verbose=False)
+        module = _module(save_teacher=save_teacher)
+        losses = []
+
+        class Record(L.Callback):
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                losses.append(float(trainer.callback_metrics["train/kd_loss"]))
+
+        callbacks = [Record()]
+        if ckpt_dir:
+            callbacks.append(
+                L.pytorch.callbacks.ModelCheckpoint(ckpt_dir, save_last=True, every_n_train_steps=3)
+            )
+        trainer = _trainer(
+            max_steps=steps, callbacks=callbacks, enable_checkpointing=bool(ckpt_dir)
+        )
+        trainer.fit(module, DataLoader(RandomTokens(samples=12), batch_size=4), ckpt_path=ckpt_path)
+        return losses, module
+
+    straight, _ = run(6)
+    first, _ = run(3, ckpt_dir=tmp_path / "a")
+    ckpt = torch.load(tmp_path / "a" / "last.ckpt", weights_only=False)
+    assert ckpt["state_dict"] and not any(k.startswith("teacher.") for k in ckpt["state_dict"])
+    resumed, module = run(6, ckpt_path=tmp_path / "a" / "last.ckpt")
+    assert module.trainer.global_step == 6
+    assert first == straight[:3]
+    torch.testing.assert_close(torch.tensor(resumed), torch.tensor(straight[3:]), rtol=1e-6, atol=0)
+
+    run(3, ckpt_dir=tmp_path / "b", save_teacher=True)
+    ckpt = torch.load(tmp_path / "b" / "last.ckpt", weights_only=False)
+    assert any(k.startswith("teacher.") for k in ckpt["state_dict"])
+
+
+def test_factories_are_built_in_configure_model_and_teacher_checkpoint_is_loaded(tmp_path):
+    torch.manual_seed(1)
+    trained_teacher = TinyLlama(vocab_size=37, dim=32, n_layers=2, hidden_dim=64)
+    torch.save(trained_teacher.state_dict(), tmp_path / "teacher.pt")
+    torch.save({"state_dict": {"model." + k: v for k, v in trained_teacher.state_dict().items()}},
+               tmp_path / "teacher.ckpt")  # fmt: skip
+    built = []
+
+    def student_factory():
+        built.append("student")
+        return TinyLlama(vocab_size=37, dim=16, n_layers=1, n_heads=2, hidden_dim=32)
+
+    def teacher_factory():
+        built.append("teacher")
+        return TinyLlama(vocab_size=37, dim=32, n_layers=2, hidden_dim=64)
+
+    for path, prefix in ((tmp_path / "teacher.pt", ""), (tmp_path / "teacher.ckpt", "model.")):
+        built.clear()
+        module = DistillationModule(
+            student_factory, teacher_factory, teacher_checkpoint=str(path),
+            teacher_checkpoint_prefix=prefix,
+        )  # fmt: skip
+        assert module.student is None and module.teacher is None and built == []
+        _trainer(max_steps=1).fit(module, DataLoader(RandomTokens(samples=4), batch_size=4))
+        assert built == ["student", "teacher"]
+        for key, value in trained_teacher.state_dict().items():
+            assert torch.equal(module.teacher.state_dict()[key], value)
+
+
+def test_validation_reports_kl_and_perplexities():
+    module = _module()
+    metrics = {}
+
+    class Grab(L.Callback):
+        def on_validation_end(self, trainer, pl_module):
+            metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+    loader = DataLoader(RandomTokens(samples=8), batch_size=4)
+    _trainer(max_steps=2, limit_val_batches=2, callbacks=[Grab()]).fit(module, loader, loader)
+    for key in ("val/kd_loss", "val/student_ppl", "val/teacher_ppl", "val/student_ce"):
+        assert key in metrics and metrics[key] > 0, metrics
+    assert metrics["val/student_ppl"] == pytest.approx(
+        torch.tensor(metrics["val/student_ce"]).exp()
+    )
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "bf16-mixed"])
+def test_bf16_precisions_train(precision):
+    L.seed_everything(0, verbose=False)
+    module = _module(kd_ratio=0.5)
+    losses = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(float(trainer.callback_metrics["train/loss"]))
+
+    loader = DataLoader(RandomTokens(samples=8), batch_size=4)
+    _trainer(max_steps=3, precision=precision, callbacks=[Record()]).fit(module, loader)
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_gradient_clipping_single_process_matches_torch():
+    params = [nn.Parameter(torch.randn(5, 3)) for _ in range(3)]
+    for p in params:
+        p.grad = torch.randn_like(p) * 10
+    expected = [p.grad.clone() for p in params]
+    ref_norm = torch.nn.utils.clip_grad_norm_(
+        [nn.Parameter(p.detach().clone()) for p in params], 1.0
+    )  # norm only
+    ref_params = [nn.Parameter(p.detach().clone()) for p in params]
+    for rp, g in zip(ref_params, expected, strict=True):
+        rp.grad = g.clone()
+    torch.nn.utils.clip_grad_norm_(ref_params, 1.0)
+    norm = clip_grad_norm(params, 1.0)
+    total = torch.sqrt(sum((g.double() ** 2).sum() for g in expected))
+    assert float(norm) == pytest.approx(float(total), rel=1e-5)
+    del ref_norm
+    for p, rp in zip(params, ref_params, strict=True):
+        torch.testing.assert_close(p.grad, rp.grad, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="max_norm"):
+        clip_grad_norm(params, 0.0)
+
+
+def test_bad_arguments_are_rejected(tmp_path):
+    student, teacher = make_models()
+    with pytest.raises(ValueError, match="kd_ratio"):
+        DistillationModule(student, teacher, kd_ratio=1.5)
+    with pytest.raises(ValueError, match=r"missing\.pt"):
+        DistillationModule(student, teacher, teacher_checkpoint=str(tmp_path / "missing.pt"))
+    with pytest.raises(ValueError, match="no tensor-parallel plan"):
+        tensor_parallel_plan(nn.Linear(2, 2), 2)
+    with pytest.raises(ValueError, match="tie_embeddings"):
+        TinyLlama(tie_embeddings=True).tensor_parallel_plan(2)
+    with pytest.raises(ValueError, match="must divide"):
+        TinyLlama(n_heads=4, n_kv_heads=2).tensor_parallel_plan(4)
+
+
+def test_teacher_without_tp_plan_works_single_device():
+    """A model with no TP plan (a plain nn.Module) still trains on one device."""
+
+    class Bigram(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = nn.Embedding(37, 37)
+
+        def forward(self, input_ids):
+            return self.table(input_ids)
+
+    module = DistillationModule(Bigram(), Bigram())
+    _trainer(max_steps=2).fit(module, DataLoader(RandomTokens(samples=4), batch_size=4))
+    assert module.trainer.global_step == 2
