@@ -28,6 +28,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/kd_loss.py
 	$(PY) benchmarks/kd_loss_tp.py
+	$(PY) benchmarks/module_throughput.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

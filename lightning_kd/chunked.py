@@ -44,14 +44,15 @@ class _Window(NamedTuple):
     start: int
     stop: int
     valid: Tensor  # [stop - start] bool, on CPU
-    as_view: bool
+    dense: bool  # process every row of the span (ignored ones discarded) vs only valid rows
 
 
-def _plan_windows(valid: Tensor, chunk_size: int, viewable: bool) -> list[_Window]:
+def _plan_windows(valid: Tensor, chunk_size: int) -> list[_Window]:
     """Split the row space into windows of at most ``chunk_size`` rows that hold valid rows.
 
-    Each window is trimmed to its first..last valid row. It is read as a view of the logits when
-    the logits are 2-D viewable and the window is dense enough, else its valid rows are gathered.
+    Each window is trimmed to its first..last valid row. A dense window processes its whole
+    span, a sparse one only its valid rows. The plan depends on ``valid`` alone, never on memory
+    layout, so every tensor-parallel rank issues the same collectives with the same sizes.
     """
     total = valid.numel()
     step = chunk_size or max(total, 1)
@@ -62,13 +63,14 @@ def _plan_windows(valid: Tensor, chunk_size: int, viewable: bool) -> list[_Windo
             continue
         start, stop = begin + int(hits[0]), begin + int(hits[-1]) + 1
         dense = hits.numel() >= _MIN_DENSITY * (stop - start)
-        windows.append(_Window(start, stop, valid[start:stop], viewable and dense))
+        windows.append(_Window(start, stop, valid[start:stop], dense))
     return windows
 
 
 def _take(x: Tensor, x2d: Tensor | None, window: _Window, rows: Tensor) -> Tensor:
-    """The window's rows of ``x`` as [m, V]: a view of the span, or a gathered copy of ``rows``."""
-    if window.as_view:
+    """Rows ``rows`` of ``x`` as [m, V]: a view when they are a dense span of a 2-D-viewable
+    tensor, else a gathered copy."""
+    if window.dense and x2d is not None:
         return x2d[window.start : window.stop]
     if x2d is not None:
         return x2d.index_select(0, rows)
@@ -93,9 +95,8 @@ class _DivergenceOverRows(torch.autograd.Function):
         device, vsize = student.device, student.shape[-1]
         student2d, teacher2d = _as_rows(student), _as_rows(teacher)
         valid_cpu = valid.reshape(-1).cpu()
-        windows = _plan_windows(
-            valid_cpu, chunk_size, student2d is not None and teacher2d is not None
-        )
+        windows = _plan_windows(valid_cpu, chunk_size)
+        viewable = student2d is not None and teacher2d is not None
         n = int(valid_cpu.sum())
         per_token = torch.empty(n, dtype=compute_dtype, device=device)
 
@@ -106,20 +107,25 @@ class _DivergenceOverRows(torch.autograd.Function):
             covered = torch.zeros_like(valid_cpu)
         widest = max((w.stop - w.start for w in windows), default=0)
         work = torch.empty((widest, vsize), dtype=compute_dtype, device=device)
-        scratch = None
-        if grad is None or grad.dtype != compute_dtype or any(not w.as_view for w in windows):
-            scratch = torch.empty_like(work)
+        # The gradient is written in place into its own buffer for dense windows of viewable
+        # logits in the compute dtype; everything else goes through a scratch buffer.
+        slot_ok = grad is not None and grad.dtype == compute_dtype and viewable
+        needs_scratch = not slot_ok or not all(w.dense for w in windows)
+        scratch = torch.empty_like(work) if needs_scratch else None
 
         offset = 0
         for window in windows:
-            rows = (window.valid.nonzero().squeeze(1) + window.start).to(device)
+            if window.dense:
+                rows = torch.arange(window.start, window.stop, device=device)
+            else:
+                rows = (window.valid.nonzero().squeeze(1) + window.start).to(device)
             s = _take(student, student2d, window, rows)
             t = _take(teacher, teacher2d, window, rows)
             m = s.shape[0]
-            in_place = window.as_view and grad is not None and grad.dtype == compute_dtype
+            in_place = slot_ok and window.dense
             out = grad2d[window.start : window.stop] if in_place else scratch[:m]
             values = divergence.chunk(s, t, temperature, vocab, work[:m], out, need_grad)
-            if window.as_view and m != rows.numel():
+            if window.dense and not bool(window.valid.all()):
                 keep = window.valid.to(device)
                 values = values[keep]
                 if need_grad:
@@ -127,7 +133,7 @@ class _DivergenceOverRows(torch.autograd.Function):
             per_token[offset : offset + values.numel()] = values
             offset += values.numel()
             if need_grad:
-                if window.as_view:
+                if window.dense:
                     covered[window.start : window.stop] = True
                     if not in_place:
                         grad2d[window.start : window.stop].copy_(out)
@@ -156,7 +162,9 @@ class _DivergenceOverRows(torch.autograd.Function):
                 "KDLoss backward called but the forward ran without gradient tracking, or "
                 "backward was called twice on the same loss."
             )
-        grad.mul_(grad_loss.to(grad.dtype) * ctx.grad_scale)
+        # A Python float keeps the factor exact (a 0-dim tensor would be rounded to the grad's
+        # dtype: bf16 bias, and fp16 overflow for GradScaler's 65536).
+        grad.mul_(float(grad_loss) * ctx.grad_scale)
         return (grad,) + (None,) * 9
 
 

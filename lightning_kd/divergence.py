@@ -16,7 +16,6 @@ does that.
 
 from __future__ import annotations
 
-import math
 from typing import Protocol
 
 import torch
@@ -33,17 +32,18 @@ class VocabSoftmax(Protocol):
     def all_sum(self, partial: Tensor) -> Tensor: ...
 
 
-def _row_sum_of_products(products: Tensor) -> Tensor:
-    """Row sums of elementwise products ``w * x`` (computed in place by the caller), treating
-    the NaN of ``0 · ±inf`` as 0 (0·log 0 = 0). Rows that came out NaN are cleaned in place and
-    summed again; finite inputs pay nothing extra. ``products``: [n, V]; returns [n]."""
+def _row_sum_of_products(products: Tensor, weight: Tensor) -> Tensor:
+    """Row sums of ``products = weight * x`` (computed in place by the caller), where an entry
+    with ``weight == 0`` counts as 0 even if ``x`` was ``±inf`` (0·log 0 = 0). Any other NaN,
+    e.g. from NaN or +inf logits, propagates. Rows that came out NaN are fixed in place and
+    summed again; finite inputs pay nothing extra. ``products``, ``weight``: [n, V]; returns
+    [n]."""
     out = products.sum(-1)
     bad = out.isnan()
     if bad.any():
         idx = bad.nonzero().squeeze(1)
-        fixed = products.index_select(0, idx).nan_to_num_(
-            nan=0.0, posinf=math.inf, neginf=-math.inf
-        )
+        fixed = products.index_select(0, idx)
+        fixed.masked_fill_(weight.index_select(0, idx) == 0, 0.0)
         products.index_copy_(0, idx, fixed)
         out[idx] = fixed.sum(-1)
     return out
@@ -87,7 +87,7 @@ class ForwardKL(Divergence):
         log_q = vocab.log_softmax(student, temperature, out=grad)
         delta = torch.sub(log_p, log_q, out=grad)  # log P − log Q
         p = log_p.exp_()
-        value = vocab.all_sum(_row_sum_of_products(delta.mul_(p)))
+        value = vocab.all_sum(_row_sum_of_products(delta.mul_(p), p))
         if need_grad:
             vocab.softmax(student, temperature, out=grad).sub_(p)  # Q − P
         return value
@@ -107,7 +107,7 @@ class ReverseKL(Divergence):
         delta = torch.sub(log_q, log_p, out=work)  # log Q − log P
         q = log_q.exp_()
         terms = delta.mul_(q)  # Q (log Q − log P), 0 where Q == 0
-        value = vocab.all_sum(_row_sum_of_products(terms))
+        value = vocab.all_sum(_row_sum_of_products(terms, q))
         if need_grad:
             grad.mul_(-value.unsqueeze(1)).add_(terms)  # Q (log Q − log P − KL)
         return value

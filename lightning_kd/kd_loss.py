@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from lightning_kd.chunked import divergence_over_rows
 from lightning_kd.divergence import ForwardKL
-from lightning_kd.tensor_parallel import resolve_vocab_parallel
+from lightning_kd.tensor_parallel import VocabParallelSoftmax, resolve_vocab_parallel
 
 
 class KDLossOutput(NamedTuple):
@@ -156,6 +156,8 @@ class KDLoss(nn.Module):
         normaliser = None if num_batch_labels is None else _check_normaliser(num_batch_labels)
 
         valid = labels != self.ignore_index
+        if isinstance(vocab, VocabParallelSoftmax):
+            vocab.check_same_rows(valid)
         if normaliser is None:
             normaliser = float(max(int(valid.sum()), 1))
         compute_dtype = torch.promote_types(student.dtype, teacher.dtype)

@@ -50,8 +50,8 @@ def find_vocab_tp_group(logits: Tensor) -> dist.ProcessGroup | None:
 
 
 def _all_reduce(x: Tensor, op: dist.ReduceOp, group: dist.ProcessGroup) -> Tensor:
-    """In-place all-reduce of a small per-row tensor, carried in fp32 (gloo lacks bf16 ops)."""
-    buf = x.float().contiguous()
+    """All-reduce of a small per-row tensor, carried in at least fp32 (gloo lacks bf16 ops)."""
+    buf = x.to(torch.promote_types(x.dtype, torch.float32)).contiguous()
     dist.all_reduce(buf, op=op, group=group)
     return buf.to(x.dtype)
 
@@ -86,6 +86,21 @@ class VocabParallelSoftmax(LocalVocabSoftmax):
         """``out = x / T − logsumexp_global(x / T)``, using ``out`` as the only buffer."""
         lse = self._log_normaliser(x, temperature, out)
         return self.load(x, temperature, out).sub_(lse)
+
+    def check_same_rows(self, valid: Tensor) -> None:
+        """Raise ``ValueError`` unless every rank selected the same tokens (one all-reduce of
+        four integers). Different labels across TP ranks would otherwise mismatch the
+        collectives: a hang, or a silently wrong loss."""
+        flat = valid.reshape(-1)
+        positions = torch.arange(1, flat.numel() + 1, device=flat.device)
+        stats = torch.stack([flat.sum(), (positions * flat).sum()]).to(torch.int64).cpu()
+        both = torch.cat([stats, -stats])
+        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self.group)
+        if not torch.equal(both[:2], -both[2:]):
+            raise ValueError(
+                "labels differ across the tensor-parallel ranks: every rank of the group must "
+                "pass the same labels (the same batch), only the vocabulary is sharded."
+            )
 
     def log_softmax(self, x: Tensor, temperature: float, out: Tensor) -> Tensor:
         return self._load_shifted(x, temperature, out)
@@ -149,11 +164,19 @@ def resolve_vocab_parallel(
             f"got a {kinds[0]} and a {kinds[1]}."
         )
     if not s_dt:
+        if tp_group is not None and dist.get_rank(tp_group) < 0:
+            raise ValueError("this rank is not a member of tp_group; pass its own group.")
         if tp_group is not None and dist.get_world_size(tp_group) > 1:
             return student, teacher, _local_labels(labels), VocabParallelSoftmax(tp_group)
         return student, teacher, _local_labels(labels), LocalVocabSoftmax()
 
     _check_same_layout(student, teacher)
+    vocab_dims = [p for p in student.placements if _is_vocab_shard(p, student.ndim)]
+    if len(vocab_dims) > 1:
+        raise ValueError(
+            "logits sharded on the vocabulary over more than one mesh dimension are not "
+            f"supported, got placements {student.placements}; shard over one dimension."
+        )
     group = find_vocab_tp_group(student)
     if group is None:
         return (

@@ -22,10 +22,11 @@ def _entry(rank: int, fn: Callable, world_size: int, port: int, args: tuple) -> 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
-        fn(rank, world_size, *args)
-    finally:
-        dist.destroy_process_group()
+    fn(rank, world_size, *args)
+    # Leave together: a rank that tears down gloo while a peer is still sending aborts the
+    # peer ("terminate called without an active exception").
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def run_workers(fn: Callable[..., Any], world_size: int, *args: Any) -> None:

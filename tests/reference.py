@@ -7,11 +7,12 @@ from torch import Tensor
 
 
 def per_token_forward_kl(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
-    """T² · KL(softmax(t/T) ‖ softmax(s/T)) per row, in float64, with 0·log 0 = 0."""
+    """T² · KL(softmax(t/T) ‖ softmax(s/T)) per row, in float64, with 0·log 0 = 0 (NaN inputs
+    stay NaN)."""
     log_q = torch.log_softmax(student.double() / temperature, -1)
     log_p = torch.log_softmax(teacher.double() / temperature, -1)
     p = log_p.exp()
-    terms = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))
+    terms = torch.where(p == 0, torch.zeros_like(p), p * (log_p - log_q))
     return terms.sum(-1) * temperature**2
 
 

@@ -84,7 +84,8 @@ def _dtensor_matches_single_process(rank, world, mesh_shape):
         nbl_kw = kwargs.pop("num_batch_labels")
         out = KDLoss(**kwargs)(s, t, labels, num_batch_labels=nbl_kw, return_per_token=True)
         assert not isinstance(out.loss, DTensor)
-        out.loss.backward()
+        (out.loss * 2.5).backward()  # a non-unit incoming gradient
+        ref_grad = ref_grad * 2.5
         what = f"rank {rank} case T={temperature} chunk={chunk_size} V={vocab} nbl={nbl}"
         _assert_rel(out.loss, ref.loss, 1e-5, f"loss, {what}")
         _assert_rel(out.per_token_kl, ref.per_token_kl, 1e-5, f"per-token KL, {what}")
@@ -118,6 +119,38 @@ def _explicit_group_matches_single_process(rank, world):
         _assert_rel(out.per_token_kl, ref.per_token_kl, 1e-5, f"per-token case {i}")
         ref_slice = torch.tensor_split(ref_grad, world, dim=-1)[rank]
         _assert_rel(s_local.grad, ref_slice, 1e-4, f"grad case {i}")
+
+    # Ranks may hold their shards in different memory layouts (here rank 1's cannot be viewed
+    # as [N, V]); the chunk plan, and so every collective, must not depend on it.
+    student, teacher, labels = _case_inputs(40, seed=9)
+    labels = labels.clone()
+    labels[:, 1:] = 7
+    labels[1, 3] = -100  # one hole in a dense window
+    ref, ref_grad = _single_process(student, teacher, labels, chunk_size=5)
+    s_local = torch.tensor_split(student, world, dim=-1)[rank].clone()
+    t_local = torch.tensor_split(teacher, world, dim=-1)[rank].clone()
+    if rank == 1:
+        s_local = s_local.transpose(0, 1).contiguous().transpose(0, 1)
+        t_local = t_local.transpose(0, 1).contiguous().transpose(0, 1)
+    s_local.requires_grad_()
+    loss = KDLoss(chunk_size=5, tp_group=group)(s_local, t_local, labels)
+    loss.backward()
+    _assert_rel(loss, ref.loss, 1e-5, "loss with mixed layouts")
+    ref_slice = torch.tensor_split(ref_grad, world, dim=-1)[rank]
+    _assert_rel(s_local.grad, ref_slice, 1e-4, "grad with mixed layouts")
+
+    # Labels that differ across the group are refused on every rank, not a hang.
+    bad_labels = labels.clone()
+    if rank == 0:
+        bad_labels[0, 5] = -100
+    with pytest.raises(ValueError, match="labels differ"):
+        KDLoss(tp_group=group)(s_local, t_local, bad_labels)
+
+    # A rank outside the given group is refused.
+    only_rank0 = dist.new_group([0])
+    if rank == 1:
+        with pytest.raises(ValueError, match="not a member"):
+            KDLoss(tp_group=only_rank0)(s_local, t_local, labels)
 
     # The same engine and TP softmax serve another divergence (reverse KL).
     student, teacher, labels = _case_inputs(37, seed=5)
@@ -197,10 +230,14 @@ def _mixed_inputs_and_other_placements(rank, world):
         loss_fn(
             sharded, distribute_tensor(teacher[..., :-1].contiguous(), mesh, [Shard(-1)]), labels
         )
+    mesh2 = init_device_mesh("cpu", (1, world))
     with pytest.raises(ValueError, match="replicated on every other"):
-        mesh2 = init_device_mesh("cpu", (1, world))
         two_d = distribute_tensor(student, mesh2, [Shard(0), Shard(-1)])
         loss_fn(two_d, distribute_tensor(teacher, mesh2, [Shard(0), Shard(-1)]), labels)
+    with pytest.raises(ValueError, match="more than one mesh dimension"):
+        twice = [Shard(-1), Shard(-1)]
+        loss_fn(distribute_tensor(student, mesh2, twice), distribute_tensor(teacher, mesh2, twice),
+                labels)  # fmt: skip
 
     # Replicated DTensors take the single-process path; labels may be a replicated DTensor.
     ref, ref_grad = _single_process(student, teacher, labels)
