@@ -42,7 +42,7 @@ from lightning_kd.kd_loss import KDLoss
 from lightning_kd.parallelize import apply_fsdp, apply_tensor_parallel
 from lightning_kd.parallelize import tensor_parallel_plan as default_tensor_parallel_plan
 
-ModelOrFactory = nn.Module | Callable[[], nn.Module]
+ModelOrFactory = Callable[[], nn.Module] | nn.Module
 
 
 class LossTerms(NamedTuple):
@@ -108,7 +108,7 @@ class DistillationModule(LightningModule):
             for the cross-entropy term and token counting.
         kd_ratio: weight of the KD term: ``loss = (1 − kd_ratio)·CE + kd_ratio·KD``; 1.0 is
             pure distillation, 0.0 trains on labels alone (the baseline).
-        optimizer: builds the optimizer from the student's parameters, in
+        optimizer: builds the optimizer from :meth:`trainable_parameters`, in
             ``configure_optimizers`` (after parallelisation); default AdamW(lr=1e-3).
         lr_scheduler: optional, builds a scheduler from the optimizer (stepped per step).
         teacher_checkpoint: path to the teacher's weights (a ``state_dict`` file, or a
@@ -210,6 +210,10 @@ class DistillationModule(LightningModule):
                 )
             if dp_mesh.size() > 1:
                 apply_fsdp(model, dp_mesh, reshard_after_forward=True)
+        if dp_mesh.size() > 1:
+            # Trainable modules a subclass adds must stay in sync across replicas too.
+            for extra in self._extra_trainable_modules():
+                apply_fsdp(extra, dp_mesh)
         self._freeze_teacher()
         self._parallelized = True
 
@@ -220,9 +224,24 @@ class DistillationModule(LightningModule):
             self.teacher.eval()
         return self
 
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Every parameter that requires grad outside the teacher: the student's, plus those of
+        modules a subclass adds (e.g. a projection for a hidden-state loss)."""
+        return [
+            p for name, p in self.named_parameters()
+            if p.requires_grad and not name.startswith("teacher.")
+        ]  # fmt: skip
+
+    def _extra_trainable_modules(self) -> list[nn.Module]:
+        skip = {id(self.student), id(self.teacher), id(self.kd_loss)}
+        return [
+            m for m in self.children()
+            if id(m) not in skip and any(p.requires_grad for p in m.parameters())
+        ]  # fmt: skip
+
     @override
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(self.student.parameters())
+        optimizer = self.optimizer_factory(self.trainable_parameters())
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer)
@@ -335,7 +354,7 @@ class DistillationModule(LightningModule):
         window = self._dp_sum(torch.tensor([float(self._window_tokens)]))[0].item()
         accumulate = self.trainer.accumulate_grad_batches if self._trainer else 1
         scale = accumulate * self._dp_size() / max(window, 1.0)
-        for p in self.student.parameters():
+        for p in self.trainable_parameters():
             if p.grad is not None:
                 p.grad.mul_(scale)
         if self._step_start is not None:

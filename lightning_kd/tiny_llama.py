@@ -158,8 +158,12 @@ class TinyLlama(nn.Module):
         if tie_embeddings:
             self.lm_head.weight = self.embed.weight
 
-    def forward(self, input_ids: Tensor) -> Tensor:
-        """input_ids: [B, S] int64 -> logits [B, S, V] (vocab-sharded DTensor under TP)."""
+    def forward(self, input_ids: Tensor, output_hidden: bool = False) -> Tensor | dict[str, Tensor]:
+        """input_ids: [B, S] int64 -> logits [B, S, V] (vocab-sharded DTensor under TP).
+
+        With ``output_hidden=True`` returns ``{"logits": ..., "hidden": [B, S, dim]}``, the
+        final normalised hidden states (replicated under TP), e.g. for hidden-state losses.
+        """
         seq = input_ids.shape[1]
         if seq > self.rope_cos.shape[0]:
             raise ValueError(f"sequence length {seq} exceeds max_seq_len {self.rope_cos.shape[0]}")
@@ -167,7 +171,9 @@ class TinyLlama(nn.Module):
         x = self.embed(input_ids)
         for layer in self.layers:
             x = layer(x, cos, sin)
-        return self.lm_head(self.norm(x))
+        hidden = self.norm(x)
+        logits = self.lm_head(hidden)
+        return {"logits": logits, "hidden": hidden} if output_hidden else logits
 
     def tensor_parallel_plan(self, tp_size: int) -> dict[str, ParallelStyle]:
         """The TP plan for ``parallelize_module``: column-parallel q/k/v and MLP up-projections,

@@ -1,0 +1,5 @@
+"""``python -m lightning_kd`` runs the ``lightning-kd`` command line."""
+
+from lightning_kd.cli import main
+
+main()

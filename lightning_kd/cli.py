@@ -1,0 +1,38 @@
+"""The ``lightning-kd`` command line: LightningCLI over DistillationModule and TextDataModule.
+
+``lightning-kd fit --config configs/quickstart.yaml`` (also ``python -m lightning_kd``), plus
+``validate``, ``test`` and ``--print_config``. Model and data are given with ``class_path`` /
+``init_args`` (subclass mode), so subclasses of :class:`~lightning_kd.DistillationModule`
+(e.g. the hidden-state example) and other LightningModules such as
+:class:`~lightning_kd.CausalLMModule` run from the same command.
+
+The CLI's own ``--optimizer`` / ``--lr_scheduler`` are switched off on purpose: LightningCLI
+would build them before ``configure_model()`` parallelises the model, so they would hold the
+pre-TP parameters (or none) and training would silently do nothing. Optimizers are module
+arguments instead (``model.init_args.optimizer``), built in ``configure_optimizers``.
+"""
+
+from __future__ import annotations
+
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.cli import LightningCLI
+
+
+class KDLightningCLI(LightningCLI):
+    """LightningCLI with lightning_kd's defaults (see the module docstring)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("auto_configure_optimizers", False)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        super().__init__(LightningModule, LightningDataModule, *args, **kwargs)
+
+
+def main(args: list[str] | None = None) -> KDLightningCLI:
+    """Entry point of the ``lightning-kd`` console script."""
+    return KDLightningCLI(args=args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""``CausalLMModule``: plain next-token training of one language model (no teacher).
+
+The demo uses it to train its teacher from scratch; users can use it to pre-train or fine-tune
+a model before distilling it. Its checkpoints store the model under ``model.``, which is what
+``DistillationModule(teacher_checkpoint=..., teacher_checkpoint_prefix="model.")`` reads.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from lightning_kd.cross_entropy import token_cross_entropy
+from lightning_kd.module import logits_of
+
+
+def _default_optimizer(params: Iterable[Tensor]) -> Optimizer:
+    return torch.optim.AdamW(params, lr=1e-3)
+
+
+class CausalLMModule(LightningModule):
+    """Train ``model`` on next-token cross-entropy (per-token mean over valid labels).
+
+    Batches are dicts with ``input_ids`` [B, S] and already-shifted ``labels`` [B, S].
+
+    Args:
+        model: the language model, or a zero-argument factory built in ``configure_model``.
+        optimizer: builds the optimizer from the model's parameters; default AdamW(lr=1e-3).
+        lr_scheduler: optional scheduler factory (stepped every optimizer step).
+        ignore_index: label value that is not trained on.
+    """
+
+    def __init__(
+        self,
+        model: Callable[[], nn.Module] | nn.Module,
+        optimizer: OptimizerCallable = _default_optimizer,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        ignore_index: int = -100,
+    ) -> None:
+        super().__init__()
+        self._factory = None if isinstance(model, nn.Module) else model
+        self.model = model if isinstance(model, nn.Module) else None
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.ignore_index = ignore_index
+
+    @override
+    def configure_model(self) -> None:
+        if self.model is None:
+            self.model = self._factory()
+
+    def _loss(self, batch: Mapping[str, Tensor]) -> Tensor:
+        logits = logits_of(self.model(batch["input_ids"]))
+        tokens = max(int((batch["labels"] != self.ignore_index).sum()), 1)
+        return token_cross_entropy(logits, batch["labels"], self.ignore_index) / tokens
+
+    @override
+    def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
+        loss = self._loss(batch)
+        self.log("train/loss", loss.detach(), prog_bar=True)
+        return loss
+
+    @override
+    def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
+        loss = self._loss(batch)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        self.log("val/ppl", math.exp(min(loss.item(), 50.0)), sync_dist=True)
+
+    @override
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.model.parameters())
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
