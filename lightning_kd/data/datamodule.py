@@ -1,0 +1,412 @@
+"""``TextDataModule``: text files (or the generated story corpus) to next-token batches.
+
+The pipeline: documents (``read_documents`` or ``generate_corpus``) -> byte tokens with an EOS
+after each document, cached once as a tensor under ``cache_dir`` (``prepare_data``) -> a
+document-level train/val split (``setup``) -> fixed-length sequences -> batches of
+``{"input_ids": [B, S], "labels": [B, S]}`` (int64), the format ``DistillationModule`` takes:
+``labels[:, t]`` is the token after ``input_ids[:, t]``, or ``ignore_index`` where that token
+is padding.
+
+With ``packing=True`` (the default) the documents are concatenated, EOS-separated, and cut
+into consecutive sequences, so there is no padding. With ``packing=False`` each sequence is one
+document, truncated to ``seq_len + 1`` tokens or padded with PAD.
+
+Training batches come from a :class:`~lightning_kd.data.sampler.ResumableDataLoader`: a
+per-epoch shuffle, one shard per data-parallel rank (all tensor-parallel ranks of a replica
+get the same batches), and a position that Lightning checkpoints, so a resumed run continues
+mid-epoch with the next batch. Validation is sequential, also sharded over data parallel.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from array import array
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm.auto import tqdm
+
+from lightning_kd.data.corpus import CORPUS_VERSION, expand_paths, generate_corpus, read_documents
+from lightning_kd.data.sampler import ResumableDataLoader, ResumableSampler
+from lightning_kd.data.tokenizer import ByteTokenizer
+
+#: Bump when the layout or content of the token cache changes.
+_CACHE_FORMAT = 1
+#: Seconds of tokenising before a progress bar appears.
+_PROGRESS_DELAY_S = 2.0
+
+
+class PackedSequences(Dataset):
+    """Consecutive ``seq_len``-token windows of a token stream (no padding).
+
+    Sequence ``i`` is ``stream[i·S : i·S + S]`` with labels ``stream[i·S + 1 : i·S + S + 1]``,
+    so every token of the stream (except the first) is a target exactly once.
+
+    Args:
+        stream: [T] integer token ids.
+        seq_len: S.
+    """
+
+    def __init__(self, stream: Tensor, seq_len: int) -> None:
+        self.stream = stream
+        self.seq_len = seq_len
+
+    def __len__(self) -> int:
+        return max((len(self.stream) - 1) // self.seq_len, 0)
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"sequence {index} out of range [0, {len(self)}).")
+        begin = index * self.seq_len
+        window = self.stream[begin : begin + self.seq_len + 1].long()
+        return {"input_ids": window[:-1], "labels": window[1:]}
+
+
+class DocumentSequences(Dataset):
+    """One document per sequence, truncated to ``seq_len + 1`` tokens or padded with PAD.
+
+    Args:
+        tokens: [T] integer token ids of all documents, each followed by its EOS.
+        offsets: [D + 1] int64, document ``d`` is ``tokens[offsets[d]:offsets[d + 1]]``.
+        documents: [N] int64, the documents of this dataset (indices into ``offsets``).
+        seq_len: S.
+        pad_id: the PAD token id (fills input positions past the document).
+        ignore_index: the label where the target token is PAD.
+    """
+
+    def __init__(
+        self,
+        tokens: Tensor,
+        offsets: Tensor,
+        documents: Tensor,
+        seq_len: int,
+        pad_id: int,
+        ignore_index: int,
+    ) -> None:
+        self.tokens = tokens
+        self.offsets = offsets
+        self.documents = documents
+        self.seq_len = seq_len
+        self.pad_id = pad_id
+        self.ignore_index = ignore_index
+
+    def __len__(self) -> int:
+        return len(self.documents)
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"sequence {index} out of range [0, {len(self)}).")
+        doc = int(self.documents[index])
+        begin = int(self.offsets[doc])
+        end = min(int(self.offsets[doc + 1]), begin + self.seq_len + 1)
+        window = torch.full((self.seq_len + 1,), self.pad_id, dtype=torch.long)
+        window[: end - begin] = self.tokens[begin:end]
+        labels = window[1:].clone()
+        labels[labels == self.pad_id] = self.ignore_index
+        return {"input_ids": window[:-1], "labels": labels}
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}.")
+    return value
+
+
+class TextDataModule(LightningDataModule):
+    """Next-token batches from text files or the generated story corpus.
+
+    Batches are dicts ``{"input_ids": [B, S] int64, "labels": [B, S] int64}`` with
+    ``B = batch_size`` and ``S = seq_len``; ``labels[:, t]`` is the token that follows
+    ``input_ids[:, t]``, or ``ignore_index`` where that token is padding. Token ids come from
+    :class:`~lightning_kd.data.ByteTokenizer` (vocab 258: bytes, EOS, PAD).
+
+    Args:
+        paths: ``.txt`` files (one document each), ``.jsonl`` files (one document per line),
+            directories or globs; None uses :func:`~lightning_kd.data.generate_corpus`.
+        text_field: the key of the text in JSONL objects.
+        seq_len: tokens per sequence, S.
+        batch_size: sequences per batch on each data-parallel rank, B.
+        val_fraction: the fraction of documents held out for validation, in [0, 1). The
+            split is by document (with a single document and ``packing``, by position).
+        packing: concatenate the documents (EOS-separated) and cut them into consecutive
+            sequences; False: one document per sequence, truncated or padded.
+        synthetic_chars: the size of the generated corpus when ``paths`` is None.
+        seed: seeds the generated corpus, the train/val split and the per-epoch shuffle.
+        cache_dir: where the tokenised corpus is cached (one file per distinct input).
+        num_workers: DataLoader worker processes.
+        ignore_index: the label of padding targets; must not be a token id.
+
+    Raises:
+        ValueError: for an argument of the wrong type or range, or ``paths`` that match no
+            file; the message says what was expected.
+    """
+
+    def __init__(
+        self,
+        paths: list[str] | None = None,
+        text_field: str = "text",
+        seq_len: int = 128,
+        batch_size: int = 8,
+        val_fraction: float = 0.05,
+        packing: bool = True,
+        synthetic_chars: int = 2_000_000,
+        seed: int = 0,
+        cache_dir: str = ".cache/lightning_kd",
+        num_workers: int = 0,
+        ignore_index: int = -100,
+    ) -> None:
+        super().__init__()
+        self._tokenizer = ByteTokenizer()
+        if paths is not None:
+            if isinstance(paths, str) or not isinstance(paths, (list, tuple)):
+                raise ValueError(f"paths must be a list of paths or globs or None, got {paths!r}.")
+            expand_paths(list(paths))  # fail now, naming the path, if one matches nothing
+            paths = [str(p) for p in paths]
+        if not isinstance(text_field, str) or not text_field:
+            raise ValueError(f"text_field must be a non-empty string, got {text_field!r}.")
+        _check_int("seq_len", seq_len, 1)
+        _check_int("batch_size", batch_size, 1)
+        if (
+            isinstance(val_fraction, bool)
+            or not isinstance(val_fraction, (int, float))
+            or not 0.0 <= val_fraction < 1.0
+        ):
+            raise ValueError(f"val_fraction must be a float in [0, 1), got {val_fraction!r}.")
+        if not isinstance(packing, bool):
+            raise ValueError(f"packing must be a bool, got {packing!r}.")
+        _check_int("synthetic_chars", synthetic_chars, 1)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an int, got {seed!r}.")
+        if not isinstance(cache_dir, (str, os.PathLike)) or not str(cache_dir):
+            raise ValueError(f"cache_dir must be a non-empty path, got {cache_dir!r}.")
+        _check_int("num_workers", num_workers, 0)
+        vocab = self._tokenizer.vocab_size
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+            raise ValueError(f"ignore_index must be an int, got {ignore_index!r}.")
+        if 0 <= ignore_index < vocab:
+            raise ValueError(
+                f"ignore_index={ignore_index} is a token id; expected a value outside "
+                f"[0, {vocab}), e.g. -100."
+            )
+        self.paths = paths
+        self.text_field = text_field
+        self.seq_len = seq_len
+        self.batch_size = batch_size
+        self.val_fraction = float(val_fraction)
+        self.packing = packing
+        self.synthetic_chars = synthetic_chars
+        self.seed = seed
+        self.cache_dir = str(cache_dir)
+        self.num_workers = num_workers
+        self.ignore_index = ignore_index
+        self.save_hyperparameters()
+        self._train: Dataset | None = None
+        self._val: Dataset | None = None
+
+    # ------------------------------------------------------------------ tokenizer
+    @property
+    def tokenizer(self) -> ByteTokenizer:
+        """The tokenizer of the batches (available before ``setup``)."""
+        return self._tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        """The number of token ids (258), for sizing the models' embeddings."""
+        return self._tokenizer.vocab_size
+
+    # ------------------------------------------------------------------ cache
+    def _cache_key(self) -> dict[str, Any]:
+        key: dict[str, Any] = {"format": _CACHE_FORMAT, "tokenizer": repr(self._tokenizer)}
+        if self.paths is None:
+            key["corpus"] = {
+                "generator": CORPUS_VERSION,
+                "chars": self.synthetic_chars,
+                "seed": self.seed,
+            }
+        else:
+            files = []
+            for path in expand_paths(self.paths):
+                stat = path.stat()
+                files.append([str(path.resolve()), stat.st_size, stat.st_mtime_ns])
+            key["files"] = files
+            key["text_field"] = self.text_field
+        return key
+
+    @property
+    def cache_path(self) -> Path:
+        """The cache file of the tokenised corpus: its name hashes the input files (path,
+        size, modification time) or the generator's settings, the text field and the
+        tokenizer; ``seq_len``, ``packing`` and the split do not change it."""
+        blob = json.dumps(self._cache_key(), sort_keys=True).encode()
+        digest = hashlib.sha256(blob).hexdigest()[:20]
+        return Path(self.cache_dir) / f"tokens-{digest}.pt"
+
+    def _documents(self) -> Iterable[str]:
+        if self.paths is None:
+            return generate_corpus(self.synthetic_chars, seed=self.seed)
+        return read_documents(self.paths, self.text_field)
+
+    def _tokenize(self, documents: Iterable[str]) -> dict[str, Tensor]:
+        tokenizer = self._tokenizer
+        wide = tokenizer.vocab_size > 2**15
+        ids = array("i" if wide else "h")
+        offsets = [0]
+        total = len(documents) if isinstance(documents, list) else None
+        progress = tqdm(
+            documents, total=total, desc="Tokenising", unit=" docs", delay=_PROGRESS_DELAY_S
+        )
+        for text in progress:
+            if not text:
+                continue
+            ids.extend(tokenizer.encode(text))
+            ids.append(tokenizer.eos_id)
+            offsets.append(len(ids))
+        if len(ids) == 0:
+            raise ValueError(f"no text found in {self.paths!r}: every document is empty.")
+        dtype = torch.int32 if wide else torch.int16
+        return {
+            "tokens": torch.frombuffer(ids, dtype=dtype).clone(),
+            "offsets": torch.tensor(offsets, dtype=torch.long),
+        }
+
+    def prepare_data(self) -> None:
+        """Tokenise the corpus and cache it under ``cache_dir``, unless already cached.
+
+        The cache holds ``tokens`` ([T] int16: every document followed by EOS) and
+        ``offsets`` ([D + 1] int64 document boundaries). It is written to a temporary file and
+        renamed, so concurrent writers and interrupted runs never leave a partial cache.
+        Lightning calls this on one process per node.
+        """
+        path = self.cache_path
+        if path.is_file():
+            return
+        data = self._tokenize(self._documents())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                torch.save(data, handle)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    # ------------------------------------------------------------------ split
+    def _val_documents(self, num_documents: int) -> Tensor:
+        """[D] bool, True for the held-out documents: a seeded random subset."""
+        is_val = torch.zeros(num_documents, dtype=torch.bool)
+        if self.val_fraction == 0.0 or num_documents < 2:
+            return is_val
+        count = min(max(round(num_documents * self.val_fraction), 1), num_documents - 1)
+        order = torch.randperm(num_documents, generator=torch.Generator().manual_seed(self.seed))
+        is_val[order[:count]] = True
+        return is_val
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load the cached tokens (tokenising first if needed) and build the train and
+        validation sequences. Deterministic: every rank and every run gets the same split."""
+        if self._train is not None:
+            return
+        path = self.cache_path
+        if not path.is_file():
+            self.prepare_data()
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        tokens, offsets = data["tokens"], data["offsets"]
+        lengths = offsets.diff()
+        is_val = self._val_documents(len(lengths))
+        single = len(lengths) < 2 and self.val_fraction > 0.0
+        if self.packing:
+            if single:  # one document: hold out its tail
+                cut = round(len(tokens) * (1.0 - self.val_fraction))
+                train_stream, val_stream = tokens[:cut], tokens[cut:]
+            else:
+                in_val = torch.repeat_interleave(is_val, lengths)
+                train_stream, val_stream = tokens[~in_val], tokens[in_val]
+            self._train = PackedSequences(train_stream, self.seq_len)
+            self._val = PackedSequences(val_stream, self.seq_len)
+        else:
+            if single:
+                raise ValueError(
+                    "val_fraction > 0 with packing=False needs at least 2 documents, the corpus "
+                    "has 1; set val_fraction=0, packing=True, or provide more documents."
+                )
+            pad, ignore = self._tokenizer.pad_id, self.ignore_index
+            self._train, self._val = (
+                DocumentSequences(
+                    tokens, offsets, torch.nonzero(mask).flatten(), self.seq_len, pad, ignore
+                )
+                for mask in (~is_val, is_val)
+            )
+
+    @property
+    def train_dataset(self) -> Dataset:
+        """The training sequences (after ``setup``)."""
+        if self._train is None:
+            self.setup("fit")
+        return self._train  # type: ignore[return-value]
+
+    @property
+    def val_dataset(self) -> Dataset:
+        """The validation sequences (after ``setup``)."""
+        if self._val is None:
+            self.setup("fit")
+        return self._val  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------ loaders
+    def _data_parallel(self) -> tuple[int, int]:
+        """(size, rank) of data parallelism: from the trainer's strategy in distributed runs
+        (for ``ModelParallelStrategy`` the data-parallel mesh dimension), else (1, 0)."""
+        kwargs = getattr(self.trainer, "distributed_sampler_kwargs", None)
+        if kwargs:
+            return int(kwargs["num_replicas"]), int(kwargs["rank"])
+        return 1, 0
+
+    def train_dataloader(self) -> ResumableDataLoader:
+        """Shuffled, DP-sharded, resumable batches; the last incomplete batch of each epoch
+        is dropped so every batch is [batch_size, seq_len]."""
+        dataset = self.train_dataset
+        size, rank = self._data_parallel()
+        sampler = ResumableSampler(dataset, num_replicas=size, rank=rank, seed=self.seed)
+        if len(sampler) < self.batch_size:
+            raise ValueError(
+                f"the training set has {len(dataset)} sequences, {len(sampler)} per "
+                f"data-parallel rank ({size} ranks): fewer than batch_size={self.batch_size}. "
+                "Lower batch_size or seq_len, or add data."
+            )
+        return ResumableDataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            drop_last=True,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Sequential batches, sharded over data-parallel ranks (each rank gets the same
+        number of sequences; the < size left over are dropped); ``[]`` without validation
+        data."""
+        dataset = self.val_dataset
+        if len(dataset) == 0:  # type: ignore[arg-type]
+            return []
+        size, rank = self._data_parallel()
+        sampler = DistributedSampler(
+            dataset, num_replicas=size, rank=rank, shuffle=False, drop_last=size > 1
+        )
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )

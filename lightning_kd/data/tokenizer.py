@@ -1,0 +1,77 @@
+"""``ByteTokenizer``: the byte-level tokenizer of the demo data pipeline.
+
+Token ids 0..255 are the bytes of the UTF-8 encoding of the text, 256 is EOS (the separator
+written after every document) and 257 is PAD (fills short sequences when documents are not
+packed). It needs no vocabulary file and no download, every string round-trips exactly, and
+its 258-entry vocabulary keeps the demo's embedding and lm_head tiny.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class ByteTokenizer:
+    """Byte-level tokenizer with two special tokens (EOS = 256, PAD = 257).
+
+    Example:
+        >>> tok = ByteTokenizer()
+        >>> tok.encode("hé")
+        [104, 195, 169]
+        >>> tok.decode([104, 195, 169, tok.eos_id])
+        'hé'
+    """
+
+    #: Number of byte ids; the special tokens follow them.
+    NUM_BYTES = 256
+
+    @property
+    def eos_id(self) -> int:
+        """Id of the end-of-document token (256)."""
+        return self.NUM_BYTES
+
+    @property
+    def pad_id(self) -> int:
+        """Id of the padding token (257)."""
+        return self.NUM_BYTES + 1
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids, bytes and specials together (258)."""
+        return self.NUM_BYTES + 2
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``: its UTF-8 bytes, without special tokens.
+
+        Args:
+            text: any string.
+
+        Returns:
+            One id in [0, 256) per byte of ``text.encode("utf-8")``.
+        """
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """The text of ``ids``; special tokens are skipped.
+
+        Args:
+            ids: token ids (ints, or anything ``int()`` accepts, such as 0-dim tensors).
+
+        Returns:
+            The UTF-8 decoding of the byte ids; invalid byte sequences (e.g. a multi-byte
+            character cut in half) become U+FFFD.
+
+        Raises:
+            ValueError: for an id outside [0, vocab_size).
+        """
+        data = bytearray()
+        for token in ids:
+            token = int(token)
+            if 0 <= token < self.NUM_BYTES:
+                data.append(token)
+            elif not self.NUM_BYTES <= token < self.vocab_size:
+                raise ValueError(f"token id {token} is outside [0, {self.vocab_size}).")
+        return data.decode("utf-8", errors="replace")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(vocab_size={self.vocab_size})"

@@ -1,0 +1,452 @@
+"""PerTokenKLMonitor and KLPlot with a real Trainer (CPU, tiny models), plus one tensor-parallel
+run on 2 CPU processes that must log the same statistics as a single process."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, Logger
+from torch.utils.data import DataLoader
+
+from lightning_kd import DistillationModule, KDLoss
+from lightning_kd.callbacks import KLPlot, PerTokenKLMonitor, TopKLToken
+from lightning_kd.callbacks._common import DataParallel
+from tests.distributed import run_workers
+from tests.scripts.callback_run import Uneven
+from tests.scripts.callback_run import run as callback_run
+from tests.scripts.fit_run import make_models
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "tests" / "scripts" / "callback_run.py"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+STATS = ("kl/mean", "kl/p50", "kl/p90", "kl/p99", "kl/max", "kl/tokens")
+
+
+class Tokenizer:
+    def decode(self, ids: list[int]) -> str:
+        return "".join(f"<{i}>" for i in ids)
+
+
+class Data(L.LightningDataModule):
+    def __init__(self, tokenizer: Tokenizer | None = None, samples: int = 16) -> None:
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.samples = samples
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(Uneven(samples=self.samples), batch_size=4)
+
+
+class Recorder(L.Callback):
+    """Keeps every micro-batch's outputs and batch, with the global step after it."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple[int, dict[str, torch.Tensor]]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        data = {
+            "kl": outputs["per_token_kl"].clone(),
+            "valid": outputs["valid_mask"].clone(),
+            "input_ids": batch["input_ids"].clone(),
+            "labels": batch["labels"].clone(),
+        }
+        self.records.append((trainer.global_step, data))
+
+    def completing(self, step: int) -> dict[str, torch.Tensor]:
+        """The micro-batch whose optimizer step made the global step ``step``."""
+        return next(data for s, data in self.records if s == step)
+
+
+class TextLogger(Logger):
+    """A logger whose experiment has TensorBoard's ``add_text``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.texts: list[tuple[str, str, int]] = []
+        self.metrics: list[tuple[dict[str, float], int]] = []
+
+    @property
+    def name(self) -> str:
+        return "text"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    @property
+    def experiment(self) -> Any:
+        return self
+
+    def add_text(self, tag: str, text: str, global_step: int) -> None:
+        self.texts.append((tag, text, global_step))
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.metrics.append((dict(metrics), step))
+
+
+def _trainer(tmp_path: Path, **kwargs) -> L.Trainer:
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        default_root_dir=tmp_path,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        deterministic=True,
+    )
+    defaults.update(kwargs)
+    return L.Trainer(**defaults)
+
+
+def _module() -> DistillationModule:
+    L.seed_everything(0, verbose=False)
+    student, teacher = make_models()
+    return DistillationModule(
+        student,
+        teacher,
+        loss=KDLoss(chunk_size=5, temperature=2.0),
+        optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3),
+    )
+
+
+def _csv_rows(logger: CSVLogger) -> list[dict[str, str]]:
+    with open(Path(logger.log_dir) / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _approx(value: torch.Tensor | float, rel: float = 1e-6) -> Any:
+    return pytest.approx(float(value), rel=rel, abs=1e-7)
+
+
+# ---------------------------------------------------------------------- PerTokenKLMonitor
+def test_monitor_statistics_match_the_batch_and_reach_the_loggers(tmp_path, caplog):
+    recorder = Recorder()
+    buckets, context = 5, 3
+    monitor = PerTokenKLMonitor(
+        every_n_steps=2, top_k=3, position_buckets=buckets, context_tokens=context
+    )
+    csv_logger, text_logger = CSVLogger(tmp_path), TextLogger()
+    caplog.set_level(logging.INFO, logger="lightning_kd.callbacks.per_token_kl")
+    trainer = _trainer(
+        tmp_path,
+        max_steps=4,
+        accumulate_grad_batches=2,
+        callbacks=[recorder, monitor],
+        logger=[csv_logger, text_logger],
+    )
+    tokenizer = Tokenizer()
+    trainer.fit(_module(), datamodule=Data(tokenizer))
+
+    # Once per window of 2 micro-batches, after optimizer steps 2 and 4.
+    assert [h["step"] for h in monitor.history] == [2, 4]
+    assert monitor.num_summaries == 2 and monitor.last_step == 4
+    for entry in monitor.history:
+        data, metrics = recorder.completing(entry["step"]), entry["metrics"]
+        kl, valid = data["kl"], data["valid"]
+        values = kl[valid].double()
+        assert metrics["kl/tokens"] == int(valid.sum()) > 0
+        assert metrics["kl/mean"] == _approx(values.mean())
+        assert metrics["kl/max"] == _approx(values.max())
+        for name, q in (("kl/p50", 0.5), ("kl/p90", 0.9), ("kl/p99", 0.99)):
+            assert metrics[name] == _approx(torch.quantile(values, q))
+        assert metrics["kl/p50"] <= metrics["kl/p90"] <= metrics["kl/p99"] <= metrics["kl/max"]
+        assert metrics["kl/p50"] < metrics["kl/max"]
+
+        # Bucket b covers positions [ceil(b·S/n), ceil((b+1)·S/n)).
+        seq = kl.shape[1]
+        covered = []
+        for b in range(buckets):
+            lo, hi = math.ceil(b * seq / buckets), math.ceil((b + 1) * seq / buckets)
+            covered += range(lo, hi)
+            sel = valid[:, lo:hi]
+            if sel.any():
+                assert metrics[f"kl/pos_{b:02d}"] == _approx(kl[:, lo:hi][sel].double().mean())
+            else:
+                assert f"kl/pos_{b:02d}" not in metrics
+        assert covered == list(range(seq))
+
+        top = [TopKLToken.from_dict(t) for t in entry["top_tokens"]]
+        assert [t.kl for t in top] == [_approx(v) for v in values.sort(descending=True)[0][:3]]
+        for t in top:
+            assert valid[t.sample, t.position] and t.kl == _approx(kl[t.sample, t.position])
+            assert t.target_id == int(data["labels"][t.sample, t.position])
+            start = max(0, t.position - context + 1)
+            ctx = data["input_ids"][t.sample, start : t.position + 1].tolist()
+            assert list(t.context_ids) == ctx
+            assert t.text == f"{tokenizer.decode(ctx)!r} → {tokenizer.decode([t.target_id])!r}"
+    assert monitor.last_top_tokens == [
+        TopKLToken.from_dict(t) for t in monitor.history[-1]["top_tokens"]
+    ]
+    assert monitor.last_metrics == monitor.history[-1]["metrics"]
+
+    # CSV: the kl/* columns, at Lightning's own step index of the completing batches.
+    rows = [r for r in _csv_rows(csv_logger) if r.get("kl/mean")]
+    columns = set(rows[0])
+    assert set(STATS) <= columns and {f"kl/pos_{b:02d}" for b in range(1, buckets)} <= columns
+    assert [int(r["step"]) for r in rows] == [1, 3]
+    for row, entry in zip(rows, monitor.history, strict=True):
+        for name, value in entry["metrics"].items():
+            assert float(row[name]) == _approx(value)
+    assert [m for m, _ in text_logger.metrics if "kl/mean" in m] == [
+        h["metrics"] for h in monitor.history
+    ]
+
+    # Text: TensorBoard-style add_text and an info log on rank 0.
+    assert [(tag, step) for tag, _, step in text_logger.texts] == [
+        ("kl/top_tokens", 1),
+        ("kl/top_tokens", 3),
+    ]
+    assert monitor.last_top_tokens[0].text.replace("|", "\\|") in text_logger.texts[-1][1]
+    assert "Highest per-token KL at step 4" in caplog.text
+    assert monitor.last_top_tokens[0].text in caplog.text
+
+
+def test_monitor_state_survives_checkpoint_and_resume(tmp_path):
+    ckpt_dir = tmp_path / "ckpt"
+
+    def fit(steps: int, monitor: PerTokenKLMonitor, save=False, resume=False) -> None:
+        callbacks: list[L.Callback] = [monitor]
+        if save:
+            callbacks.append(ModelCheckpoint(ckpt_dir, save_last=True, every_n_train_steps=2))
+        trainer = _trainer(
+            tmp_path, max_steps=steps, callbacks=callbacks, enable_checkpointing=save
+        )
+        ckpt_path = ckpt_dir / "last.ckpt" if resume else None
+        trainer.fit(_module(), datamodule=Data(samples=8), ckpt_path=ckpt_path)
+
+    straight = PerTokenKLMonitor(every_n_steps=2, top_k=2, position_buckets=3)
+    fit(4, straight)
+    assert [h["step"] for h in straight.history] == [2, 4]
+    # Without a tokenizer the top tokens are shown as ids.
+    top = straight.last_top_tokens[0]
+    assert top.text == f"{list(top.context_ids)} → {top.target_id}"
+
+    # Round trip through a checkpoint-safe (weights_only) save.
+    torch.save(straight.state_dict(), tmp_path / "monitor.pt")
+    state = torch.load(tmp_path / "monitor.pt", weights_only=True)
+    copy = PerTokenKLMonitor(every_n_steps=2, top_k=2, position_buckets=3)
+    copy.load_state_dict(state)
+    assert copy.history == straight.history and copy.num_summaries == 2 and copy.last_step == 4
+    assert copy.last_top_tokens == straight.last_top_tokens
+    short = PerTokenKLMonitor(history_size=1)
+    short.load_state_dict(state)
+    assert short.history == straight.history[-1:] and short.num_summaries == 2
+
+    # A real resume from step 2 continues the history without summarising step 2 again.
+    first = PerTokenKLMonitor(every_n_steps=2, top_k=2, position_buckets=3)
+    fit(2, first, save=True)
+    resumed = PerTokenKLMonitor(every_n_steps=2, top_k=2, position_buckets=3)
+    fit(4, resumed, resume=True)
+    assert [h["step"] for h in resumed.history] == [2, 4] and resumed.num_summaries == 2
+    assert resumed.history[0] == first.history[0]
+    for name, value in straight.history[1]["metrics"].items():
+        assert resumed.history[1]["metrics"][name] == _approx(value, rel=1e-5)
+
+
+def test_callbacks_warn_once_when_outputs_lack_per_token_kl(tmp_path):
+    class LossOnly(DistillationModule):
+        def training_step(self, batch, batch_idx):
+            return super().training_step(batch, batch_idx)["loss"]
+
+    student, teacher = make_models()
+    monitor, plot = PerTokenKLMonitor(every_n_steps=1), KLPlot(dirpath=tmp_path)
+    with pytest.warns(UserWarning, match="per_token_kl") as record:
+        _trainer(tmp_path, max_steps=3, callbacks=[monitor, plot]).fit(
+            LossOnly(student, teacher), datamodule=Data(samples=12)
+        )
+    assert sum("per_token_kl" in str(w.message) for w in record) == 2  # once per callback
+    assert monitor.history == [] and plot.sample.seen == 0 and plot.plot_path is None
+
+
+# ---------------------------------------------------------------------- KLPlot
+def test_kl_plot_writes_a_png_from_a_uniform_sample_and_exact_position_means(tmp_path):
+    recorder = Recorder()
+    plot = KLPlot(max_tokens=20, bins=10)
+    logger = CSVLogger(tmp_path)
+    trainer = _trainer(tmp_path, max_steps=3, callbacks=[recorder, plot], logger=logger)
+    trainer.fit(_module(), datamodule=Data(samples=12))
+
+    assert plot.plot_path == Path(logger.log_dir) / "kl_per_token.png"
+    assert plot.plotted is not None and plot.plotted.seen == plot.sample.seen
+    png = plot.plot_path.read_bytes()
+    assert png[:8] == PNG_MAGIC and len(png) > 5_000
+
+    kl = torch.cat([d["kl"] for _, d in recorder.records])
+    valid = torch.cat([d["valid"] for _, d in recorder.records])
+    sample = plot.sample
+    assert sample.seen == int(valid.sum()) > 20
+    assert sample.values.numel() == sample.keys.numel() == 20
+    assert torch.isin(sample.values, kl[valid]).all()
+    assert not torch.equal(sample.values.sort()[0], kl[valid][:20].sort()[0])
+    torch.testing.assert_close(sample.position_count, valid.sum(0).double())
+    torch.testing.assert_close(sample.position_sum, (kl * valid).sum(0).double())
+
+    torch.save(plot.state_dict(), tmp_path / "plot.pt")
+    copy = KLPlot(max_tokens=20)
+    copy.load_state_dict(torch.load(tmp_path / "plot.pt", weights_only=True))
+    for got, want in zip(copy.sample, sample, strict=True):
+        assert torch.equal(got, want) if isinstance(want, torch.Tensor) else got == want
+    smaller = KLPlot(max_tokens=5)
+    smaller.load_state_dict(plot.state_dict())
+    assert torch.equal(smaller.sample.keys.sort()[0], sample.keys.sort()[0][:5])
+
+
+def test_kl_plot_is_skipped_with_a_warning_without_matplotlib(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now fails
+    plot = KLPlot(dirpath=tmp_path / "plots")
+    with pytest.warns(UserWarning, match="matplotlib") as record:
+        trainer = _trainer(tmp_path, max_steps=2, callbacks=[plot])
+        trainer.fit(_module(), datamodule=Data(samples=8))
+    assert sum("matplotlib" in str(w.message) for w in record) == 1
+    assert trainer.global_step == 2
+    assert plot.plot_path is None and not (tmp_path / "plots").exists()
+    assert plot.sample.seen == 0
+
+
+# ---------------------------------------------------------------------- arguments
+@pytest.mark.parametrize(
+    ("factory", "match"),
+    [
+        (lambda: PerTokenKLMonitor(every_n_steps=0), "every_n_steps"),
+        (lambda: PerTokenKLMonitor(every_n_steps=1.5), "every_n_steps"),
+        (lambda: PerTokenKLMonitor(top_k=-1), "top_k"),
+        (lambda: PerTokenKLMonitor(top_k=True), "top_k"),
+        (lambda: PerTokenKLMonitor(position_buckets=0), "position_buckets"),
+        (lambda: PerTokenKLMonitor(context_tokens=0), "context_tokens"),
+        (lambda: PerTokenKLMonitor(history_size=0), "history_size"),
+        (lambda: KLPlot(filename=""), "filename"),
+        (lambda: KLPlot(filename="sub/kl.png"), "filename"),
+        (lambda: KLPlot(dirpath=3), "dirpath"),
+        (lambda: KLPlot(max_tokens=0), "max_tokens"),
+        (lambda: KLPlot(bins=0), "bins"),
+        (lambda: KLPlot(seed=-1), "seed"),
+    ],
+)
+def test_bad_arguments_are_rejected(factory, match):
+    with pytest.raises(ValueError, match=match):
+        factory()
+
+
+# ---------------------------------------------------------------------- tensor parallel
+def test_tensor_parallel_ranks_are_not_double_counted(tmp_path):
+    """TP ranks hold identical per-token KL: reducing over the world instead of the
+    data-parallel group would double the token counts (and the plot's position counts)."""
+    reference = callback_run(tmp_path / "single")
+    out = tmp_path / "tp2" / "result.json"
+    out.parent.mkdir()
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--out", str(out), "--devices", "2", "--tp", "2"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    result = json.loads(out.read_text())
+
+    assert [h["step"] for h in result["history"]] == [h["step"] for h in reference["history"]]
+    assert len(reference["history"]) == 2
+    for got, want in zip(result["history"], reference["history"], strict=True):
+        assert got["metrics"].keys() == want["metrics"].keys()
+        assert got["metrics"]["kl/tokens"] == want["metrics"]["kl/tokens"]
+        for name, value in want["metrics"].items():
+            assert got["metrics"][name] == pytest.approx(value, rel=1e-4), name
+        assert [t["kl"] for t in got["top_tokens"]] == pytest.approx(
+            [t["kl"] for t in want["top_tokens"]], rel=1e-4
+        )
+        assert [t["target_id"] for t in got["top_tokens"]] == [
+            t["target_id"] for t in want["top_tokens"]
+        ]
+    assert result["seen"] == reference["seen"] > 0
+    assert result["position_count"] == reference["position_count"]
+    assert result["plot_written"] and reference["plot_written"]
+
+
+# ---------------------------------------------------------------------- data parallel
+def _rank_batch(rank: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Each data-parallel rank: its own sequence length and number of valid tokens."""
+    gen = torch.Generator().manual_seed(100 + rank)
+    rows, seq = 2 + rank, 6 + 3 * rank
+    kl = torch.rand(rows, seq, generator=gen) * (1 + rank)
+    valid = torch.rand(rows, seq, generator=gen) > 0.3
+    kl = kl * valid
+    ids = torch.randint(0, 50, (rows, seq), generator=gen)
+    return kl, valid, {"input_ids": ids, "labels": torch.where(valid, ids + 1, -100)}
+
+
+def _data_parallel_merges(rank: int, world_size: int) -> None:
+    batches = [_rank_batch(r) for r in range(world_size)]
+    kl, valid, batch = batches[rank]
+    values = torch.cat([k[v] for k, v, _ in batches]).double()
+    dp = DataParallel(True, dist.group.WORLD, rank, world_size)
+
+    # The monitor's statistics are those of all ranks' tokens together.
+    monitor = PerTokenKLMonitor(top_k=4, position_buckets=3)
+    stub = SimpleNamespace(device=torch.device("cpu"))  # no dp_group: the world group
+    metrics, top = monitor._summarise(stub, kl, valid, batch)
+    assert metrics["kl/tokens"] == values.numel()
+    assert metrics["kl/mean"] == _approx(values.mean())
+    assert metrics["kl/p90"] == _approx(torch.quantile(values, 0.9))
+    assert [v for v, _ in top] == [_approx(v) for v in values.sort(descending=True)[0][:4]]
+    for v, (r, sample, position, target, *_) in top:
+        assert v == _approx(batches[r][0][sample, position])
+        assert target == int(batches[r][2]["labels"][sample, position])
+    buckets = [[], [], []]
+    for k, v, _ in batches:
+        seq = k.shape[1]
+        for t in range(seq):
+            buckets[t * 3 // seq] += k[:, t][v[:, t]].tolist()
+    for b, members in enumerate(buckets):
+        assert metrics[f"kl/pos_{b:02d}"] == _approx(sum(members) / len(members))
+
+    # The plot's sample and position sums merge exactly, and a resume keeps them once.
+    plot = KLPlot(max_tokens=6)
+    plot._dp = dp
+    plot._add(kl, valid)
+    merged = plot._merged()
+    samples = [None] * world_size
+    dist.all_gather_object(samples, plot.sample)
+    keys = torch.cat([s.keys for s in samples])
+    assert torch.equal(merged.keys.sort()[0], keys.sort()[0][:6])
+    pairs = {(float(k), float(v)) for s in samples for k, v in zip(s.keys, s.values, strict=True)}
+    assert {(float(k), float(v)) for k, v in zip(merged.keys, merged.values, strict=True)} <= pairs
+    assert merged.seen == values.numel()
+    length = max(k.shape[1] for k, _, _ in batches)
+    count = sum(torch.nn.functional.pad(v.sum(0), (0, length - v.shape[1])) for _, v, _ in batches)
+    torch.testing.assert_close(merged.position_count, count.double())
+
+    resumed = KLPlot(max_tokens=6)
+    resumed.load_state_dict(plot.state_dict())  # every rank loads rank 0's (merged) state
+    resumed._dp = dp
+    resumed.on_train_start(None, None)  # type: ignore[arg-type]
+    assert resumed.sample.seen == (merged.seen if rank == 0 else 0)
+    again = resumed._merged()
+    assert torch.equal(again.keys, merged.keys) and again.seen == merged.seen
+    torch.testing.assert_close(again.position_count, merged.position_count)
+
+
+def test_data_parallel_ranks_are_merged():
+    """Two gloo processes as two data-parallel ranks with different token counts and
+    sequence lengths: the monitor and the plot see the union of their tokens."""
+    run_workers(_data_parallel_merges, 2)
