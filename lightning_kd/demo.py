@@ -25,7 +25,7 @@ from pathlib import Path
 from lightning_kd.cli import KDLightningCLI
 
 TEACHER_CONFIG = Path("configs/teacher.yaml")
-TEACHER_CKPT = Path("runs/teacher/checkpoints/teacher.ckpt")
+TEACHER_CKPT = Path("runs/teacher/checkpoints/last.ckpt")
 TEACHER_STAMP = TEACHER_CKPT.with_suffix(".config-sha256")
 
 
@@ -46,11 +46,21 @@ def _cli(config: str, *overrides: str) -> KDLightningCLI:
     return KDLightningCLI(args=["--config", config, *overrides], run=False)
 
 
-def _fit_and_validate(config: str, *overrides: str) -> dict[str, float]:
+def _fit_and_validate(config: str, *overrides: str, save_to: Path | None = None) -> dict:
     cli = _cli(config, *overrides)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    if save_to is not None:  # the final weights, whatever the checkpoint interval
+        cli.trainer.save_checkpoint(save_to)
     (metrics,) = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
     return {k: float(v) for k, v in metrics.items()}
+
+
+def _run_dir(path: str) -> list[str]:
+    """Overrides that send a run's logs and checkpoints to ``path``."""
+    return [
+        "--trainer.default_root_dir", path,
+        "--trainer.logger.init_args.save_dir", path,
+    ]  # fmt: skip
 
 
 def _row(name: str, ce: float, kl: float | None) -> str:
@@ -70,23 +80,20 @@ def main(argv: list[str] | None = None) -> int:
         print("== 1/3 training the teacher (configs/teacher.yaml)", flush=True)
         if TEACHER_CKPT.parent.exists():
             shutil.rmtree(TEACHER_CKPT.parent)
-        _fit_and_validate(str(TEACHER_CONFIG), *short)
+        _fit_and_validate(str(TEACHER_CONFIG), *short, save_to=TEACHER_CKPT)
         if not args.fast:  # a smoke-run teacher is never reused
             TEACHER_STAMP.write_text(_config_digest())
     else:
         print(f"== 1/3 reusing the cached teacher {TEACHER_CKPT}", flush=True)
 
     print("== 2/3 distilling into the student (configs/quickstart.yaml)", flush=True)
-    kd = _fit_and_validate(
-        "configs/quickstart.yaml", "--trainer.default_root_dir", "runs/demo_kd", *short
-    )
+    kd = _fit_and_validate("configs/quickstart.yaml", *_run_dir("runs/demo_kd"), *short)
     print("== 3/3 training the same student on labels only (kd_ratio=0)", flush=True)
     baseline = _fit_and_validate(
         "configs/quickstart.yaml",
         "--model.init_args.kd_ratio",
         "0.0",
-        "--trainer.default_root_dir",
-        "runs/demo_baseline",
+        *_run_dir("runs/demo_baseline"),
         "--trainer.callbacks",
         "[]",
         *short,
@@ -104,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         f"than the labels-only baseline (KL {kd['val/kd_loss']:.4f} vs "
         f"{baseline['val/kd_loss']:.4f} nats/token)."
     )
-    plots = sorted(Path("runs").glob("**/kl_per_token.png"))
+    plots = sorted(Path("runs/demo_kd").glob("**/kl_per_token.png"))
     if plots:
         print(f"Per-token KL plot: {plots[-1]}")
     return 0

@@ -1,0 +1,201 @@
+"""The lightning-kd command line with the shipped configs: parsing, short runs (1 and 2
+processes), a real crash (SIGKILL) and resume, and a simulated 2-node torchrun launch."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lightning_kd.cli import KDLightningCLI
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml")) + sorted((ROOT / "examples").glob("*.yaml"))
+SMALL_DATA = ["--data.init_args.synthetic_chars", "30000", "--data.init_args.batch_size", "4"]
+
+
+def _env() -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_shipped_config_parses(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        KDLightningCLI(args=["fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["class_path"] and printed["data"]["class_path"]
+
+
+def test_cli_rejects_the_auto_optimizer_that_would_miss_parallelised_parameters():
+    with pytest.raises(SystemExit) as exit_info:
+        KDLightningCLI(args=["fit", "--config", str(CONFIGS[0]), "--optimizer", "AdamW"])
+    assert exit_info.value.code != 0
+
+
+@pytest.fixture(scope="module")
+def teacher_ckpt(tmp_path_factory) -> Path:
+    """A teacher trained for a few steps with configs/teacher.yaml, saved like the demo does."""
+    tmp = tmp_path_factory.mktemp("teacher")
+    cwd = os.getcwd()
+    os.chdir(tmp)
+    try:
+        cli = KDLightningCLI(
+            args=["--config", str(ROOT / "configs/teacher.yaml"), "--trainer.max_steps", "3",
+                  "--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "2",
+                  "--trainer.enable_progress_bar", "false", *SMALL_DATA],
+            run=False,
+        )  # fmt: skip
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        path = tmp / "teacher.ckpt"
+        cli.trainer.save_checkpoint(path)
+    finally:
+        os.chdir(cwd)
+    return path
+
+
+def _quick_args(teacher: Path, steps: int) -> list[str]:
+    return [
+        "--model.init_args.teacher_checkpoint", str(teacher),
+        "--trainer.max_steps", str(steps),
+        "--trainer.val_check_interval", str(steps),
+        "--trainer.limit_val_batches", "2",
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.log_every_n_steps", "1",
+        *SMALL_DATA,
+    ]  # fmt: skip
+
+
+def _metrics(run_dir: Path) -> list[dict[str, str]]:
+    rows = []
+    for path in sorted(run_dir.glob("**/metrics.csv")):
+        with open(path) as f:
+            rows.extend(csv.DictReader(f))
+    return rows
+
+
+def _step_losses(run_dir: Path, version: str | None = None) -> dict[int, float]:
+    losses = {}
+    pattern = f"**/{version}/metrics.csv" if version else "**/metrics.csv"
+    for path in sorted(run_dir.glob(pattern)):
+        with open(path) as f:
+            for row in csv.DictReader(f):
+                if row.get("train/kd_loss"):
+                    losses[int(row["step"])] = float(row["train/kd_loss"])
+    return losses
+
+
+def test_quickstart_runs_in_process(tmp_path, monkeypatch, teacher_ckpt):
+    monkeypatch.chdir(tmp_path)
+    cli = KDLightningCLI(
+        args=["--config", str(ROOT / "configs/quickstart.yaml"), *_quick_args(teacher_ckpt, 4)],
+        run=False,
+    )
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert cli.trainer.global_step == 4
+    metrics = cli.trainer.callback_metrics
+    for key in ("train/kd_loss", "train/tokens_per_sec", "val/kd_loss", "val/teacher_ppl"):
+        assert key in metrics and torch.isfinite(metrics[key]), key
+    assert list((tmp_path / "runs/quickstart").glob("**/kl_per_token.png"))
+    rows = _metrics(tmp_path / "runs/quickstart")
+    assert any(row.get("train/kd_loss") for row in rows), "CSV logger did not record the loss"
+
+
+def test_quickstart_tp2_runs_on_two_processes(tmp_path, teacher_ckpt):
+    proc = subprocess.run(
+        [sys.executable, "-m", "lightning_kd", "fit",
+         "--config", str(ROOT / "configs/quickstart_tp2.yaml"), *_quick_args(teacher_ckpt, 3)],
+        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    losses = _step_losses(tmp_path / "runs/quickstart_tp2")
+    assert len(losses) >= 2 and all(v == v for v in losses.values())
+
+
+def _crash_config(tmp_path: Path, teacher: Path, steps: int, every: int) -> Path:
+    config = yaml.safe_load((ROOT / "configs/quickstart.yaml").read_text())
+    config["trainer"].update(max_steps=steps, log_every_n_steps=1, limit_val_batches=0,
+                             enable_progress_bar=False)  # fmt: skip
+    config["trainer"].pop("val_check_interval")
+    for callback in config["trainer"]["callbacks"]:
+        if callback["class_path"].endswith("ModelCheckpoint"):
+            callback["init_args"]["every_n_train_steps"] = every
+    config["model"]["init_args"]["teacher_checkpoint"] = str(teacher)
+    config["data"]["init_args"].update(synthetic_chars=30000, batch_size=4)
+    path = tmp_path / "crash.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _fit_cmd(config: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "lightning_kd", "fit", "--config", str(config), *extra]
+
+
+def test_killed_run_resumes_from_last_checkpoint(tmp_path, teacher_ckpt):
+    steps, every = 32, 4  # a multiple, so the last checkpoint is at the final step
+    straight_dir, crash_dir = tmp_path / "straight", tmp_path / "crash"
+    straight_dir.mkdir()
+    crash_dir.mkdir()
+    config = _crash_config(tmp_path, teacher_ckpt, steps, every)
+    subprocess.run(_fit_cmd(config), cwd=straight_dir, env=_env(), check=True, timeout=300,
+                   capture_output=True)  # fmt: skip
+    straight = _step_losses(straight_dir / "runs/quickstart")
+    assert len(straight) == steps
+
+    proc = subprocess.Popen(_fit_cmd(config), cwd=crash_dir, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    ckpts = crash_dir / "runs/quickstart/checkpoints"
+    deadline = time.time() + 240
+    while not list(ckpts.glob("*step=12.ckpt")) and time.time() < deadline:
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # a real crash: no handler, no final checkpoint
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    saved = torch.load(ckpts / "last.ckpt", weights_only=False, map_location="cpu")
+    stopped_at = saved["global_step"]
+    assert 12 <= stopped_at < steps
+
+    subprocess.run(_fit_cmd(config, "--ckpt_path", "last"), cwd=crash_dir, env=_env(),
+                   check=True, timeout=300, capture_output=True)  # fmt: skip
+    final = torch.load(ckpts / "last.ckpt", weights_only=False, map_location="cpu")
+    assert final["global_step"] == steps
+    resumed = _step_losses(crash_dir / "runs/quickstart", version="version_1")
+    assert sorted(resumed) == list(range(stopped_at, steps)), sorted(resumed)
+    for step, loss in resumed.items():
+        assert loss == pytest.approx(straight[step], rel=1e-5), step
+
+
+def test_two_simulated_nodes_with_torchrun(tmp_path, teacher_ckpt):
+    """quickstart_tp2 as 2 nodes x 2 processes on this host (loopback): TP=2 inside each
+    'node', data parallel across the two."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = []
+    for node_rank in (0, 1):
+        workdir = tmp_path / f"node{node_rank}"
+        workdir.mkdir()
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
+            "--nproc_per_node", "2", "--node_rank", str(node_rank),
+            "--master_addr", "127.0.0.1", "--master_port", str(port),
+            "-m", "lightning_kd", "fit", "--config", str(ROOT / "configs/quickstart_tp2.yaml"),
+            "--trainer.num_nodes", "2", *_quick_args(teacher_ckpt, 3),
+        ]  # fmt: skip
+        procs.append(subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))  # fmt: skip
+    outputs = [p.communicate(timeout=400)[0] for p in procs]
+    for proc, out in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, out[-5000:]
+    assert "MEMBER: 4/4" in "".join(outputs), "expected one 4-process job across both nodes"
+    assert len(_step_losses(tmp_path / "runs/quickstart_tp2")) >= 2
