@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) benchmarks/kd_loss.py
+	$(PY) -m lightning_kd.demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_kd import DistillationModule, KDLoss
 from lightning_kd.callbacks import KLPlot, PerTokenKLMonitor
+from lightning_kd.cli import shutdown_distributed
 from tests.scripts.fit_run import RandomTokens, make_models
 
 
@@ -85,6 +86,7 @@ def main() -> None:
     result = run(out.parent, args.devices, args.tp, args.steps)
     if result["global_rank"] == 0:
         out.write_text(json.dumps(result))
+    shutdown_distributed()
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from torch.distributed.tensor import DTensor, Shard
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lightning_kd import DistillationModule, KDLoss, TinyLlama
+from lightning_kd.cli import shutdown_distributed
 from lightning_kd.module import logits_of
 
 VOCAB, SEQ, SAMPLES = 37, 12, 48
@@ -161,6 +162,7 @@ def main() -> None:
             "global_step": trainer.global_step,
         }
         Path(args.out).write_text(json.dumps(result))
+    shutdown_distributed()
 
 
 if __name__ == "__main__":
