@@ -8,22 +8,17 @@ a model before distilling it. Its checkpoints store the model under ``model.``, 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
-import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
-from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_kd.cross_entropy import token_cross_entropy
 from lightning_kd.module import logits_of
-
-
-def _default_optimizer(params: Iterable[Tensor]) -> Optimizer:
-    return torch.optim.AdamW(params, lr=1e-3)
+from lightning_kd.optim import build_optimizers, default_optimizer
 
 
 class CausalLMModule(LightningModule):
@@ -41,7 +36,7 @@ class CausalLMModule(LightningModule):
     def __init__(
         self,
         model: Callable[[], nn.Module] | nn.Module,
-        optimizer: OptimizerCallable = _default_optimizer,
+        optimizer: OptimizerCallable = default_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,
         ignore_index: int = -100,
     ) -> None:
@@ -76,11 +71,6 @@ class CausalLMModule(LightningModule):
 
     @override
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(self.model.parameters())
-        if self.lr_scheduler_factory is None:
-            return optimizer
-        scheduler = self.lr_scheduler_factory(optimizer)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
-        }
+        return build_optimizers(
+            self.model.parameters(), self.optimizer_factory, self.lr_scheduler_factory
+        )

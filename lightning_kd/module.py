@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -39,6 +39,7 @@ from typing_extensions import override
 from lightning_kd.cross_entropy import token_cross_entropy
 from lightning_kd.grad_clip import clip_grad_norm
 from lightning_kd.kd_loss import KDLoss
+from lightning_kd.optim import build_optimizers, default_optimizer
 from lightning_kd.parallelize import apply_fsdp, apply_tensor_parallel
 from lightning_kd.parallelize import tensor_parallel_plan as default_tensor_parallel_plan
 
@@ -89,10 +90,6 @@ def _build(model: ModelOrFactory, role: str) -> nn.Module:
     raise ValueError(f"{role} must be an nn.Module or a callable returning one, got {model!r}.")
 
 
-def _default_optimizer(params: Iterable[Tensor]) -> Optimizer:
-    return torch.optim.AdamW(params, lr=1e-3)
-
-
 class DistillationModule(LightningModule):
     """Distil a frozen teacher into a trainable student.
 
@@ -131,7 +128,7 @@ class DistillationModule(LightningModule):
         teacher: ModelOrFactory,
         loss: KDLoss | None = None,
         kd_ratio: float = 1.0,
-        optimizer: OptimizerCallable = _default_optimizer,
+        optimizer: OptimizerCallable = default_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,
         teacher_checkpoint: str | None = None,
         teacher_checkpoint_prefix: str = "",
@@ -241,14 +238,9 @@ class DistillationModule(LightningModule):
 
     @override
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(self.trainable_parameters())
-        if self.lr_scheduler_factory is None:
-            return optimizer
-        scheduler = self.lr_scheduler_factory(optimizer)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
-        }
+        return build_optimizers(
+            self.trainable_parameters(), self.optimizer_factory, self.lr_scheduler_factory
+        )
 
     # ------------------------------------------------------------------ checkpoints
     @staticmethod
