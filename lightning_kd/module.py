@@ -380,12 +380,8 @@ class DistillationModule(LightningModule):
                 f"{gradient_clip_algorithm!r}."
             )
 
-    @override
-    def on_validation_epoch_start(self) -> None:
-        self._val_sums = None
-
-    @override
-    def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
+    def _eval_step(self, batch: Mapping[str, Tensor]) -> None:
+        """Accumulate token sums of KL, student CE and teacher CE for the epoch's metrics."""
         student_output, teacher_output = self._forward_both(batch)
         labels, ignore = batch["labels"], self.kd_loss.ignore_index
         student_logits, teacher_logits = logits_of(student_output), logits_of(teacher_output)
@@ -401,19 +397,43 @@ class DistillationModule(LightningModule):
         )
         self._val_sums = sums if self._val_sums is None else self._val_sums + sums
 
-    @override
-    def on_validation_epoch_end(self) -> None:
+    def _log_eval_epoch(self, prefix: str) -> None:
+        """Log per-token means over the epoch and all data-parallel ranks."""
         if self._val_sums is None:
             return
         kl, ce_student, ce_teacher, tokens = self._dp_sum(self._val_sums).tolist()
         tokens = max(tokens, 1.0)
         metrics = {
-            "val/kd_loss": kl / tokens,
-            "val/student_ce": ce_student / tokens,
-            "val/teacher_ce": ce_teacher / tokens,
-            "val/student_ppl": math.exp(min(ce_student / tokens, 50.0)),
-            "val/teacher_ppl": math.exp(min(ce_teacher / tokens, 50.0)),
+            "kd_loss": kl / tokens,
+            "student_ce": ce_student / tokens,
+            "teacher_ce": ce_teacher / tokens,
+            "student_ppl": math.exp(min(ce_student / tokens, 50.0)),
+            "teacher_ppl": math.exp(min(ce_teacher / tokens, 50.0)),
         }
         for name, value in metrics.items():
-            self.log(name, value, prog_bar=name == "val/kd_loss")
+            self.log(f"{prefix}/{name}", value, prog_bar=name == "kd_loss")
         self._val_sums = None
+
+    @override
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums = None
+
+    @override
+    def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    @override
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval_epoch("val")
+
+    @override
+    def on_test_epoch_start(self) -> None:
+        self._val_sums = None
+
+    @override
+    def test_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    @override
+    def on_test_epoch_end(self) -> None:
+        self._log_eval_epoch("test")

@@ -110,6 +110,38 @@ def test_quickstart_runs_in_process(tmp_path, monkeypatch, teacher_ckpt):
     assert any(row.get("train/kd_loss") for row in rows), "CSV logger did not record the loss"
 
 
+def test_validate_and_test_subcommands(tmp_path, monkeypatch, teacher_ckpt, capsys):
+    monkeypatch.chdir(tmp_path)
+    for command in ("validate", "test"):
+        KDLightningCLI(
+            args=[command, "--config", str(ROOT / "configs/quickstart.yaml"),
+                  *_quick_args(teacher_ckpt, 1)],
+        )  # fmt: skip
+        prefix = "val" if command == "validate" else "test"
+        assert f"{prefix}/teacher_ppl" in capsys.readouterr().out
+
+
+def test_hidden_state_example_runs_from_its_config(tmp_path, monkeypatch, teacher_ckpt):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(ROOT))
+    cli = KDLightningCLI(
+        args=["--config", str(ROOT / "examples/hidden_state.yaml"), *_quick_args(teacher_ckpt, 3)],
+        run=False,
+    )
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert type(cli.model).__name__ == "HiddenStateDistillation"
+    assert "train/hidden_mse" in cli.trainer.callback_metrics
+    optimized = {id(p) for g in cli.trainer.optimizers[0].param_groups for p in g["params"]}
+    assert id(cli.model.projection.weight) in optimized
+
+
+def test_plain_pytorch_example_runs():
+    proc = subprocess.run([sys.executable, str(ROOT / "examples/kd_loss_plain_pytorch.py")],
+                          env=_env(), capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "step  59" in proc.stdout
+
+
 def test_quickstart_tp2_runs_on_two_processes(tmp_path, teacher_ckpt):
     proc = subprocess.run(
         [sys.executable, "-m", "lightning_kd", "fit",

@@ -410,3 +410,8 @@ class TextDataModule(LightningDataModule):
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
         )
+
+    def test_dataloader(self) -> DataLoader | list:
+        """The held-out split again (there is no separate test split), for ``lightning-kd
+        test``."""
+        return self.val_dataloader()
