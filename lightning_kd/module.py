@@ -117,6 +117,10 @@ class DistillationModule(LightningModule):
         student_tp_plan: explicit TP plan for the student; default the model's own
             ``tensor_parallel_plan(tp_size)``.
         teacher_tp_plan: likewise for the teacher.
+        shared_vocab_size: distil over the first ``shared_vocab_size`` vocabulary entries
+            when the two lm_heads have different widths (padded vocabularies). Default: the
+            tokenizer's size when both models carry the same tokenizer (``HFCausalLM`` from a
+            local directory). Tokenizers that differ are refused before training.
 
     Raises:
         ValueError: for a ``kd_ratio`` outside [0, 1] or a missing teacher checkpoint.
@@ -135,6 +139,7 @@ class DistillationModule(LightningModule):
         save_teacher: bool = False,
         student_tp_plan: dict[str, ParallelStyle] | None = None,
         teacher_tp_plan: dict[str, ParallelStyle] | None = None,
+        shared_vocab_size: int | None = None,
     ) -> None:
         super().__init__()
         if not (0.0 <= kd_ratio <= 1.0):
@@ -149,6 +154,9 @@ class DistillationModule(LightningModule):
         self.teacher_checkpoint_prefix = teacher_checkpoint_prefix
         self.save_teacher = save_teacher
         self._plans = {"student": student_tp_plan, "teacher": teacher_tp_plan}
+        if shared_vocab_size is not None and shared_vocab_size < 1:
+            raise ValueError(f"shared_vocab_size must be >= 1, got {shared_vocab_size!r}.")
+        self.shared_vocab_size = shared_vocab_size
         self._factories: dict[str, Callable[[], nn.Module]] = {}
         for role, model in (("student", student), ("teacher", teacher)):
             if isinstance(model, nn.Module):
@@ -179,6 +187,41 @@ class DistillationModule(LightningModule):
             state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         self.teacher.load_state_dict(state, strict=True)
 
+    def _reconcile_vocabularies(self) -> None:
+        """Refuse different tokenizers; restrict padded lm_heads to the shared vocabulary."""
+        vocabs = [
+            getattr(m, "tokenizer_vocab", lambda: None)() for m in (self.student, self.teacher)
+        ]
+        if all(v is not None for v in vocabs) and vocabs[0] != vocabs[1]:
+            raise ValueError(
+                "teacher and student use different tokenizers (their vocabularies differ); "
+                "token-level distillation needs one shared tokenizer."
+            )
+        widths = [getattr(m, "vocab_size", None) for m in (self.student, self.teacher)]
+        if None in widths or (widths[0] == widths[1] and self.shared_vocab_size is None):
+            return
+        shared = self.shared_vocab_size
+        if shared is None and vocabs[0] is not None:
+            shared = len(vocabs[0])
+        if shared is None:
+            raise ValueError(
+                f"student and teacher lm_heads differ in width ({widths[0]} vs {widths[1]}); "
+                "set shared_vocab_size to the size of their common tokenizer."
+            )
+        if shared > min(widths):
+            raise ValueError(
+                f"shared_vocab_size={shared} exceeds an lm_head width ({widths[0]}, {widths[1]})."
+            )
+        for role, model, width in zip(("student", "teacher"), (self.student, self.teacher),
+                                      widths, strict=True):  # fmt: skip
+            if width > shared:
+                if not hasattr(model, "restrict_vocab"):
+                    raise ValueError(
+                        f"the {role} has {width} vocabulary rows but distillation uses "
+                        f"{shared}; it needs a restrict_vocab(size) method to drop the rest."
+                    )
+                model.restrict_vocab(shared)
+
     def tensor_parallel_plan(self, model: nn.Module, role: str, tp_size: int) -> dict:
         """The TP plan for ``model`` (``role`` is ``"student"`` or ``"teacher"``). Default: the
         plan given to the constructor, else the model's own ``tensor_parallel_plan(tp_size)``.
@@ -195,6 +238,8 @@ class DistillationModule(LightningModule):
         self._freeze_teacher()
         if self.teacher_checkpoint is not None and not self._parallelized:
             self._load_teacher_weights()
+        if not self._parallelized:
+            self._reconcile_vocabularies()
         mesh = self._device_mesh
         if mesh is None or self._parallelized:
             return

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from lightning_kd.data.corpus import CORPUS_VERSION, expand_paths, generate_corpus, read_documents
 from lightning_kd.data.sampler import ResumableDataLoader, ResumableSampler
-from lightning_kd.data.tokenizer import ByteTokenizer
+from lightning_kd.data.tokenizer import ByteTokenizer, HFTokenizer
 
 #: Bump when the layout or content of the token cache changes.
 _CACHE_FORMAT = 1
@@ -126,7 +126,8 @@ class TextDataModule(LightningDataModule):
     Batches are dicts ``{"input_ids": [B, S] int64, "labels": [B, S] int64}`` with
     ``B = batch_size`` and ``S = seq_len``; ``labels[:, t]`` is the token that follows
     ``input_ids[:, t]``, or ``ignore_index`` where that token is padding. Token ids come from
-    :class:`~lightning_kd.data.ByteTokenizer` (vocab 258: bytes, EOS, PAD).
+    :class:`~lightning_kd.data.ByteTokenizer` (vocab 258: bytes, EOS, PAD) or a local Hugging
+    Face tokenizer.
 
     Args:
         paths: ``.txt`` files (one document each), ``.jsonl`` files (one document per line),
@@ -143,6 +144,8 @@ class TextDataModule(LightningDataModule):
         cache_dir: where the tokenised corpus is cached (one file per distinct input).
         num_workers: DataLoader worker processes.
         ignore_index: the label of padding targets; must not be a token id.
+        tokenizer: ``"byte"`` (the default byte-level tokenizer) or a local directory with a
+            Hugging Face tokenizer (needs the ``hf`` extra; nothing is downloaded).
 
     Raises:
         ValueError: for an argument of the wrong type or range, or ``paths`` that match no
@@ -162,9 +165,12 @@ class TextDataModule(LightningDataModule):
         cache_dir: str = ".cache/lightning_kd",
         num_workers: int = 0,
         ignore_index: int = -100,
+        tokenizer: str = "byte",
     ) -> None:
         super().__init__()
-        self._tokenizer = ByteTokenizer()
+        if not isinstance(tokenizer, str) or not tokenizer:
+            raise ValueError(f"tokenizer must be 'byte' or a local directory, got {tokenizer!r}.")
+        self._tokenizer = ByteTokenizer() if tokenizer == "byte" else HFTokenizer(tokenizer)
         if paths is not None:
             if isinstance(paths, str) or not isinstance(paths, (list, tuple)):
                 raise ValueError(f"paths must be a list of paths or globs or None, got {paths!r}.")
@@ -213,7 +219,7 @@ class TextDataModule(LightningDataModule):
 
     # ------------------------------------------------------------------ tokenizer
     @property
-    def tokenizer(self) -> ByteTokenizer:
+    def tokenizer(self) -> ByteTokenizer | HFTokenizer:
         """The tokenizer of the batches (available before ``setup``)."""
         return self._tokenizer
 

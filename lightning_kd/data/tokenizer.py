@@ -8,6 +8,7 @@ its 258-entry vocabulary keeps the demo's embedding and lm_head tiny.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 
 
@@ -75,3 +76,50 @@ class ByteTokenizer:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(vocab_size={self.vocab_size})"
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer loaded from a local directory, with ByteTokenizer's interface.
+
+    ``transformers`` (the ``hf`` extra) is imported only when one is built; nothing is
+    downloaded (``local_files_only``).
+
+    Args:
+        path: directory written by ``tokenizer.save_pretrained``.
+
+    Raises:
+        ValueError: when ``path`` is not a directory or the tokenizer has no EOS token.
+    """
+
+    def __init__(self, path: str) -> None:
+        from lightning_kd.hf import _local_dir, _transformers
+
+        directory = _local_dir(path, "tokenizer path")
+        self.path = str(directory)
+        self._tok = _transformers().AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        if self._tok.eos_token_id is None:
+            raise ValueError(f"the tokenizer at {path!r} has no EOS token; set eos_token.")
+        vocab = sorted(self._tok.get_vocab().items())
+        self._fingerprint = hashlib.sha256(repr(vocab).encode()).hexdigest()[:16]
+
+    @property
+    def eos_id(self) -> int:
+        return int(self._tok.eos_token_id)
+
+    @property
+    def pad_id(self) -> int:
+        pad = self._tok.pad_token_id
+        return int(pad if pad is not None else self._tok.eos_token_id)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._tok)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=False))
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=True)
+
+    def __repr__(self) -> str:  # part of the data cache key
+        return f"HFTokenizer(vocab={self.vocab_size}, sha={self._fingerprint})"

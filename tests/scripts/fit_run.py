@@ -41,6 +41,22 @@ class RandomTokens(Dataset):
         return {"input_ids": self.ids[i, :-1], "labels": labels}
 
 
+def make_hf_models(family: str, teacher_vocab: int = VOCAB, seed: int = 0):
+    """Tiny random Hugging Face models of ``family`` (llama, qwen2, ...), untied heads."""
+    from lightning_kd.hf import HFCausalLM
+
+    def config(hidden: int, layers: int, vocab: int) -> dict:
+        return dict(model_type=family, vocab_size=vocab, hidden_size=hidden,
+                    intermediate_size=2 * hidden, num_hidden_layers=layers,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                    tie_word_embeddings=False, initializer_range=0.2)  # fmt: skip
+
+    torch.manual_seed(seed)
+    teacher = HFCausalLM(config=config(32, 2, teacher_vocab))
+    student = HFCausalLM(config=config(16, 1, VOCAB))
+    return student, teacher
+
+
 def make_models(seed: int = 0) -> tuple[TinyLlama, TinyLlama]:
     torch.manual_seed(seed)
     teacher = TinyLlama(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
@@ -91,10 +107,15 @@ def main() -> None:
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--samples", type=int, default=SAMPLES)
     parser.add_argument("--save-student", default=None, help="torch.save the full student here")
+    parser.add_argument("--family", default="tiny", help="tiny (TinyLlama) or an HF model_type")
+    parser.add_argument("--teacher-vocab", type=int, default=VOCAB, help="HF teacher lm_head")
     args = parser.parse_args()
 
     L.seed_everything(0, verbose=False)
-    student, teacher = make_models()
+    if args.family == "tiny":
+        student, teacher = make_models()
+    else:
+        student, teacher = make_hf_models(args.family, args.teacher_vocab)
     teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
     module = CheckedModule(
         student,
@@ -102,6 +123,7 @@ def main() -> None:
         loss=KDLoss(chunk_size=args.chunk_size, temperature=2.0),
         kd_ratio=args.kd_ratio,
         optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3),
+        shared_vocab_size=VOCAB if args.teacher_vocab != VOCAB else None,
     )
     strategy = "auto"
     if args.devices > 1:
@@ -140,7 +162,8 @@ def main() -> None:
     teacher_state = module.teacher.state_dict()
     teacher_same = all(
         torch.equal(
-            (v.full_tensor() if isinstance(v, DTensor) else v).cpu(), teacher_before[k].cpu()
+            (v.full_tensor() if isinstance(v, DTensor) else v).cpu(),
+            teacher_before[k][: v.shape[0]].cpu(),  # a padded vocabulary may be restricted
         )
         for k, v in teacher_state.items()
     )

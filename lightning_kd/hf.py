@@ -1,0 +1,190 @@
+"""Hugging Face causal LMs as teacher or student: offline loading, TP plans, vocabulary checks.
+
+:class:`HFCausalLM` wraps an ``AutoModelForCausalLM`` built either from a local directory
+(``from_pretrained`` with ``local_files_only=True``: nothing is fetched from a hub) or from an
+HF config (random init, e.g. a student), with typed arguments that work in YAML configs. It
+returns plain logits (or ``{"logits", "hidden"}``), carries the tensor-parallel plan of the
+Llama, Qwen2/Qwen3 and Mistral families, and exposes what ``DistillationModule`` needs to
+reconcile teacher and student vocabularies: the lm_head width, the tokenizer's vocabulary,
+and :meth:`HFCausalLM.restrict_vocab` to drop padded rows no token id reaches.
+
+``transformers`` is an optional extra (``pip install lightning_kd[hf]``) imported only here,
+and only when an HFCausalLM is built.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.distributed.tensor import Shard
+from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel
+
+#: Families whose decoder layers use q/k/v/o_proj attention and gate/up/down_proj MLPs.
+TP_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _transformers() -> Any:
+    try:
+        import transformers
+    except ImportError as error:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "Hugging Face models need the optional extra: pip install 'lightning_kd[hf]'."
+        ) from error
+    return transformers
+
+
+def _local_dir(path: str, what: str) -> Path:
+    directory = Path(path).expanduser()
+    if not directory.is_dir():
+        raise ValueError(
+            f"{what} {path!r} is not a local directory; lightning_kd loads Hugging Face "
+            "models and tokenizers from local paths only (nothing is downloaded)."
+        )
+    return directory
+
+
+class HFCausalLM(nn.Module):
+    """A Hugging Face causal language model for :class:`~lightning_kd.DistillationModule`.
+
+    Args:
+        pretrained_path: local directory saved with ``save_pretrained`` (weights, config and,
+            ideally, the tokenizer). Mutually exclusive with ``config``.
+        config: HF config fields including ``model_type`` (e.g. ``{"model_type": "qwen2",
+            "hidden_size": 512, ...}``) for a randomly initialised model.
+        dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``: the dtype weights load in.
+        attn_implementation: HF attention backend (``"sdpa"`` or ``"eager"``).
+
+    Raises:
+        ValueError: when neither or both sources are given, the path is missing, the dtype is
+            unknown, or the config has no ``model_type``.
+    """
+
+    def __init__(
+        self,
+        pretrained_path: str | None = None,
+        config: dict[str, Any] | None = None,
+        dtype: str = "float32",
+        attn_implementation: str = "sdpa",
+    ) -> None:
+        super().__init__()
+        if (pretrained_path is None) == (config is None):
+            raise ValueError("HFCausalLM needs exactly one of pretrained_path or config.")
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}.")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        transformers = _transformers()
+        self.pretrained_path = pretrained_path
+        if pretrained_path is not None:
+            directory = _local_dir(pretrained_path, "pretrained_path")
+            self.model = transformers.AutoModelForCausalLM.from_pretrained(
+                directory, dtype=_DTYPES[dtype], local_files_only=True,
+                attn_implementation=attn_implementation,
+            )  # fmt: skip
+        else:
+            fields = dict(config)
+            model_type = fields.pop("model_type", None)
+            if model_type is None:
+                raise ValueError("config must include model_type, e.g. 'llama' or 'qwen2'.")
+            hf_config = transformers.AutoConfig.for_model(model_type, **fields)
+            hf_config._attn_implementation = attn_implementation
+            self.model = transformers.AutoModelForCausalLM.from_config(
+                hf_config, dtype=_DTYPES[dtype]
+            )
+
+    @property
+    def model_type(self) -> str:
+        return self.model.config.model_type
+
+    @property
+    def vocab_size(self) -> int:
+        """Width of the lm_head (may exceed the tokenizer's vocabulary when padded)."""
+        return self.model.get_output_embeddings().weight.shape[0]
+
+    def forward(self, input_ids: Tensor, output_hidden: bool = False) -> Tensor | dict:
+        """input_ids [B, S] -> logits [B, S, V] (a vocab-sharded DTensor under TP), or
+        ``{"logits", "hidden"}`` with the last hidden states when ``output_hidden``."""
+        out = self.model(input_ids=input_ids, use_cache=False, output_hidden_states=output_hidden)
+        if output_hidden:
+            return {"logits": out.logits, "hidden": out.hidden_states[-1]}
+        return out.logits
+
+    def tokenizer_vocab(self) -> dict[str, int] | None:
+        """The tokenizer's token → id map when ``pretrained_path`` holds a tokenizer."""
+        if self.pretrained_path is None:
+            return None
+        try:
+            tokenizer = _transformers().AutoTokenizer.from_pretrained(
+                self.pretrained_path, local_files_only=True
+            )
+        except (OSError, ValueError):
+            return None
+        return tokenizer.get_vocab()
+
+    def restrict_vocab(self, size: int) -> None:
+        """Keep the first ``size`` rows of the embeddings and lm_head (drop padding rows)."""
+        if size > self.vocab_size:
+            raise ValueError(f"cannot restrict vocab {self.vocab_size} to a larger {size}.")
+        if size < self.vocab_size:
+            self.model.resize_token_embeddings(size, mean_resizing=False)
+
+    def tensor_parallel_plan(self, tp_size: int) -> dict[str, ParallelStyle]:
+        """Megatron-style plan: q/k/v and gate/up column-parallel, o/down row-parallel, lm_head
+        column-parallel with vocabulary-sharded DTensor output; embeddings and norms stay
+        replicated. A tied lm_head is untied first (a sharded head cannot share the replicated
+        embedding).
+
+        Raises:
+            ValueError: for an architecture outside the supported families (rather than a
+                silent full replica), or head counts not divisible by ``tp_size``.
+        """
+        config = self.model.config
+        if self.model_type not in TP_FAMILIES:
+            raise ValueError(
+                f"no tensor-parallel plan for model_type {self.model_type!r}; supported: "
+                f"{', '.join(TP_FAMILIES)}. Pass student_tp_plan/teacher_tp_plan to "
+                "DistillationModule, or run it without tensor parallelism."
+            )
+        heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+        if heads % tp_size or kv_heads % tp_size:
+            raise ValueError(
+                f"tensor_parallel_size={tp_size} must divide num_attention_heads={heads} and "
+                f"num_key_value_heads={kv_heads}."
+            )
+        self._untie_lm_head()
+        plan: dict[str, ParallelStyle] = {}
+        for i in range(config.num_hidden_layers):
+            prefix = f"model.model.layers.{i}"
+            for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                         "mlp.gate_proj", "mlp.up_proj"):  # fmt: skip
+                plan[f"{prefix}.{name}"] = ColwiseParallel()
+            for name in ("self_attn.o_proj", "mlp.down_proj"):
+                plan[f"{prefix}.{name}"] = RowwiseParallel()
+        plan["model.lm_head"] = ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)
+        return plan
+
+    def _untie_lm_head(self) -> None:
+        head, embed = self.model.get_output_embeddings(), self.model.get_input_embeddings()
+        if head.weight is embed.weight:
+            warnings.warn(
+                "untying the lm_head from the input embeddings for tensor parallelism; the two "
+                "are trained (and saved) separately from now on.",
+                stacklevel=3,
+            )
+            head.weight = nn.Parameter(embed.weight.detach().clone(), embed.weight.requires_grad)
+            self.model.config.tie_word_embeddings = False
+
+    def fsdp_units(self) -> list[nn.Module]:
+        """Decoder layers, wrapped by FSDP2 before the root."""
+        return list(self.model.model.layers)
+
+
+def same_tokenizer(a: Mapping[str, int], b: Mapping[str, int]) -> bool:
+    """Whether two token → id maps are the same vocabulary."""
+    return dict(a) == dict(b)

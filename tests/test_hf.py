@@ -1,0 +1,156 @@
+"""Hugging Face models as teacher and student (tiny random models built from HF configs and
+saved to temporary directories; nothing is downloaded)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from lightning_kd import DistillationModule, KDLoss
+from lightning_kd.data import TextDataModule
+from lightning_kd.hf import HFCausalLM
+from lightning_kd.module import logits_of
+from tests.test_module_distributed import assert_same_trajectory, fit
+
+
+def _config(vocab: int, hidden: int = 32, layers: int = 2, model_type: str = "llama") -> dict:
+    return dict(model_type=model_type, vocab_size=vocab, hidden_size=hidden,
+                intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+                initializer_range=0.2)  # fmt: skip
+
+
+def _save_tokenizer(directory, words: list[str]) -> None:
+    vocab = {w: i for i, w in enumerate(["<unk>", "<eos>", "<pad>", *words])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>", pad_token="<pad>"
+    )
+    tokenizer.save_pretrained(directory)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_tp2_matches_single_process(tmp_path, family):
+    single = fit(tmp_path, f"{family}1", "--family", family)
+    tp2 = fit(tmp_path, f"{family}2", "--family", family, "--devices", "2", "--tp", "2")
+    assert_same_trajectory(tp2, single)
+    assert tp2["saw_sharded"] is True and tp2["teacher_unchanged"]
+
+
+def test_padded_teacher_vocabulary_on_the_tp_path(tmp_path):
+    args = ["--family", "qwen2", "--teacher-vocab", "44"]
+    single = fit(tmp_path, "pad1", *args)
+    tp2 = fit(tmp_path, "pad2", *args, "--devices", "2", "--tp", "2")
+    assert_same_trajectory(tp2, single)
+    assert tp2["saw_sharded"] is True
+
+
+def test_local_checkpoint_reproduces_logits_and_offline_errors(tmp_path):
+    torch.manual_seed(0)
+    built = HFCausalLM(config=_config(50))
+    built.model.save_pretrained(tmp_path / "model")
+    loaded = HFCausalLM(pretrained_path=str(tmp_path / "model"))
+    ids = torch.randint(0, 50, (2, 9))
+    assert torch.equal(built(ids), loaded(ids))
+    half = HFCausalLM(pretrained_path=str(tmp_path / "model"), dtype="bfloat16")
+    assert next(half.parameters()).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="nowhere"):
+        HFCausalLM(pretrained_path=str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match="exactly one"):
+        HFCausalLM()
+    with pytest.raises(ValueError, match="model_type"):
+        HFCausalLM(config={"vocab_size": 10})
+
+
+def test_tp_plan_selection():
+    llama = HFCausalLM(config=_config(40))
+    plan = llama.tensor_parallel_plan(2)
+    assert "model.lm_head" in plan and "model.model.layers.1.mlp.down_proj" in plan
+    for family in ("qwen3", "mistral"):
+        assert HFCausalLM(config=_config(40, model_type=family)).tensor_parallel_plan(2)
+    gpt2 = HFCausalLM(config=dict(model_type="gpt2", vocab_size=40, n_embd=32, n_layer=1,
+                                  n_head=4))  # fmt: skip
+    with pytest.raises(ValueError, match="no tensor-parallel plan for model_type 'gpt2'"):
+        gpt2.tensor_parallel_plan(2)
+    with pytest.raises(ValueError, match="must divide"):
+        llama.tensor_parallel_plan(4)
+    tied = HFCausalLM(config={**_config(40), "tie_word_embeddings": True})
+    with pytest.warns(UserWarning, match="untying"):
+        tied.tensor_parallel_plan(2)
+    assert tied.model.lm_head.weight is not tied.model.model.embed_tokens.weight
+
+
+def test_padded_vocabulary_is_distilled_over_the_shared_tokenizer(tmp_path):
+    words = [f"w{i}" for i in range(37)]  # 40 tokens with the specials
+    torch.manual_seed(0)
+    for name, vocab, hidden in (("teacher", 48, 32), ("student", 40, 16)):
+        model = HFCausalLM(config=_config(vocab, hidden))
+        model.model.save_pretrained(tmp_path / name)
+        _save_tokenizer(tmp_path / name, words)
+    teacher_full = HFCausalLM(pretrained_path=str(tmp_path / "teacher"))
+    module = DistillationModule(
+        lambda: HFCausalLM(pretrained_path=str(tmp_path / "student")),
+        lambda: HFCausalLM(pretrained_path=str(tmp_path / "teacher")),
+        loss=KDLoss(temperature=2.0),
+    )
+    module.configure_model()
+    assert module.teacher.vocab_size == module.student.vocab_size == 40
+    ids = torch.randint(0, 40, (2, 10))
+    batch = {"input_ids": ids, "labels": ids}
+    terms = module.compute_loss(module.run_student(batch), module.run_teacher(batch), batch)
+    with torch.no_grad():
+        reference = KDLoss(temperature=2.0)(
+            module.student(ids), teacher_full(ids)[..., :40], ids
+        )  # fmt: skip
+    torch.testing.assert_close(terms.kd_loss, reference, rtol=1e-5, atol=1e-7)
+
+    _save_tokenizer(tmp_path / "teacher", list(reversed(words)))  # a different vocabulary
+    refused = DistillationModule(
+        lambda: HFCausalLM(pretrained_path=str(tmp_path / "student")),
+        lambda: HFCausalLM(pretrained_path=str(tmp_path / "teacher")),
+    )
+    with pytest.raises(ValueError, match="different tokenizers"):
+        refused.configure_model()
+    with pytest.raises(ValueError, match="shared_vocab_size"):
+        DistillationModule(
+            HFCausalLM(config=_config(40)), HFCausalLM(config=_config(48))
+        ).configure_model()  # fmt: skip
+
+
+def test_raw_hf_model_outputs_are_accepted():
+    config = LlamaConfig(
+        vocab_size=30,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
+    model = LlamaForCausalLM(config)
+    output = model(torch.randint(0, 30, (1, 5)))
+    assert logits_of(output).shape == (1, 5, 30)
+
+
+def test_datamodule_with_a_local_hf_tokenizer(tmp_path):
+    words = ["the", "cat", "sat", "on", "mat", "a", "dog"]
+    _save_tokenizer(tmp_path / "tok", words)
+    text = tmp_path / "doc.txt"
+    text.write_text(" ".join(words[i % 7] for i in range(400)))
+    data = TextDataModule(
+        paths=[str(text)], tokenizer=str(tmp_path / "tok"), seq_len=16, batch_size=2,
+        cache_dir=str(tmp_path / "cache"), val_fraction=0.1,
+    )  # fmt: skip
+    assert data.vocab_size == 10
+    data.prepare_data()
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    assert batch["input_ids"].shape == (2, 16) and int(batch["input_ids"].max()) < 10
+    assert data.tokenizer.decode(batch["input_ids"][0, :3].tolist()).split()[0] in words
+    with pytest.raises(ValueError, match="missing_tok"):
+        TextDataModule(tokenizer=str(tmp_path / "missing_tok"))
