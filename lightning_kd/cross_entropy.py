@@ -23,9 +23,10 @@ from torch.autograd.function import once_differentiable
 from lightning_kd.tensor_parallel import VocabParallelSoftmax, resolve_vocab_parallel
 
 
-def _shard_offset(local_vocab: int, group: dist.ProcessGroup) -> int:
-    """Index of this rank's first vocabulary entry (shards are contiguous, in rank order)."""
-    sizes = torch.zeros(dist.get_world_size(group), dtype=torch.int64)
+def _shard_offset(local_vocab: int, group: dist.ProcessGroup, device: torch.device) -> int:
+    """Index of this rank's first vocabulary entry (shards are contiguous, in rank order).
+    The all-reduce runs on ``device``, the logits' device (NCCL cannot reduce CPU tensors)."""
+    sizes = torch.zeros(dist.get_world_size(group), dtype=torch.int64, device=device)
     sizes[dist.get_rank(group)] = local_vocab
     dist.all_reduce(sizes, group=group)
     return int(sizes[: dist.get_rank(group)].sum())
@@ -35,7 +36,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, logits: Tensor, labels: Tensor, vocab: VocabParallelSoftmax) -> Tensor:
         # logits: [n, V_local] valid rows only; labels: [n] global vocabulary ids.
-        offset = _shard_offset(logits.shape[-1], vocab.group)
+        offset = _shard_offset(logits.shape[-1], vocab.group, logits.device)
         work = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
         log_probs = vocab.log_softmax(logits, 1.0, out=work)
         local = labels - offset

@@ -23,7 +23,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import Shard
-from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    ParallelStyle,
+    RowwiseParallel,
+    SequenceParallel,
+)
 
 #: Families whose decoder layers use q/k/v/o_proj attention and gate/up/down_proj MLPs.
 TP_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
@@ -136,9 +141,15 @@ class HFCausalLM(nn.Module):
 
     def tensor_parallel_plan(self, tp_size: int) -> dict[str, ParallelStyle]:
         """Megatron-style plan: q/k/v and gate/up column-parallel, o/down row-parallel, lm_head
-        column-parallel with vocabulary-sharded DTensor output; embeddings and norms stay
+        column-parallel with vocabulary-sharded DTensor output; embeddings and layer norms stay
         replicated. A tied lm_head is untied first (a sharded head cannot share the replicated
         embedding).
+
+        Per-head norms (Qwen3's ``q_norm``/``k_norm``, one ``[head_dim]`` weight shared by all
+        heads) see only the local heads on each rank, so their weight gradient is a partial
+        sum. They get ``SequenceParallel(sequence_dim=2)``: the input ``[B, S, local_heads,
+        head_dim]`` is marked as sharded on the head dimension, which makes DTensor all-reduce
+        the weight gradient over the TP group; without it the replicas drift apart.
 
         Raises:
             ValueError: for an architecture outside the supported families (rather than a
@@ -166,6 +177,12 @@ class HFCausalLM(nn.Module):
                 plan[f"{prefix}.{name}"] = ColwiseParallel()
             for name in ("self_attn.o_proj", "mlp.down_proj"):
                 plan[f"{prefix}.{name}"] = RowwiseParallel()
+            attention = self.model.model.layers[i].self_attn
+            for name in ("q_norm", "k_norm"):
+                if hasattr(attention, name):
+                    plan[f"{prefix}.self_attn.{name}"] = SequenceParallel(
+                        sequence_dim=2, use_local_output=True
+                    )
         plan["model.lm_head"] = ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)
         return plan
 

@@ -3,6 +3,10 @@
 The demo uses it to train its teacher from scratch; users can use it to pre-train or fine-tune
 a model before distilling it. Its checkpoints store the model under ``model.``, which is what
 ``DistillationModule(teacher_checkpoint=..., teacher_checkpoint_prefix="model.")`` reads.
+
+It is deliberately plain: one device or DDP (``strategy="ddp"``). It applies no TP plan and no
+FSDP2, so under ``ModelParallelStrategy`` with several data-parallel ranks the replicas would
+not be synchronised; train large teachers with a training stack built for that.
 """
 
 from __future__ import annotations

@@ -119,8 +119,9 @@ class DistillationModule(LightningModule):
         teacher_tp_plan: likewise for the teacher.
         shared_vocab_size: distil over the first ``shared_vocab_size`` vocabulary entries
             when the two lm_heads have different widths (padded vocabularies). Default: the
-            tokenizer's size when both models carry the same tokenizer (``HFCausalLM`` from a
-            local directory). Tokenizers that differ are refused before training.
+            size of the tokenizer the models carry (``HFCausalLM`` from a local directory
+            with a tokenizer; when both carry one they must be the same). Tokenizers that
+            differ are refused before training.
 
     Raises:
         ValueError: for a ``kd_ratio`` outside [0, 1] or a missing teacher checkpoint.
@@ -164,6 +165,7 @@ class DistillationModule(LightningModule):
             else:
                 setattr(self, role, None)
                 self._factories[role] = model
+        self._prepared = False  # built, teacher weights loaded, vocabularies reconciled
         self._parallelized = False
         self._window_tokens = 0
         self._step_start: float | None = None
@@ -184,7 +186,14 @@ class DistillationModule(LightningModule):
             state = state["state_dict"]
         prefix = self.teacher_checkpoint_prefix
         if prefix:
-            state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+            stripped = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+            if not stripped:
+                raise ValueError(
+                    f"no key of teacher_checkpoint {self.teacher_checkpoint!r} starts with "
+                    f"teacher_checkpoint_prefix={prefix!r}; its keys start like "
+                    f"{sorted(state)[:3]}."
+                )
+            state = stripped
         self.teacher.load_state_dict(state, strict=True)
 
     def _reconcile_vocabularies(self) -> None:
@@ -201,8 +210,9 @@ class DistillationModule(LightningModule):
         if None in widths or (widths[0] == widths[1] and self.shared_vocab_size is None):
             return
         shared = self.shared_vocab_size
-        if shared is None and vocabs[0] is not None:
-            shared = len(vocabs[0])
+        known = [v for v in vocabs if v is not None]
+        if shared is None and known:  # either model's tokenizer (they agree when both exist)
+            shared = len(known[0])
         if shared is None:
             raise ValueError(
                 f"student and teacher lm_heads differ in width ({widths[0]} vs {widths[1]}); "
@@ -230,16 +240,23 @@ class DistillationModule(LightningModule):
 
     @override
     def configure_model(self) -> None:
-        """Build factories, load teacher weights, then apply TP and FSDP2 on the device mesh.
-        Idempotent: Lightning may call it more than once (e.g. ``load_from_checkpoint``)."""
+        """Build factories, load teacher weights, reconcile vocabularies, then apply TP and
+        FSDP2 on the device mesh. Idempotent: Lightning may call it more than once (e.g.
+        ``load_from_checkpoint``, or ``fit`` followed by ``validate``).
+
+        ``DistillationModule.load_from_checkpoint(path, student=..., teacher=...)`` needs the
+        models (or factories) passed again: they are not hyperparameters stored in the
+        checkpoint.
+        """
         for role, factory in self._factories.items():
             if getattr(self, role) is None:
                 setattr(self, role, _build(factory, role))
-        self._freeze_teacher()
-        if self.teacher_checkpoint is not None and not self._parallelized:
-            self._load_teacher_weights()
-        if not self._parallelized:
+        if not self._prepared:  # once, mesh or not: a second load would hit a restricted head
+            if self.teacher_checkpoint is not None:
+                self._load_teacher_weights()
             self._reconcile_vocabularies()
+            self._prepared = True
+        self._freeze_teacher()  # also covers modules restrict_vocab created
         mesh = self._device_mesh
         if mesh is None or self._parallelized:
             return
@@ -319,9 +336,11 @@ class DistillationModule(LightningModule):
         return dist.get_world_size(group) if group is not None else 1
 
     def _dp_sum(self, values: Tensor) -> Tensor:
+        """Sum ``values`` over the data-parallel ranks, on the module's device (NCCL cannot
+        reduce CPU tensors); returns a new tensor on that device."""
         group = self.dp_group
         if group is not None and dist.get_world_size(group) > 1:
-            values = values.clone()
+            values = values.to(self.device, copy=True)
             dist.all_reduce(values, group=group)
         return values
 

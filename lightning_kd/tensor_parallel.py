@@ -90,10 +90,11 @@ class VocabParallelSoftmax(LocalVocabSoftmax):
     def check_same_rows(self, valid: Tensor) -> None:
         """Raise ``ValueError`` unless every rank selected the same tokens (one all-reduce of
         four integers). Different labels across TP ranks would otherwise mismatch the
-        collectives: a hang, or a silently wrong loss."""
+        collectives: a hang, or a silently wrong loss. The collective runs on the labels'
+        device (NCCL cannot reduce CPU tensors)."""
         flat = valid.reshape(-1)
         positions = torch.arange(1, flat.numel() + 1, device=flat.device)
-        stats = torch.stack([flat.sum(), (positions * flat).sum()]).to(torch.int64).cpu()
+        stats = torch.stack([flat.sum(), (positions * flat).sum()]).to(torch.int64)
         both = torch.cat([stats, -stats])
         dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self.group)
         if not torch.equal(both[:2], -both[2:]):

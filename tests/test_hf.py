@@ -3,12 +3,15 @@ saved to temporary directories; nothing is downloaded)."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 pytest.importorskip("transformers")
 
 from tokenizers import Tokenizer, models, pre_tokenizers
+from torch.utils.data import DataLoader
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from lightning_kd import DistillationModule, KDLoss
@@ -35,7 +38,7 @@ def _save_tokenizer(directory, words: list[str]) -> None:
     tokenizer.save_pretrained(directory)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
 def test_tp2_matches_single_process(tmp_path, family):
     single = fit(tmp_path, f"{family}1", "--family", family)
     tp2 = fit(tmp_path, f"{family}2", "--family", family, "--devices", "2", "--tp", "2")
@@ -109,6 +112,11 @@ def test_padded_vocabulary_is_distilled_over_the_shared_tokenizer(tmp_path):
             module.student(ids), teacher_full(ids)[..., :40], ids
         )  # fmt: skip
     torch.testing.assert_close(terms.kd_loss, reference, rtol=1e-5, atol=1e-7)
+    only_teacher_tokenizer = DistillationModule(  # a student from a config has none
+        HFCausalLM(config=_config(40, 16)), HFCausalLM(pretrained_path=str(tmp_path / "teacher"))
+    )
+    only_teacher_tokenizer.configure_model()
+    assert only_teacher_tokenizer.teacher.vocab_size == 40
 
     _save_tokenizer(tmp_path / "teacher", list(reversed(words)))  # a different vocabulary
     refused = DistillationModule(
@@ -154,3 +162,28 @@ def test_datamodule_with_a_local_hf_tokenizer(tmp_path):
     assert data.tokenizer.decode(batch["input_ids"][0, :3].tolist()).split()[0] in words
     with pytest.raises(ValueError, match="missing_tok"):
         TextDataModule(tokenizer=str(tmp_path / "missing_tok"))
+
+
+def test_padded_teacher_checkpoint_survives_fit_then_validate(tmp_path):
+    """configure_model runs again for validate; the checkpoint must not be reloaded into the
+    restricted teacher, and the restricted teacher stays frozen."""
+    from tests.scripts.fit_run import RandomTokens  # token ids < 37
+    from tests.test_module import _trainer
+
+    torch.manual_seed(0)
+    trained = HFCausalLM(config=_config(48))
+    torch.save(trained.state_dict(), tmp_path / "teacher.pt")
+    module = DistillationModule(
+        lambda: HFCausalLM(config=_config(40, 16, 1)),
+        lambda: HFCausalLM(config=_config(48)),
+        teacher_checkpoint=str(tmp_path / "teacher.pt"),
+        shared_vocab_size=40,
+    )
+    loader = DataLoader(RandomTokens(samples=4), batch_size=4)
+    trainer = _trainer(max_steps=1, limit_val_batches=1)
+    trainer.fit(module, loader)
+    metrics = trainer.validate(module, loader, verbose=False)[0]
+    assert math.isfinite(metrics["val/kd_loss"]) and module.teacher.vocab_size == 40
+    assert not module.teacher.training
+    assert not any(p.requires_grad for p in module.teacher.parameters())
+    assert torch.equal(module.teacher.model.lm_head.weight, trained.model.lm_head.weight[:40])

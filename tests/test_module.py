@@ -206,6 +206,13 @@ def test_bad_arguments_are_rejected(tmp_path):
         DistillationModule(student, teacher, kd_ratio=1.5)
     with pytest.raises(ValueError, match=r"missing\.pt"):
         DistillationModule(student, teacher, teacher_checkpoint=str(tmp_path / "missing.pt"))
+    torch.save({"state_dict": {"model.w": torch.zeros(1)}}, tmp_path / "teacher.ckpt")
+    wrong_prefix = DistillationModule(
+        student, teacher, teacher_checkpoint=str(tmp_path / "teacher.ckpt"),
+        teacher_checkpoint_prefix="teacher.",
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"teacher_checkpoint_prefix='teacher\.'.*'model\.w'"):
+        wrong_prefix.configure_model()
     with pytest.raises(ValueError, match="no tensor-parallel plan"):
         tensor_parallel_plan(nn.Linear(2, 2), 2)
     with pytest.raises(ValueError, match="tie_embeddings"):
