@@ -46,21 +46,23 @@ def _cli(config: str, *overrides: str) -> KDLightningCLI:
     return KDLightningCLI(args=["--config", config, *overrides], run=False)
 
 
-def _fit_and_validate(config: str, *overrides: str, save_to: Path | None = None) -> dict:
+def _fit_and_validate(
+    config: str, *overrides: str, run_dir: str | None = None, save_to: Path | None = None
+) -> dict:
+    """Fit and validate ``config``; ``run_dir`` receives the run's logs and checkpoints (so
+    the demo never touches the runs of ``lightning-kd fit --config <config>``)."""
+    if run_dir is not None:
+        overrides = (*overrides, "--trainer.default_root_dir", run_dir,
+                     "--trainer.logger.init_args.save_dir", run_dir)  # fmt: skip
     cli = _cli(config, *overrides)
+    if run_dir is not None:
+        for callback in cli.trainer.checkpoint_callbacks:
+            callback.dirpath = str(Path(run_dir) / "checkpoints")
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     if save_to is not None:  # the final weights, whatever the checkpoint interval
         cli.trainer.save_checkpoint(save_to)
     (metrics,) = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
     return {k: float(v) for k, v in metrics.items()}
-
-
-def _run_dir(path: str) -> list[str]:
-    """Overrides that send a run's logs and checkpoints to ``path``."""
-    return [
-        "--trainer.default_root_dir", path,
-        "--trainer.logger.init_args.save_dir", path,
-    ]  # fmt: skip
 
 
 def _row(name: str, ce: float, kl: float | None) -> str:
@@ -87,16 +89,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== 1/3 reusing the cached teacher {TEACHER_CKPT}", flush=True)
 
     print("== 2/3 distilling into the student (configs/quickstart.yaml)", flush=True)
-    kd = _fit_and_validate("configs/quickstart.yaml", *_run_dir("runs/demo_kd"), *short)
+    kd = _fit_and_validate("configs/quickstart.yaml", *short, run_dir="runs/demo_kd")
     print("== 3/3 training the same student on labels only (kd_ratio=0)", flush=True)
     baseline = _fit_and_validate(
         "configs/quickstart.yaml",
         "--model.init_args.kd_ratio",
         "0.0",
-        *_run_dir("runs/demo_baseline"),
         "--trainer.callbacks",
         "[]",
         *short,
+        run_dir="runs/demo_baseline",
     )
 
     print(f"\nValidation on held-out data (after {time.time() - start:.0f} s)\n")

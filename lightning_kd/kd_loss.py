@@ -25,7 +25,7 @@ class KDLossOutput(NamedTuple):
 
     Attributes:
         loss: 0-dim tensor, the same value the plain call returns (connected to the student).
-        per_token_kl: [*] detached ``T² · KL`` per token (labels' shape, fp32 when upcasting),
+        per_token_kl: [*] detached ``T² · KL`` per token (labels' shape, the loss's dtype),
             0 where the label is ignored. Computed in the same pass as the loss.
         valid_mask: [*] bool, True where ``labels != ignore_index``.
     """
@@ -82,7 +82,8 @@ class KDLoss(nn.Module):
         tp_group: process group over which the vocabulary is sharded, for plain local-shard
             tensors (each rank passes its own vocabulary slice, in rank order). Not needed for
             DTensor logits sharded on the last dim: the group is inferred from their mesh.
-        chunk_size: valid tokens processed at a time; memory then stays at the student gradient
+        chunk_size: the flattened tokens are processed in windows of ``chunk_size`` positions
+            (only their valid tokens are computed); memory then stays at the student gradient
             plus O(chunk_size × V) in forward and backward. 0 processes all tokens at once.
 
     Raises:
@@ -141,7 +142,8 @@ class KDLoss(nn.Module):
             return_per_token: also return the detached per-token KL (see :class:`KDLossOutput`).
 
         Returns:
-            A 0-dim tensor (fp32 when ``fp32_upcast``, else the logits' dtype), or a
+            A 0-dim tensor (fp32 when ``fp32_upcast`` and the logits are half precision, else
+            the logits' dtype), or a
             :class:`KDLossOutput` when ``return_per_token`` is True. With no valid token the
             loss is a finite 0 that is still connected to the student (zero gradient).
 

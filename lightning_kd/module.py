@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -244,9 +245,10 @@ class DistillationModule(LightningModule):
         FSDP2 on the device mesh. Idempotent: Lightning may call it more than once (e.g.
         ``load_from_checkpoint``, or ``fit`` followed by ``validate``).
 
-        ``DistillationModule.load_from_checkpoint(path, student=..., teacher=...)`` needs the
-        models (or factories) passed again: they are not hyperparameters stored in the
-        checkpoint.
+        ``DistillationModule.load_from_checkpoint(path, **kwargs)`` needs the constructor
+        arguments passed again (models, ``teacher_checkpoint``, loss, ...): the checkpoint
+        holds weights and loop state, not the configuration, and a load into a differently
+        configured module warns (see :meth:`on_load_checkpoint`).
         """
         for role, factory in self._factories.items():
             if getattr(self, role) is None:
@@ -275,6 +277,47 @@ class DistillationModule(LightningModule):
                 apply_fsdp(extra, dp_mesh)
         self._freeze_teacher()
         self._parallelized = True
+
+    # ------------------------------------------------------------------ checkpoints
+    def _settings(self) -> dict[str, Any]:
+        """The run's configuration that a checkpoint records and a load checks (the models
+        and callables are not stored: they are rebuilt from the constructor arguments)."""
+        return {
+            "kd_ratio": self.kd_ratio,
+            "teacher_checkpoint": self.teacher_checkpoint,
+            "teacher_checkpoint_prefix": self.teacher_checkpoint_prefix,
+            "shared_vocab_size": self.shared_vocab_size,
+            "temperature": getattr(self.kd_loss, "temperature", None),
+            "ignore_index": getattr(self.kd_loss, "ignore_index", None),
+        }
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["lightning_kd"] = self._settings()
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Warn when the module being loaded into is configured unlike the one that saved:
+        e.g. ``load_from_checkpoint(path, student=..., teacher=...)`` without
+        ``teacher_checkpoint`` would otherwise evaluate against a random teacher."""
+        saved = checkpoint.get("lightning_kd")
+        if not isinstance(saved, Mapping):
+            return
+        current = self._settings()
+        changed = [
+            f"{key}: saved {value!r}, now {current.get(key)!r}"
+            for key, value in saved.items()
+            if current.get(key) != value
+        ]
+        if changed:
+            warnings.warn(
+                "this DistillationModule is configured differently from the one that saved "
+                "the checkpoint (" + "; ".join(changed) + "). Pass the same constructor "
+                "arguments: the checkpoint holds weights and loop state, not the configuration"
+                + ("" if self.save_teacher else ", and not the teacher's weights")
+                + ".",
+                stacklevel=2,
+            )
 
     @override
     def train(self, mode: bool = True) -> DistillationModule:

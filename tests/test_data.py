@@ -24,6 +24,7 @@ from lightning_kd.data import (
     read_documents,
 )
 from lightning_kd.data.corpus import expand_paths
+from lightning_kd.data.datamodule import DocumentSequences
 
 TOK = ByteTokenizer()
 
@@ -230,6 +231,17 @@ def test_unpacked_batches_pad_and_ignore_index_exactly(tmp_path):
     # in the batch too: a label is ignored exactly where its target (the next input) is PAD
     ignored = batch["labels"] == -7
     assert ignored.any() and torch.equal(ignored[:, :-1], batch["input_ids"][:, 1:] == TOK.pad_id)
+
+
+def test_unpacked_padding_is_masked_by_position_when_pad_is_eos():
+    """HF tokenizers without a PAD token pad with EOS: the document's own EOS stays a target."""
+    eos = 9
+    tokens = torch.tensor([3, 4, eos, 5, 6, 7, 8, eos])
+    ds = DocumentSequences(tokens, torch.tensor([0, 3, 8]), torch.tensor([0, 1]), seq_len=5,
+                           pad_id=eos, ignore_index=-100)  # fmt: skip
+    assert ds[0]["input_ids"].tolist() == [3, 4, eos, eos, eos]
+    assert ds[0]["labels"].tolist() == [4, eos, -100, -100, -100]
+    assert ds[1]["labels"].tolist() == [6, 7, 8, eos, -100]
 
 
 def test_unpacked_split_needs_two_documents(tmp_path):

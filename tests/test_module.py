@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import lightning as L
 import pytest
 import torch
@@ -115,6 +117,16 @@ def test_checkpoint_excludes_teacher_and_resume_continues_the_trajectory(tmp_pat
     run(3, ckpt_dir=tmp_path / "b", save_teacher=True)
     ckpt = torch.load(tmp_path / "b" / "last.ckpt", weights_only=False)
     assert any(k.startswith("teacher.") for k in ckpt["state_dict"])
+
+    # load_from_checkpoint: the same arguments load silently, different ones warn by name.
+    student, teacher = make_models()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        DistillationModule.load_from_checkpoint(tmp_path / "a" / "last.ckpt", student=student,
+                                                teacher=teacher)  # fmt: skip
+    with pytest.warns(UserWarning, match=r"kd_ratio: saved 1\.0, now 0\.5.*not the teacher"):
+        DistillationModule.load_from_checkpoint(tmp_path / "a" / "last.ckpt", student=student,
+                                                teacher=teacher, kd_ratio=0.5)  # fmt: skip
 
 
 def test_factories_are_built_in_configure_model_and_teacher_checkpoint_is_loaded(tmp_path):

@@ -79,7 +79,8 @@ class DocumentSequences(Dataset):
         documents: [N] int64, the documents of this dataset (indices into ``offsets``).
         seq_len: S.
         pad_id: the PAD token id (fills input positions past the document).
-        ignore_index: the label where the target token is PAD.
+        ignore_index: the label of targets past the document. Masking is by position, not
+            by token id, so a tokenizer whose PAD falls back to EOS still trains on EOS.
     """
 
     def __init__(
@@ -110,7 +111,7 @@ class DocumentSequences(Dataset):
         window = torch.full((self.seq_len + 1,), self.pad_id, dtype=torch.long)
         window[: end - begin] = self.tokens[begin:end]
         labels = window[1:].clone()
-        labels[labels == self.pad_id] = self.ignore_index
+        labels[end - begin - 1 :] = self.ignore_index  # targets past the document's last token
         return {"input_ids": window[:-1], "labels": labels}
 
 
@@ -225,7 +226,7 @@ class TextDataModule(LightningDataModule):
 
     @property
     def vocab_size(self) -> int:
-        """The number of token ids (258), for sizing the models' embeddings."""
+        """The number of token ids (258 for the byte tokenizer), for sizing the embeddings."""
         return self._tokenizer.vocab_size
 
     # ------------------------------------------------------------------ cache
@@ -286,7 +287,8 @@ class TextDataModule(LightningDataModule):
     def prepare_data(self) -> None:
         """Tokenise the corpus and cache it under ``cache_dir``, unless already cached.
 
-        The cache holds ``tokens`` ([T] int16: every document followed by EOS) and
+        The cache holds ``tokens`` ([T] int16, or int32 for vocabularies over 32768: every
+        document followed by EOS) and
         ``offsets`` ([D + 1] int64 document boundaries). It is written to a temporary file and
         renamed, so concurrent writers and interrupted runs never leave a partial cache.
         Lightning calls this on one process per node.
