@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 
 from lightning_kd import DistillationModule, KDLoss
 from lightning_kd.callbacks import KLPlot, PerTokenKLMonitor, TopKLToken
-from lightning_kd.callbacks._common import DataParallel
+from lightning_kd.parallel.mesh import DataParallel
 from tests.distributed import run_workers
 from tests.scripts.callback_run import Uneven
 from tests.scripts.callback_run import run as callback_run

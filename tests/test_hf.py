@@ -16,8 +16,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from lightning_kd import DistillationModule, KDLoss
 from lightning_kd.data import TextDataModule
-from lightning_kd.hf import HFCausalLM
-from lightning_kd.module import logits_of
+from lightning_kd.models.hf import HFCausalLM
+from lightning_kd.training.distillation import logits_of
 from tests.test_module_distributed import assert_same_trajectory, fit
 
 

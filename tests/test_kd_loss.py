@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from lightning_kd import KDLoss, KDLossOutput
-from lightning_kd.chunked import divergence_over_rows
-from lightning_kd.divergence import ForwardKL, ReverseKL
-from lightning_kd.vocab_softmax import LocalVocabSoftmax
+from lightning_kd.losses.divergences import ForwardKL, ReverseKL
+from lightning_kd.losses.engine import divergence_over_rows
+from lightning_kd.losses.vocab_softmax import LocalVocabSoftmax
 from tests.reference import (
     kd_loss_reference,
     per_token_forward_kl,

@@ -11,8 +11,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_kd import DistillationModule, KDLoss, TinyLlama
-from lightning_kd.grad_clip import clip_grad_norm
-from lightning_kd.parallelize import tensor_parallel_plan
+from lightning_kd.parallel.grad_clip import clip_grad_norm
+from lightning_kd.parallel.plans import resolve_tensor_parallel_plan as tensor_parallel_plan
 from tests.scripts.fit_run import RandomTokens, make_models
 
 

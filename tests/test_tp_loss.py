@@ -17,11 +17,11 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_kd import KDLoss
-from lightning_kd.chunked import divergence_over_rows
-from lightning_kd.cross_entropy import token_cross_entropy
-from lightning_kd.divergence import ReverseKL
-from lightning_kd.tensor_parallel import VocabParallelSoftmax, find_vocab_tp_group
-from lightning_kd.vocab_softmax import LocalVocabSoftmax
+from lightning_kd.losses.cross_entropy import token_cross_entropy
+from lightning_kd.losses.divergences import ReverseKL
+from lightning_kd.losses.engine import divergence_over_rows
+from lightning_kd.losses.vocab_parallel import VocabParallelSoftmax, find_vocab_tp_group
+from lightning_kd.losses.vocab_softmax import LocalVocabSoftmax
 from tests.distributed import run_workers
 
 LEAD = (2, 6)  # [batch, seq]; 12 tokens

@@ -4,12 +4,14 @@ per-token KL that :class:`~lightning_kd.DistillationModule` returns from ``train
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import Any
 
-import torch.distributed as dist
 from lightning.pytorch import LightningModule
 from torch import Tensor
 from torch.distributed.tensor import DTensor
+
+from lightning_kd.parallel.mesh import DataParallel
+from lightning_kd.parallel.mesh import data_parallel as mesh_data_parallel
 
 
 def check_int(name: str, value: Any, minimum: int) -> int:
@@ -19,29 +21,10 @@ def check_int(name: str, value: Any, minimum: int) -> int:
     return value
 
 
-class DataParallel(NamedTuple):
-    """Where to reduce metrics: ``sync`` is False when there is nothing to reduce over."""
-
-    sync: bool
-    group: dist.ProcessGroup | None
-    rank: int
-    size: int
-
-
 def data_parallel(pl_module: LightningModule) -> DataParallel:
-    """The data-parallel group of ``pl_module``: its ``dp_group`` property when it has one
-    (tensor-parallel ranks hold identical values and must not be counted twice), else the
-    default world group in a distributed run, else none."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return DataParallel(False, None, 0, 1)
-    if hasattr(type(pl_module), "dp_group"):
-        group = pl_module.dp_group
-        if group is None:
-            return DataParallel(False, None, 0, 1)
-    else:
-        group = dist.group.WORLD
-    size = dist.get_world_size(group)
-    return DataParallel(size > 1, group, dist.get_rank(group), size)
+    """The data-parallel group of ``pl_module`` (see :mod:`lightning_kd.parallel.mesh`):
+    tensor-parallel ranks hold identical values and must not be counted twice."""
+    return mesh_data_parallel(pl_module.device_mesh)
 
 
 def local(tensor: Tensor) -> Tensor:

@@ -30,6 +30,7 @@ from lightning_kd.callbacks._common import (
     local,
     per_token_outputs,
 )
+from lightning_kd.training.lightning_private import logged_step
 
 log = logging.getLogger(__name__)
 
@@ -340,7 +341,7 @@ class PerTokenKLMonitor(Callback):
         if not trainer.is_global_zero:
             return
         # Lightning's own index for this batch, so the rows line up with the module's logs.
-        log_step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        log_step = logged_step(trainer)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=log_step)
         if not self.last_top_tokens:

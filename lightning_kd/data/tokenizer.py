@@ -92,11 +92,13 @@ class HFTokenizer:
     """
 
     def __init__(self, path: str) -> None:
-        from lightning_kd.hf import _local_dir, _transformers
+        from lightning_kd.models.hf.loading import local_directory, require_transformers
 
-        directory = _local_dir(path, "tokenizer path")
+        directory = local_directory(path, "tokenizer path")
         self.path = str(directory)
-        self._tok = _transformers().AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        self._tok = require_transformers().AutoTokenizer.from_pretrained(
+            directory, local_files_only=True
+        )
         if self._tok.eos_token_id is None:
             raise ValueError(f"the tokenizer at {path!r} has no EOS token; set eos_token.")
         vocab = sorted(self._tok.get_vocab().items())

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lightning_kd import DistillationModule, KDLoss, TinyLlama
 from lightning_kd.cli import shutdown_distributed
-from lightning_kd.module import logits_of
+from lightning_kd.training.distillation import logits_of
 
 VOCAB, SEQ, SAMPLES = 37, 12, 48
 
@@ -43,7 +43,7 @@ class RandomTokens(Dataset):
 
 def make_hf_models(family: str, teacher_vocab: int = VOCAB, seed: int = 0):
     """Tiny random Hugging Face models of ``family`` (llama, qwen2, ...), untied heads."""
-    from lightning_kd.hf import HFCausalLM
+    from lightning_kd.models.hf import HFCausalLM
 
     def config(hidden: int, layers: int, vocab: int) -> dict:
         return dict(model_type=family, vocab_size=vocab, hidden_size=hidden,

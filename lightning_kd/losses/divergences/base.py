@@ -1,12 +1,13 @@
-"""Per-chunk divergence math with analytic gradients.
+"""The divergence interface: one chunk of logit rows in, per-row values and gradient out.
 
 A :class:`Divergence` turns one chunk of student and teacher logit rows into a per-row value and,
 on request, the gradient of that value with respect to the temperature-scaled student logits
 ``z = s / T``. It writes the gradient into a buffer it is handed and uses at most one extra
 workspace of the same shape, which is what keeps the chunked engine
-(:mod:`lightning_kd.chunked`) bounded in memory. Softmaxes and row sums go through a
-vocabulary-softmax object (:mod:`lightning_kd.vocab_softmax`), so the same code serves a full
-vocabulary row and a tensor-parallel vocabulary shard.
+(:mod:`lightning_kd.losses.engine`) bounded in memory. Softmaxes and row sums go through a
+vocabulary-softmax object (:mod:`lightning_kd.losses.vocab_softmax`), so the same code serves a
+full vocabulary row and a tensor-parallel vocabulary shard. Each divergence lives in its own
+small file beside this one and holds only its chunk math.
 
 Conventions: ``P = softmax(t / T)`` (teacher), ``Q = softmax(s / T)`` (student); terms with
 zero probability contribute nothing, so vocabulary entries that are ``-inf`` in both logits
@@ -16,23 +17,12 @@ does that.
 
 from __future__ import annotations
 
-from typing import Protocol
-
-import torch
 from torch import Tensor
 
-
-class VocabSoftmax(Protocol):
-    """What a divergence needs from the vocabulary dimension (see ``vocab_softmax``)."""
-
-    def log_softmax(self, x: Tensor, temperature: float, out: Tensor) -> Tensor: ...
-
-    def softmax(self, x: Tensor, temperature: float, out: Tensor) -> Tensor: ...
-
-    def all_sum(self, partial: Tensor) -> Tensor: ...
+from lightning_kd.losses.vocab_softmax import VocabSoftmax
 
 
-def _row_sum_of_products(products: Tensor, weight: Tensor) -> Tensor:
+def row_sum_of_products(products: Tensor, weight: Tensor) -> Tensor:
     """Row sums of ``products = weight * x`` (computed in place by the caller), where an entry
     with ``weight == 0`` counts as 0 even if ``x`` was ``±inf`` (0·log 0 = 0). Any other NaN,
     e.g. from NaN or +inf logits, propagates. Rows that came out NaN are fixed in place and
@@ -77,37 +67,3 @@ class Divergence:
         need_grad: bool,
     ) -> Tensor:
         raise NotImplementedError
-
-
-class ForwardKL(Divergence):
-    """KL(P ‖ Q) = sum_v P (log P − log Q); gradient w.r.t. z = s / T is ``Q − P``."""
-
-    def chunk(self, student, teacher, temperature, vocab, work, grad, need_grad):
-        log_p = vocab.log_softmax(teacher, temperature, out=work)
-        log_q = vocab.log_softmax(student, temperature, out=grad)
-        delta = torch.sub(log_p, log_q, out=grad)  # log P − log Q
-        p = log_p.exp_()
-        value = vocab.all_sum(_row_sum_of_products(delta.mul_(p), p))
-        if need_grad:
-            vocab.softmax(student, temperature, out=grad).sub_(p)  # Q − P
-        return value
-
-
-class ReverseKL(Divergence):
-    """KL(Q ‖ P) = sum_v Q (log Q − log P); gradient w.r.t. z is ``Q (log Q − log P − KL)``.
-
-    Not used by :class:`~lightning_kd.KDLoss` today; it shows (and its tests check) that a
-    divergence whose gradient needs the reduced row value plugs into the same engine and the
-    same tensor-parallel softmax.
-    """
-
-    def chunk(self, student, teacher, temperature, vocab, work, grad, need_grad):
-        log_p = vocab.log_softmax(teacher, temperature, out=work)
-        log_q = vocab.log_softmax(student, temperature, out=grad)
-        delta = torch.sub(log_q, log_p, out=work)  # log Q − log P
-        q = log_q.exp_()
-        terms = delta.mul_(q)  # Q (log Q − log P), 0 where Q == 0
-        value = vocab.all_sum(_row_sum_of_products(terms, q))
-        if need_grad:
-            grad.mul_(-value.unsqueeze(1)).add_(terms)  # Q (log Q − log P − KL)
-        return value

@@ -4,7 +4,7 @@ The cross-entropy term of ``DistillationModule`` (``kd_ratio < 1``) and its vali
 perplexities need ``−log softmax(s)[label]`` per token. On plain logits that is
 ``F.cross_entropy``. On vocab-sharded logits (DTensor ``Shard(-1)``, or local shards with a
 group) it is computed here from the local shard, like KDLoss: the global log-normaliser from
-:class:`~lightning_kd.tensor_parallel.VocabParallelSoftmax`, the label's logit from the rank
+:class:`~lightning_kd.losses.vocab_parallel.VocabParallelSoftmax`, the label's logit from the rank
 that owns it (an all-reduce of per-token values), and an analytic backward
 ``softmax(s) − onehot(label)`` on the local shard with no communication. ``loss_parallel()`` is
 not used: its backward must run inside the context, which Lightning's training loop does not do.
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from lightning_kd.tensor_parallel import VocabParallelSoftmax, resolve_vocab_parallel
+from lightning_kd.losses.vocab_parallel import VocabParallelSoftmax, resolve_vocab_parallel
 
 
 def _shard_offset(local_vocab: int, group: dist.ProcessGroup, device: torch.device) -> int:

@@ -1,7 +1,7 @@
 """The chunked engine: a divergence over selected rows of ``[*, V]`` logits, bounded in memory.
 
-:func:`divergence_over_rows` runs a :class:`~lightning_kd.divergence.Divergence` over the rows
-(tokens) marked in a ``valid`` mask, in windows of at most ``chunk_size`` rows,
+:func:`divergence_over_rows` runs a :class:`~lightning_kd.losses.divergences.Divergence` over
+the rows (tokens) marked in a ``valid`` mask, in windows of at most ``chunk_size`` rows,
 inside one custom ``torch.autograd.Function``. The forward pass writes the analytic gradient of
 each chunk straight into one gradient buffer shaped like the student logits, so nothing of a
 chunk survives the chunk: peak memory is the gradient itself plus one or two ``[chunk, V]``
@@ -22,7 +22,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from lightning_kd.divergence import Divergence, VocabSoftmax
+from lightning_kd.losses.divergences import Divergence
+from lightning_kd.losses.vocab_softmax import VocabSoftmax
 
 
 def _as_rows(x: Tensor) -> Tensor | None:
@@ -186,7 +187,7 @@ def divergence_over_rows(
         student: [*, V] student logits (any strides); the only input that receives a gradient.
         teacher: [*, V] teacher logits, same shape; treated as a constant.
         valid: [*] bool, True for the rows (tokens) to include.
-        divergence: the per-chunk math (e.g. :class:`~lightning_kd.divergence.ForwardKL`).
+        divergence: the per-chunk math (e.g. :class:`~lightning_kd.losses.divergences.ForwardKL`).
         vocab: the vocabulary-softmax object (local, or a tensor-parallel shard).
         temperature: softmax temperature ``T`` (> 0).
         normaliser: the denominator (number of valid tokens, or ``num_batch_labels``).

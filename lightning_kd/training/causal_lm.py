@@ -20,9 +20,9 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_kd.cross_entropy import token_cross_entropy
-from lightning_kd.module import logits_of
-from lightning_kd.optim import build_optimizers, default_optimizer
+from lightning_kd.losses.cross_entropy import token_cross_entropy
+from lightning_kd.training.loss_terms import logits_of
+from lightning_kd.training.optim import build_optimizers, default_optimizer
 
 
 class CausalLMModule(LightningModule):

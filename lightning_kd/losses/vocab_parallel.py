@@ -4,10 +4,10 @@ Under tensor parallelism the lm_head is column-parallel, so logits arrive as DTe
 the vocabulary (last) dimension. Gathering them would cost a full ``[tokens, V]`` tensor per
 rank. Instead :class:`VocabParallelSoftmax` computes the global softmax from the local shard
 with two O(tokens) all-reduces (row maxima, then shifted exp-sums) and sums per-row partial
-results with a third, so the divergences of :mod:`lightning_kd.divergence` run unchanged on the
-shard. Their gradient w.r.t. the local student shard is the matching slice of the full
-gradient and needs no communication; nothing here goes through autograd-aware collectives or
-``loss_parallel()`` (both give wrong KD gradients; see the project's PITFALLS notes).
+results with a third, so the divergences of :mod:`lightning_kd.losses.divergences` run
+unchanged on the shard. Their gradient w.r.t. the local student shard is the matching slice of
+the full gradient and needs no communication; nothing here goes through autograd-aware
+collectives or ``loss_parallel()`` (both give wrong KD gradients; see the project's PITFALLS notes).
 
 :func:`resolve_vocab_parallel` is what ``KDLoss`` calls first: it validates DTensor inputs,
 infers the tensor-parallel group (:func:`find_vocab_tp_group`) and returns local tensors plus
@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from lightning_kd.vocab_softmax import LocalVocabSoftmax
+from lightning_kd.losses.vocab_softmax import LocalVocabSoftmax
 
 
 def _is_vocab_shard(placement: object, ndim: int) -> bool:

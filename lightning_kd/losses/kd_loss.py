@@ -2,8 +2,8 @@
 
 The public loss module. It validates its inputs, selects the valid tokens, picks the
 vocabulary-softmax (one process, or a tensor-parallel vocabulary shard) and hands the work to
-the chunked engine in :mod:`lightning_kd.chunked`. It imports nothing from Lightning so that it
-can be used in any PyTorch training loop.
+the chunked engine in :mod:`lightning_kd.losses.engine`. It imports nothing from Lightning so
+that it can be used in any PyTorch training loop.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from lightning_kd.chunked import divergence_over_rows
-from lightning_kd.divergence import ForwardKL
-from lightning_kd.tensor_parallel import VocabParallelSoftmax, resolve_vocab_parallel
+from lightning_kd.losses.divergences import ForwardKL
+from lightning_kd.losses.engine import divergence_over_rows
+from lightning_kd.losses.vocab_parallel import VocabParallelSoftmax, resolve_vocab_parallel
 
 
 class KDLossOutput(NamedTuple):

@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,29 +29,11 @@ from torch.distributed.tensor.parallel import (
     SequenceParallel,
 )
 
+from lightning_kd.models.hf.loading import local_directory, require_transformers
+
 #: Families whose decoder layers use q/k/v/o_proj attention and gate/up/down_proj MLPs.
 TP_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _transformers() -> Any:
-    try:
-        import transformers
-    except ImportError as error:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "Hugging Face models need the optional extra: pip install 'lightning_kd[hf]'."
-        ) from error
-    return transformers
-
-
-def _local_dir(path: str, what: str) -> Path:
-    directory = Path(path).expanduser()
-    if not directory.is_dir():
-        raise ValueError(
-            f"{what} {path!r} is not a local directory; lightning_kd loads Hugging Face "
-            "models and tokenizers from local paths only (nothing is downloaded)."
-        )
-    return directory
 
 
 class HFCausalLM(nn.Module):
@@ -84,10 +65,10 @@ class HFCausalLM(nn.Module):
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}.")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        transformers = _transformers()
+        transformers = require_transformers()
         self.pretrained_path = pretrained_path
         if pretrained_path is not None:
-            directory = _local_dir(pretrained_path, "pretrained_path")
+            directory = local_directory(pretrained_path, "pretrained_path")
             self.model = transformers.AutoModelForCausalLM.from_pretrained(
                 directory, dtype=_DTYPES[dtype], local_files_only=True,
                 attn_implementation=attn_implementation,
@@ -125,7 +106,7 @@ class HFCausalLM(nn.Module):
         if self.pretrained_path is None:
             return None
         try:
-            tokenizer = _transformers().AutoTokenizer.from_pretrained(
+            tokenizer = require_transformers().AutoTokenizer.from_pretrained(
                 self.pretrained_path, local_files_only=True
             )
         except (OSError, ValueError):

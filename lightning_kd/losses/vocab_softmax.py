@@ -1,17 +1,29 @@
 """Softmax over the vocabulary (last) dimension, written into caller-owned buffers.
 
-The divergences in :mod:`lightning_kd.divergence` never call ``torch.softmax`` directly: they ask a
-*vocabulary-softmax* object, so that the same per-chunk math runs on a full vocabulary row
-(:class:`LocalVocabSoftmax`, fused PyTorch kernels) and on one rank's slice of a vocabulary that
-is sharded across a tensor-parallel group (``lightning_kd.tensor_parallel``), where the
-normaliser needs collectives. Every method writes into ``out`` so that the chunked engine
-controls exactly which buffers exist.
+The divergences in :mod:`lightning_kd.losses.divergences` never call ``torch.softmax``
+directly: they ask a *vocabulary-softmax* object, so that the same per-chunk math runs on a full
+vocabulary row (:class:`LocalVocabSoftmax`, fused PyTorch kernels) and on one rank's slice of a
+vocabulary sharded across a tensor-parallel group (:mod:`lightning_kd.losses.vocab_parallel`),
+where the normaliser needs collectives. Every method writes into ``out`` so that the chunked
+engine controls exactly which buffers exist.
 """
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 from torch import Tensor
+
+
+class VocabSoftmax(Protocol):
+    """What a divergence needs from the vocabulary dimension (see ``vocab_softmax``)."""
+
+    def log_softmax(self, x: Tensor, temperature: float, out: Tensor) -> Tensor: ...
+
+    def softmax(self, x: Tensor, temperature: float, out: Tensor) -> Tensor: ...
+
+    def all_sum(self, partial: Tensor) -> Tensor: ...
 
 
 class LocalVocabSoftmax:

@@ -1,0 +1,72 @@
+"""FSDP2 (``fully_shard``) over the data-parallel mesh, with a precision policy from the trainer.
+
+Without a ``MixedPrecisionPolicy`` FSDP2 all-gathers parameters in their storage dtype, so a
+``bf16-mixed`` run would move fp32 weights and compute under autocast on them. The policy here
+gathers bf16 (or fp16) parameters and, for trainable models, reduce-scatters gradients in fp32
+(sums of many low-precision gradients lose bits).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from lightning_kd.models.contract import fsdp_units
+
+_MIXED = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+_KNOWN = {"32-true", "32", "64-true", "64", "bf16-true", "16-true", "bf16", "16", *_MIXED}
+
+
+def mixed_precision_policy(precision: str | int, trainable: bool) -> MixedPrecisionPolicy | None:
+    """The FSDP2 policy for Lightning's ``precision`` setting.
+
+    Args:
+        precision: the trainer's precision (``"bf16-mixed"``, ``"32-true"``, ...).
+        trainable: whether the model trains (its gradients are then reduced in fp32).
+
+    Returns:
+        For ``bf16-mixed`` / ``16-mixed``: parameters gathered in bf16 / fp16, gradients
+        reduced in fp32 when ``trainable``. For the ``-true`` precisions: None (parameters
+        already have the dtype to gather in).
+
+    Raises:
+        ValueError: for a precision Lightning's ModelParallelStrategy does not support.
+    """
+    precision = str(precision)
+    if precision not in _KNOWN:
+        raise ValueError(
+            f"unsupported precision {precision!r} for FSDP2; expected one of {sorted(_KNOWN)}."
+        )
+    dtype = _MIXED.get(precision)
+    if dtype is None:
+        return None
+    return MixedPrecisionPolicy(
+        param_dtype=dtype, reduce_dtype=torch.float32 if trainable else None
+    )
+
+
+def apply_fsdp(
+    model: nn.Module,
+    dp_mesh: DeviceMesh,
+    *,
+    reshard_after_forward: bool = True,
+    mp_policy: MixedPrecisionPolicy | None = None,
+) -> nn.Module:
+    """FSDP2 ``fully_shard`` of the model's ``fsdp_units()`` (if any), then of the root.
+
+    Args:
+        model: the model to shard in place.
+        dp_mesh: the 1-D data-parallel mesh.
+        reshard_after_forward: free gathered parameters after each forward (True for a
+            no-grad teacher, or its weights would stay gathered).
+        mp_policy: the precision policy (see :func:`mixed_precision_policy`).
+    """
+    kwargs = {"mesh": dp_mesh, "reshard_after_forward": reshard_after_forward}
+    if mp_policy is not None:
+        kwargs["mp_policy"] = mp_policy
+    for unit in fsdp_units(model):
+        fully_shard(unit, **kwargs)
+    fully_shard(model, **kwargs)
+    return model

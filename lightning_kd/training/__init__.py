@@ -1,0 +1,18 @@
+"""Lightning training: ``DistillationModule`` and the parts it composes, ``CausalLMModule``.
+
+- :mod:`~lightning_kd.training.distillation`: the module (steps, hooks, override points).
+- :mod:`~lightning_kd.training.teacher`: build, load and freeze the teacher.
+- :mod:`~lightning_kd.training.vocabulary`: padded-vocabulary reconciliation.
+- :mod:`~lightning_kd.training.token_window`: exact per-token normalisation of gradients.
+- :mod:`~lightning_kd.training.checkpoint_policy`: teacher-free checkpoints, recorded settings.
+- :mod:`~lightning_kd.training.eval_metrics`: validation/test token sums.
+- :mod:`~lightning_kd.training.optim`: optimizers built after parallelisation.
+- :mod:`~lightning_kd.training.lightning_private`: the one adapter over Lightning internals.
+"""
+
+from lightning_kd.training.causal_lm import CausalLMModule
+from lightning_kd.training.distillation import DistillationModule
+from lightning_kd.training.loss_terms import LossTerms, logits_of
+from lightning_kd.training.teacher import TeacherSource
+
+__all__ = ["CausalLMModule", "DistillationModule", "LossTerms", "TeacherSource", "logits_of"]

@@ -1,0 +1,412 @@
+"""``DistillationModule``: a frozen teacher and a trainable student in one LightningModule.
+
+The module composes small parts, each in its own file of :mod:`lightning_kd.training`:
+
+- :class:`~lightning_kd.training.teacher.TeacherSource` builds, loads and freezes the teacher;
+  :func:`~lightning_kd.training.vocabulary.reconcile_vocabularies` aligns padded vocabularies.
+- :mod:`lightning_kd.parallel` applies the TP plans and FSDP2 (with a precision policy from
+  the trainer) on the mesh of Lightning's ``ModelParallelStrategy`` and checks that the logits
+  are vocabulary-sharded DTensors under TP; under TP the logits go to the loss unsharded.
+- :class:`~lightning_kd.training.token_window.TokenWindow` makes the loss an exact per-token
+  mean over each accumulation window and all data-parallel ranks.
+- :func:`~lightning_kd.training.checkpoint_policy.teacher_free_checkpoints` keeps the teacher
+  out of checkpoints and records the run's settings.
+- :class:`~lightning_kd.training.eval_metrics.EvalSums` turns validation/test batches into
+  per-token metrics computed with the training objective (:meth:`compute_loss`).
+
+Override points for subclasses: :meth:`run_student`, :meth:`run_teacher`,
+:meth:`compute_loss`, :meth:`tensor_parallel_plan`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import ParallelStyle
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from lightning_kd.losses.cross_entropy import token_cross_entropy
+from lightning_kd.losses.kd_loss import KDLoss
+from lightning_kd.parallel.fsdp import apply_fsdp, mixed_precision_policy
+from lightning_kd.parallel.grad_clip import clip_grad_norm
+from lightning_kd.parallel.mesh import (
+    DP_DIM,
+    TP_DIM,
+    data_parallel,
+    data_parallel_group,
+    tensor_parallel_size,
+)
+from lightning_kd.parallel.plans import (
+    apply_tensor_parallel,
+    check_vocab_parallel_logits,
+    resolve_tensor_parallel_plan,
+)
+from lightning_kd.training.checkpoint_policy import (
+    check_settings,
+    record_settings,
+    teacher_free_checkpoints,
+)
+from lightning_kd.training.eval_metrics import EvalSums
+from lightning_kd.training.loss_terms import LossTerms, find_logits, logits_of
+from lightning_kd.training.optim import build_optimizers, default_optimizer
+from lightning_kd.training.teacher import ModelOrFactory, TeacherSource, build_model, freeze
+from lightning_kd.training.token_window import TokenWindow
+from lightning_kd.training.vocabulary import reconcile_vocabularies
+
+__all__ = ["DistillationModule", "LossTerms", "logits_of"]
+
+
+class DistillationModule(LightningModule):
+    """Distil a frozen teacher into a trainable student.
+
+    Batches are dicts with ``input_ids`` [B, S] int64 and ``labels`` [B, S] int64, where
+    ``labels[b, t]`` is the target for position t (already shifted) or ``ignore_index``.
+
+    Args:
+        student: the model to train, or a zero-argument factory that builds it (called in
+            ``configure_model``, so the CLI does not materialise it early).
+        teacher: the frozen teacher, or a factory. Its parameters never require grad, it
+            stays in eval mode, runs under no-grad and is never given to the optimizer.
+        loss: the distillation loss; default ``KDLoss()``. Its ``ignore_index`` is also used
+            for the cross-entropy term and token counting.
+        kd_ratio: weight of the KD term: ``loss = (1 − kd_ratio)·CE + kd_ratio·KD``; 1.0 is
+            pure distillation, 0.0 trains on labels alone (the baseline).
+        optimizer: builds the optimizer from :meth:`trainable_parameters`, in
+            ``configure_optimizers`` (after parallelisation); default AdamW(lr=1e-3).
+        lr_scheduler: optional, builds a scheduler from the optimizer (stepped per step).
+        teacher_checkpoint: path to the teacher's weights (a ``state_dict`` file, or a
+            checkpoint dict with a ``state_dict`` entry), loaded before parallelisation.
+        teacher_checkpoint_prefix: key prefix to strip from that state dict (e.g. ``"model."``
+            for a Lightning checkpoint of a module that stored the model as ``self.model``).
+        save_teacher: keep the teacher's weights in checkpoints (default False: the teacher
+            is rebuilt from its own source on resume).
+        student_tp_plan: explicit TP plan for the student; default the model's own
+            ``tensor_parallel_plan(tp_size)``. A tied lm_head is untied (or refused) whatever
+            the plan's source.
+        teacher_tp_plan: likewise for the teacher.
+        shared_vocab_size: distil over the first ``shared_vocab_size`` vocabulary entries
+            when the two lm_heads have different widths (padded vocabularies). Default: the
+            size of the tokenizer the models carry (``HFCausalLM`` from a local directory
+            with a tokenizer; when both carry one they must be the same). Tokenizers that
+            differ are refused before training.
+
+    Raises:
+        ValueError: for a ``kd_ratio`` outside [0, 1], a missing teacher checkpoint or a
+            non-positive ``shared_vocab_size``.
+    """
+
+    def __init__(
+        self,
+        student: ModelOrFactory,
+        teacher: ModelOrFactory,
+        loss: KDLoss | None = None,
+        kd_ratio: float = 1.0,
+        optimizer: OptimizerCallable = default_optimizer,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        teacher_checkpoint: str | None = None,
+        teacher_checkpoint_prefix: str = "",
+        save_teacher: bool = False,
+        student_tp_plan: dict[str, ParallelStyle] | None = None,
+        teacher_tp_plan: dict[str, ParallelStyle] | None = None,
+        shared_vocab_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        if not (0.0 <= kd_ratio <= 1.0):
+            raise ValueError(f"kd_ratio must be in [0, 1], got {kd_ratio!r}.")
+        if shared_vocab_size is not None and shared_vocab_size < 1:
+            raise ValueError(f"shared_vocab_size must be >= 1, got {shared_vocab_size!r}.")
+        self.teacher_source = TeacherSource(teacher, teacher_checkpoint, teacher_checkpoint_prefix)
+        self.kd_loss = loss if loss is not None else KDLoss()
+        self.kd_ratio = float(kd_ratio)
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.save_teacher = save_teacher
+        self.shared_vocab_size = shared_vocab_size
+        self._plans = {"student": student_tp_plan, "teacher": teacher_tp_plan}
+        self._student_factory = None if isinstance(student, nn.Module) else student
+        self.student = student if isinstance(student, nn.Module) else None
+        self.teacher = teacher if isinstance(teacher, nn.Module) else None
+        if self.teacher is not None:
+            freeze(self.teacher)
+        self._prepared = False  # built, teacher weights loaded, vocabularies reconciled
+        self._parallelized = False
+        self._window = TokenWindow()
+        self._eval = EvalSums()
+        self._step_start: float | None = None
+        teacher_free_checkpoints(self, "teacher")
+
+    @property
+    def teacher_checkpoint(self) -> str | None:
+        return self.teacher_source.checkpoint
+
+    @property
+    def teacher_checkpoint_prefix(self) -> str:
+        return self.teacher_source.checkpoint_prefix
+
+    # ------------------------------------------------------------------ model setup
+    def tensor_parallel_plan(self, model: nn.Module, role: str, tp_size: int) -> dict:
+        """The TP plan for ``model`` (``role`` is ``"student"`` or ``"teacher"``). Default: the
+        plan given to the constructor, else the model's own ``tensor_parallel_plan(tp_size)``.
+        Override to plug in models that carry no plan."""
+        return resolve_tensor_parallel_plan(model, tp_size, self._plans[role])
+
+    @override
+    def configure_model(self) -> None:
+        """Build the models, load teacher weights, reconcile vocabularies, then apply TP and
+        FSDP2 on the device mesh. Idempotent: Lightning may call it more than once (e.g.
+        ``load_from_checkpoint``, or ``fit`` followed by ``validate``).
+
+        ``DistillationModule.load_from_checkpoint(path, **kwargs)`` needs the constructor
+        arguments passed again (models, ``teacher_checkpoint``, loss, ...): the checkpoint
+        holds weights and loop state, not the configuration, and a load into a differently
+        configured module warns (see :meth:`on_load_checkpoint`).
+        """
+        if self.student is None:
+            self.student = build_model(self._student_factory, "student")
+        if not self._prepared:  # once, mesh or not: a second load would hit a restricted head
+            self.teacher = self.teacher_source.build()
+            reconcile_vocabularies(self.student, self.teacher, self.shared_vocab_size)
+            self._prepared = True
+        freeze(self.teacher)  # also covers modules restrict_vocab created
+        mesh = self.device_mesh
+        if mesh is None or self._parallelized:
+            return
+        tp_mesh, dp_mesh = mesh[TP_DIM], mesh[DP_DIM]
+        precision = self.trainer.precision
+        for role in ("teacher", "student"):
+            model = getattr(self, role)
+            if tp_mesh.size() > 1:
+                plan = self.tensor_parallel_plan(model, role, tp_mesh.size())
+                apply_tensor_parallel(model, tp_mesh, plan)
+            if dp_mesh.size() > 1:
+                policy = mixed_precision_policy(precision, trainable=role == "student")
+                apply_fsdp(model, dp_mesh, reshard_after_forward=True, mp_policy=policy)
+        if dp_mesh.size() > 1:
+            # Trainable modules a subclass adds must stay in sync across replicas too.
+            policy = mixed_precision_policy(precision, trainable=True)
+            for extra in self._extra_trainable_modules():
+                apply_fsdp(extra, dp_mesh, mp_policy=policy)
+        freeze(self.teacher)
+        self._parallelized = True
+
+    @override
+    def train(self, mode: bool = True) -> DistillationModule:
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Every parameter that requires grad outside the teacher: the student's, plus those of
+        modules a subclass adds (e.g. a projection for a hidden-state loss)."""
+        return [
+            p for name, p in self.named_parameters()
+            if p.requires_grad and not name.startswith("teacher.")
+        ]  # fmt: skip
+
+    def _extra_trainable_modules(self) -> list[nn.Module]:
+        skip = {id(self.student), id(self.teacher), id(self.kd_loss)}
+        return [
+            m for m in self.children()
+            if id(m) not in skip and any(p.requires_grad for p in m.parameters())
+        ]  # fmt: skip
+
+    @override
+    def configure_optimizers(self) -> Any:
+        return build_optimizers(
+            self.trainable_parameters(), self.optimizer_factory, self.lr_scheduler_factory
+        )
+
+    # ------------------------------------------------------------------ checkpoints
+    def _settings(self) -> dict[str, Any]:
+        """The run's configuration that a checkpoint records and a load checks."""
+        return {
+            "kd_ratio": self.kd_ratio,
+            **self.teacher_source.settings(),
+            "shared_vocab_size": self.shared_vocab_size,
+            "temperature": getattr(self.kd_loss, "temperature", None),
+            "ignore_index": getattr(self.kd_loss, "ignore_index", None),
+        }
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        record_settings(checkpoint, self._settings())
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Warn when the module being loaded into is configured unlike the one that saved."""
+        check_settings(checkpoint, self._settings(), teacher_saved=self.save_teacher)
+
+    # ------------------------------------------------------------------ groups
+    @property
+    def dp_group(self) -> dist.ProcessGroup | None:
+        """The data-parallel process group (None without a mesh outside distributed runs)."""
+        return data_parallel_group(self.device_mesh)
+
+    # ------------------------------------------------------------------ override points
+    def run_student(self, batch: Mapping[str, Tensor]) -> Any:
+        """The student's output on ``batch`` (logits [B, S, V] or an object with ``.logits``)."""
+        return self.student(batch["input_ids"])
+
+    def run_teacher(self, batch: Mapping[str, Tensor]) -> Any:
+        """The teacher's output on ``batch``; called under ``torch.no_grad()``."""
+        return self.teacher(batch["input_ids"])
+
+    def compute_loss(
+        self, student_output: Any, teacher_output: Any, batch: Mapping[str, Tensor]
+    ) -> LossTerms:
+        """Per-token mean losses of one micro-batch from the two models' outputs; the one
+        objective of training, validation and test.
+
+        Subclasses that add terms should return per-token means too (the module turns them
+        into sums over the accumulation window).
+        """
+        labels = batch["labels"]
+        student_logits, teacher_logits = logits_of(student_output), logits_of(teacher_output)
+        kd = self.kd_loss(student_logits, teacher_logits, labels, return_per_token=True)
+        tokens = max(int(kd.valid_mask.sum()), 1)
+        ce = torch.zeros((), device=kd.loss.device)
+        if self.kd_ratio < 1.0:
+            ce = token_cross_entropy(student_logits, labels, self.kd_loss.ignore_index) / tokens
+        loss = self.kd_ratio * kd.loss + (1.0 - self.kd_ratio) * ce
+        return LossTerms(loss, kd.loss, ce, kd.per_token_kl, kd.valid_mask)
+
+    # ------------------------------------------------------------------ steps
+    def _forward_both(self, batch: Mapping[str, Tensor]) -> tuple[Any, Any]:
+        with torch.no_grad():
+            teacher_output = self.run_teacher(batch)
+        student_output = self.run_student(batch)
+        tp_size = tensor_parallel_size(self.device_mesh)
+        tp_group = getattr(self.kd_loss, "tp_group", None)
+        for role, output in (("student", student_output), ("teacher", teacher_output)):
+            logits = find_logits(output)
+            if logits is not None:
+                check_vocab_parallel_logits(logits, getattr(self, role), role, tp_size, tp_group)
+        return student_output, teacher_output
+
+    def _log_scalar(self, name: str, value: Tensor, **kwargs: Any) -> None:
+        if isinstance(value, DTensor):
+            value = value.full_tensor()
+        self.log(name, value.detach().float(), sync_dist_group=self.dp_group, **kwargs)
+
+    @override
+    def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> dict[str, Any]:
+        if self._step_start is None:
+            self._step_start = time.perf_counter()
+        terms = self.compute_loss(*self._forward_both(batch), batch)
+        tokens = int(terms.valid_mask.sum())
+        self._window.add(tokens)
+        dp_sync = data_parallel(self.device_mesh).sync
+        for name, value in (
+            ("train/loss", terms.loss),
+            ("train/kd_loss", terms.kd_loss),
+            ("train/ce_loss", terms.ce_loss),
+        ):
+            self._log_scalar(name, value, prog_bar=name == "train/kd_loss", sync_dist=dp_sync)
+        return {
+            # Token sum: the window normalisation happens in on_before_optimizer_step.
+            "loss": terms.loss * tokens,
+            "per_token_kl": terms.per_token_kl,
+            "valid_mask": terms.valid_mask,
+        }
+
+    @override
+    def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
+        """Turn accumulated token sums into the per-token mean over the whole window and all
+        data-parallel ranks (see :mod:`lightning_kd.training.token_window`), and log tokens
+        per second."""
+        scale, window = self._window.close(
+            self.trainer.accumulate_grad_batches, self.dp_group, self.device
+        )
+        for p in self.trainable_parameters():
+            if p.grad is not None:
+                p.grad.mul_(scale)
+        if self._step_start is not None:
+            elapsed = max(time.perf_counter() - self._step_start, 1e-9)
+            self.log("train/tokens_per_sec", window / elapsed, prog_bar=True)
+        self._step_start = None
+
+    @override
+    def configure_gradient_clipping(
+        self,
+        optimizer: Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Clipping that works with DTensor parameters on several meshes (Lightning's default
+        ``clip_grad_norm_`` crashes on them)."""
+        if not gradient_clip_val:
+            return
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if gradient_clip_algorithm in (None, "norm"):
+            norm = clip_grad_norm(params, gradient_clip_val)
+            self.log("train/grad_norm", norm)
+        elif gradient_clip_algorithm == "value":
+            for p in params:
+                if p.grad is not None:
+                    p.grad.clamp_(-gradient_clip_val, gradient_clip_val)
+        else:
+            raise ValueError(
+                "gradient_clip_algorithm must be 'norm' or 'value', got "
+                f"{gradient_clip_algorithm!r}."
+            )
+
+    # ------------------------------------------------------------------ evaluation
+    def _eval_step(self, batch: Mapping[str, Tensor]) -> None:
+        """One evaluation batch: the training objective plus both models' cross-entropy."""
+        student_output, teacher_output = self._forward_both(batch)
+        terms = self.compute_loss(student_output, teacher_output, batch)
+        labels, ignore = batch["labels"], self.kd_loss.ignore_index
+        self._eval.add(
+            _plain(terms.loss),
+            _plain(terms.kd_loss),
+            _plain(token_cross_entropy(logits_of(student_output), labels, ignore)),
+            _plain(token_cross_entropy(logits_of(teacher_output), labels, ignore)),
+            int(terms.valid_mask.sum()),
+        )
+
+    def _log_eval_epoch(self, prefix: str) -> None:
+        """Log per-token means over the epoch and all data-parallel ranks (every rank calls
+        the reduction, with or without batches)."""
+        for name, value in self._eval.compute(self.dp_group, self.device).items():
+            self.log(f"{prefix}/{name}", value, prog_bar=name == "kd_loss")
+
+    @override
+    def on_validation_epoch_start(self) -> None:
+        self._eval = EvalSums()
+
+    @override
+    def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    @override
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval_epoch("val")
+
+    @override
+    def on_test_epoch_start(self) -> None:
+        self._eval = EvalSums()
+
+    @override
+    def test_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    @override
+    def on_test_epoch_end(self) -> None:
+        self._log_eval_epoch("test")
+
+
+def _plain(value: Tensor) -> Tensor:
+    """A detached plain tensor (DTensor scalars gathered)."""
+    if isinstance(value, DTensor):
+        value = value.full_tensor()
+    return value.detach()

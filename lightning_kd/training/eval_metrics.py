@@ -1,0 +1,66 @@
+"""Validation and test metrics of a distillation run: token sums over an epoch, reduced over the
+data-parallel ranks at its end.
+
+Per-token means are ``Σ value / Σ tokens`` over every batch of every data-parallel rank (not a
+mean of batch means). The reduction is a collective, so every rank takes part, including a rank
+that saw no batch (its sums are zeros): a rank that returned early would leave the others
+waiting forever.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from lightning_kd.parallel.mesh import dp_sum
+
+#: The summed quantities, in order: the training objective, the divergence, the student's and
+#: the teacher's cross-entropy on the labels, and the valid tokens.
+FIELDS = ("loss", "kd_loss", "student_ce", "teacher_ce", "tokens")
+
+
+class EvalSums:
+    """Accumulates token sums of the evaluation metrics for one epoch."""
+
+    def __init__(self) -> None:
+        self.sums = torch.zeros(len(FIELDS), dtype=torch.float64)
+        self.batches = 0
+
+    def add(
+        self, loss: Tensor, kd_loss: Tensor, student_ce: Tensor, teacher_ce: Tensor, tokens: int
+    ) -> None:
+        """Add one batch: per-token means ``loss`` and ``kd_loss``, cross-entropy *sums*
+        ``student_ce`` and ``teacher_ce``, and its number of valid tokens."""
+        values = [
+            float(loss) * tokens,
+            float(kd_loss) * tokens,
+            float(student_ce),
+            float(teacher_ce),
+            float(tokens),
+        ]
+        self.sums += torch.tensor(values, dtype=torch.float64)
+        self.batches += 1
+
+    def compute(self, group: dist.ProcessGroup | None, device: torch.device) -> dict[str, float]:
+        """Per-token means over the epoch and all data-parallel ranks, then reset.
+
+        Every rank of ``group`` must call it, with or without batches.
+
+        Returns:
+            ``loss``, ``kd_loss``, ``student_ce``, ``teacher_ce``, ``student_ppl`` and
+            ``teacher_ppl`` (perplexities capped at ``e^50``); empty when no rank saw a token.
+        """
+        # float64 on the wire: gloo and NCCL both reduce it, and sums of many tokens keep bits.
+        total = dp_sum(self.sums, group, device).cpu().tolist()
+        self.__init__()
+        sums = dict(zip(FIELDS, total, strict=True))
+        tokens = sums.pop("tokens")
+        if tokens <= 0:
+            return {}
+        means = {name: value / tokens for name, value in sums.items()}
+        means["student_ppl"] = math.exp(min(means["student_ce"], 50.0))
+        means["teacher_ppl"] = math.exp(min(means["teacher_ce"], 50.0))
+        return means
