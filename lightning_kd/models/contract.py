@@ -14,8 +14,8 @@ scattering ``getattr`` probes:
 - :class:`SupportsUntiedHead`: ``untie_lm_head()`` gives a tied lm_head its own weight, which
   tensor parallelism needs (a vocab-sharded head cannot share a replicated embedding).
 
-:class:`~lightning_kd.TinyLlama` and :class:`~lightning_kd.models.hf.HFCausalLM` implement all
-of them.
+:class:`~lightning_kd.models.hf.HFCausalLM` implements all of them; :class:`~lightning_kd.TinyLlama`
+all but :class:`SupportsUntiedHead` (a tied TinyLlama is refused under tensor parallelism).
 """
 
 from __future__ import annotations

@@ -200,6 +200,32 @@ class TinyLlama(nn.Module):
         plan["lm_head"] = ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)
         return plan
 
+    def tokenizer_vocab(self) -> None:
+        """TinyLlama carries no tokenizer (the data module owns it)."""
+        return None
+
+    def restrict_vocab(self, size: int) -> None:
+        """Keep the first ``size`` rows of the embedding and the lm_head (drop padding rows).
+
+        Raises:
+            ValueError: when ``size`` is not in [1, vocab_size].
+        """
+        if not 1 <= size <= self.vocab_size:
+            raise ValueError(f"cannot restrict vocab {self.vocab_size} to {size}.")
+        if size == self.vocab_size:
+            return
+        embed = nn.Embedding(size, self.embed.embedding_dim)
+        embed.weight = nn.Parameter(self.embed.weight.detach()[:size].clone())
+        self.embed = embed
+        if self.tie_embeddings:
+            self.lm_head = nn.Linear(self.embed.embedding_dim, size, bias=False)
+            self.lm_head.weight = self.embed.weight
+        else:
+            head = nn.Linear(self.lm_head.in_features, size, bias=False)
+            head.weight = nn.Parameter(self.lm_head.weight.detach()[:size].clone())
+            self.lm_head = head
+        self.vocab_size = size
+
     def fsdp_units(self) -> list[nn.Module]:
         """Submodules to wrap with FSDP2 ``fully_shard`` before the root (one per block)."""
         return list(self.layers)

@@ -377,8 +377,11 @@ class DistillationModule(LightningModule):
     def _log_eval_epoch(self, prefix: str) -> None:
         """Log per-token means over the epoch and all data-parallel ranks (every rank calls
         the reduction, with or without batches)."""
-        for name, value in self._eval.compute(self.dp_group, self.device).items():
-            self.log(f"{prefix}/{name}", value, prog_bar=name == "kd_loss")
+        group = self.dp_group
+        for name, value in self._eval.compute(group, self.device).items():
+            # Already reduced: the sync only tells Lightning so (the mean of equal values).
+            self.log(f"{prefix}/{name}", value, prog_bar=name == "kd_loss",
+                     sync_dist=group is not None, sync_dist_group=group)  # fmt: skip
 
     @override
     def on_validation_epoch_start(self) -> None:

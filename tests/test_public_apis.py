@@ -1,0 +1,84 @@
+"""lightning_kd reads no private attribute of torch, Lightning or transformers outside the one
+adapter (``lightning_kd/training/lightning_private.py``), and no module imports another
+module's private names.
+
+``self._x`` counts as ours only when some lightning_kd source defines ``_x`` (assigns it or
+defines a method or class attribute of that name); inherited private attributes such as
+LightningModule's ``self._trainer`` or nn.Module's ``self._register_state_dict_hook`` are
+flagged like any other private access.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "lightning_kd"
+ADAPTER = PACKAGE / "training" / "lightning_private.py"
+# Public API despite the underscore (namedtuple methods).
+PUBLIC = {"_asdict", "_replace", "_fields", "_make"}
+
+
+def _is_private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__") and name not in PUBLIC
+
+
+def _root_name(node: ast.AST) -> str | None:
+    while isinstance(node, ast.Attribute | ast.Subscript | ast.Call):
+        node = node.func if isinstance(node, ast.Call) else node.value
+    return node.id if isinstance(node, ast.Name) else None
+
+
+def _defined_names(trees: list[ast.AST]) -> set[str]:
+    """Private names lightning_kd itself defines: ``self._x = ...``, ``def _x``, ``_x = ...``."""
+    names = set()
+    for tree in trees:
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                names.add(node.name)
+            elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+                names.add(node.attr)
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                names.add(node.id)
+            elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                names.add(node.target.id)
+    return {n for n in names if _is_private(n)}
+
+
+def private_uses(tree: ast.AST, own: set[str], where: str) -> list[str]:
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and _is_private(node.attr):
+            root = _root_name(node.value)
+            if root not in ("self", "cls") or node.attr not in own:
+                found.append(f"{where}:{node.lineno} .{node.attr}")
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("lightning_kd"):
+            found += [f"{where}:{node.lineno} import {a.name}" for a in node.names
+                      if _is_private(a.name)]  # fmt: skip
+    return found
+
+
+def test_no_private_attribute_or_import_outside_the_adapter():
+    files = sorted(PACKAGE.rglob("*.py"))
+    trees = {p: ast.parse(p.read_text(), filename=str(p)) for p in files}
+    own = _defined_names(list(trees.values()))
+    uses = [
+        use
+        for path, tree in trees.items()
+        if path != ADAPTER
+        for use in private_uses(tree, own, str(path.relative_to(PACKAGE)))
+    ]
+    assert uses == [], "private APIs used outside lightning_private.py:\n" + "\n".join(uses)
+
+
+def test_the_checker_finds_private_uses():
+    source = (
+        "from lightning_kd.x import _hidden\n"
+        "class M:\n"
+        "    def f(self, trainer):\n"
+        "        self._mine = 1\n"
+        "        return trainer.fit_loop._x, self._trainer, self._mine, self.__dict__\n"
+    )
+    tree = ast.parse(source)
+    uses = private_uses(tree, _defined_names([tree]), "probe.py")
+    assert uses == ["probe.py:1 import _hidden", "probe.py:5 ._x", "probe.py:5 ._trainer"]
