@@ -2,4 +2,4 @@
 
 from lightning_kd.cli import main
 
-main()
+raise SystemExit(main())

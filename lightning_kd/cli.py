@@ -14,6 +14,8 @@ arguments instead (``model.init_args.optimizer``), built in ``configure_optimize
 
 from __future__ import annotations
 
+import sys
+
 import torch.distributed as dist
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
@@ -43,12 +45,20 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
-def main(args: list[str] | None = None) -> KDLightningCLI:
-    """Entry point of the ``lightning-kd`` console script."""
-    cli = KDLightningCLI(args=args)
+def main(args: list[str] | None = None) -> int:
+    """Entry point of ``lightning-kd`` and ``python -m lightning_kd``: the exit status.
+
+    Returns 0 after a successful run. A failure never returns: bad arguments exit with
+    jsonargparse's non-zero status (``SystemExit``), and an error in the run propagates as its
+    exception (exit status 1). The installed console script calls ``sys.exit(main())``, so the
+    return value must be an exit status, not the CLI object (which ``sys.exit`` would print and
+    turn into status 1). For the trainer, model and datamodule, build the CLI yourself:
+    ``KDLightningCLI(args=[...], run=False)``.
+    """
+    KDLightningCLI(args=args)
     shutdown_distributed()  # only after success: a failed rank must not wait in a barrier
-    return cli
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

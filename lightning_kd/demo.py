@@ -9,7 +9,10 @@
    measured, whichever student comes out ahead.
 
 Every stage runs through the ``lightning-kd`` CLI with the shipped configs, so the demo also
-proves them. Run from the repository root: ``python -m lightning_kd.demo [--fast]``.
+proves them. The configs ship inside the package (``lightning_kd/configs``, which the repository's
+``configs/`` links to) and are found with :mod:`importlib.resources`, so the demo runs from any
+working directory after a plain ``pip install``: ``python -m lightning_kd.demo [--fast]``. It
+writes ``runs/`` and ``.cache/`` under the current directory.
 """
 
 from __future__ import annotations
@@ -20,17 +23,38 @@ import math
 import shutil
 import sys
 import time
+from importlib import resources
 from pathlib import Path
 
 from lightning_kd.cli import KDLightningCLI
 
-TEACHER_CONFIG = Path("configs/teacher.yaml")
+#: The shipped configs, inside the installed package (a real directory: the configs include
+#: each other by relative path, so they are read in place, not extracted one by one).
+CONFIGS = resources.files("lightning_kd") / "configs"
+TEACHER_CONFIG = "teacher.yaml"
+STUDENT_CONFIG = "quickstart.yaml"
+#: Everything that defines the teacher: a cached checkpoint is reused only if none changed.
+TEACHER_FILES = (TEACHER_CONFIG, "models/demo_teacher.yaml")
 TEACHER_CKPT = Path("runs/teacher/checkpoints/last.ckpt")
 TEACHER_STAMP = TEACHER_CKPT.with_suffix(".config-sha256")
 
 
+def config_path(name: str) -> str:
+    """The path of the shipped config ``name`` (e.g. ``"quickstart.yaml"``)."""
+    path = CONFIGS / name
+    if not isinstance(path, Path) or not path.is_file():
+        raise FileNotFoundError(
+            f"shipped config {name!r} not found as a file at {path}: lightning_kd must be "
+            "installed as a directory (not zipped) with its package data (lightning_kd/configs)."
+        )
+    return str(path)
+
+
 def _config_digest() -> str:
-    return hashlib.sha256(TEACHER_CONFIG.read_bytes()).hexdigest()
+    digest = hashlib.sha256()
+    for name in TEACHER_FILES:
+        digest.update(name.encode() + b"\0" + Path(config_path(name)).read_bytes() + b"\0")
+    return digest.hexdigest()
 
 
 def _cached_teacher_ok() -> bool:
@@ -82,17 +106,17 @@ def main(argv: list[str] | None = None) -> int:
         print("== 1/3 training the teacher (configs/teacher.yaml)", flush=True)
         if TEACHER_CKPT.parent.exists():
             shutil.rmtree(TEACHER_CKPT.parent)
-        _fit_and_validate(str(TEACHER_CONFIG), *short, save_to=TEACHER_CKPT)
+        _fit_and_validate(config_path(TEACHER_CONFIG), *short, save_to=TEACHER_CKPT)
         if not args.fast:  # a smoke-run teacher is never reused
             TEACHER_STAMP.write_text(_config_digest())
     else:
         print(f"== 1/3 reusing the cached teacher {TEACHER_CKPT}", flush=True)
 
     print("== 2/3 distilling into the student (configs/quickstart.yaml)", flush=True)
-    kd = _fit_and_validate("configs/quickstart.yaml", *short, run_dir="runs/demo_kd")
+    kd = _fit_and_validate(config_path(STUDENT_CONFIG), *short, run_dir="runs/demo_kd")
     print("== 3/3 training the same student on labels only (kd_ratio=0)", flush=True)
     baseline = _fit_and_validate(
-        "configs/quickstart.yaml",
+        config_path(STUDENT_CONFIG),
         "--model.init_args.kd_ratio",
         "0.0",
         "--trainer.callbacks",

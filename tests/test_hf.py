@@ -4,6 +4,7 @@ saved to temporary directories; nothing is downloaded)."""
 from __future__ import annotations
 
 import math
+from fnmatch import fnmatchcase
 
 import pytest
 import torch
@@ -11,12 +12,21 @@ import torch
 pytest.importorskip("transformers")
 
 from tokenizers import Tokenizer, models, pre_tokenizers
+from torch import nn
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    ParallelStyle,
+    RowwiseParallel,
+    SequenceParallel,
+)
 from torch.utils.data import DataLoader
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from lightning_kd import DistillationModule, KDLoss
 from lightning_kd.data import TextDataModule
 from lightning_kd.models.hf import HFCausalLM
+from lightning_kd.parallel.plans import untie_planned_weights
 from lightning_kd.training.distillation import logits_of
 from tests.test_module_distributed import assert_same_trajectory, fit
 
@@ -38,7 +48,9 @@ def _save_tokenizer(directory, words: list[str]) -> None:
     tokenizer.save_pretrained(directory)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+# olmo2 is outside the families the plan was once hard-coded for: its config's plan gathers
+# the q/k/v outputs (colwise_gather_output) and splits the o_proj input (rowwise_split_input).
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "olmo2"])
 def test_tp2_matches_single_process(tmp_path, family):
     single = fit(tmp_path, f"{family}1", "--family", family)
     tp2 = fit(tmp_path, f"{family}2", "--family", family, "--devices", "2", "--tp", "2")
@@ -71,22 +83,143 @@ def test_local_checkpoint_reproduces_logits_and_offline_errors(tmp_path):
         HFCausalLM(config={"vocab_size": 10})
 
 
-def test_tp_plan_selection():
-    llama = HFCausalLM(config=_config(40))
-    plan = llama.tensor_parallel_plan(2)
-    assert "model.lm_head" in plan and "model.model.layers.1.mlp.down_proj" in plan
-    for family in ("qwen3", "mistral"):
-        assert HFCausalLM(config=_config(40, model_type=family)).tensor_parallel_plan(2)
+def _megatron_plan(model: HFCausalLM) -> dict[str, ParallelStyle]:
+    """The plan HFCausalLM hard-coded for llama/mistral/qwen2/qwen3 before it read the config's."""
+    plan: dict[str, ParallelStyle] = {}
+    for i, layer in enumerate(model.model.model.layers):
+        prefix = f"model.model.layers.{i}"
+        for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                     "mlp.gate_proj", "mlp.up_proj"):  # fmt: skip
+            plan[f"{prefix}.{name}"] = ColwiseParallel()
+        for name in ("self_attn.o_proj", "mlp.down_proj"):
+            plan[f"{prefix}.{name}"] = RowwiseParallel()
+        for name in ("q_norm", "k_norm"):
+            if hasattr(layer.self_attn, name):
+                plan[f"{prefix}.self_attn.{name}"] = SequenceParallel(
+                    sequence_dim=2, use_local_output=True
+                )
+    plan["model.lm_head"] = ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)
+    return plan
+
+
+def _coverage(model: nn.Module, plan: dict[str, ParallelStyle]) -> dict[str, tuple]:
+    """{module path: (style class, its layouts)}, wildcard keys expanded atom by atom as
+    ``parallelize_module`` does; every key must reach a module, and no module twice."""
+    names = [name.split(".") for name, _ in model.named_modules() if name]
+    covered: dict[str, tuple] = {}
+    for key, style in plan.items():
+        atoms = key.split(".")
+        matched = [
+            ".".join(parts)
+            for parts in names
+            if len(parts) == len(atoms) and all(map(fnmatchcase, parts, atoms))
+        ]
+        assert matched, f"{key} reaches no module"
+        for name in matched:
+            assert name not in covered, f"{name} planned twice"
+            covered[name] = _signature(style)
+    return covered
+
+
+def _signature(style: ParallelStyle) -> tuple:
+    """A style's class and settings (layouts, use_local_output, ...), comparable by value."""
+    return type(style).__name__, sorted((k, repr(v)) for k, v in vars(style).items())
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral"])
+def test_config_plan_matches_the_former_megatron_plan(family):
+    model = HFCausalLM(config=_config(40, model_type=family))
+    plan = model.tensor_parallel_plan(2)
+    assert any("*" in key for key in plan)  # the config's wildcards, not one key per layer
+    expected = _coverage(model, _megatron_plan(model))
+    assert _coverage(model, plan) == expected
+    if family == "qwen3":
+        assert "model.model.layers.1.self_attn.k_norm" in expected
+
+
+def test_config_plan_of_a_family_outside_the_four():
+    """olmo2: q/k/v gathered and o_proj fed replicated, so its q_norm/k_norm (over the whole
+    projection, not per head) stay plain replicated modules."""
+    model = HFCausalLM(config=_config(40, model_type="olmo2"))
+    covered = _coverage(model, model.tensor_parallel_plan(2))
+    gathered = _signature(ColwiseParallel(output_layouts=Replicate()))
+    split_input = _signature(RowwiseParallel(input_layouts=Replicate()))
+    colwise, rowwise = _signature(ColwiseParallel()), _signature(RowwiseParallel())
+    layer = "model.model.layers.1"
+    assert covered[f"{layer}.self_attn.k_proj"] == gathered
+    assert covered[f"{layer}.self_attn.o_proj"] == split_input
+    assert covered[f"{layer}.mlp.up_proj"] == colwise
+    assert covered[f"{layer}.mlp.down_proj"] == rowwise
+    assert covered["model.lm_head"] == _signature(
+        ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)
+    )
+    assert not any("norm" in name or "embed" in name for name in covered)
+    assert len(covered) == 2 * 7 + 1
+
+
+def test_per_head_norms_the_config_leaves_out_are_still_planned():
+    model = HFCausalLM(config=_config(40, model_type="qwen3"))
+    full = _coverage(model, model.tensor_parallel_plan(2))
+    config = model.model.config
+    config.base_model_tp_plan = {
+        k: v for k, v in config.base_model_tp_plan.items() if not k.endswith("_norm")
+    }
+    assert _coverage(model, model.tensor_parallel_plan(2)) == full
+
+
+def test_embeddings_stay_replicated():
+    model = HFCausalLM(config=_config(40))
+    full = _coverage(model, model.tensor_parallel_plan(2))
+    config = model.model.config
+    config.base_model_tp_plan = {"embed_tokens": "embedding_rowwise", **config.base_model_tp_plan}
+    assert _coverage(model, model.tensor_parallel_plan(2)) == full
+    config.base_model_tp_plan = {"embed_tokens": "colwise"}  # a sharded embedding output
+    with pytest.raises(ValueError, match="'colwise' on the embedding 'embed_tokens'"):
+        model.tensor_parallel_plan(2)
+
+
+@pytest.mark.parametrize(
+    ("family", "hf_plan", "message"),
+    [
+        ("qwen3", {"layers.*.mlp.gate_proj": "packed_colwise"}, "style 'packed_colwise'"),
+        ("qwen3", {"layers.*.mlp.gate_proj": "local_colwise"}, "style 'local_colwise'"),
+        ("qwen3", {"layers.*.mlp.gate_proj": "sequence_parallel"}, "style 'sequence_parallel'"),
+        ("qwen3", {"layers.*.mlp.up_proj.weight": "colwise"}, "names a parameter"),
+        ("qwen3", {"layers.*.self_attn.q_norm": "replicated_with_grad_allreduce"},
+         "supported only for q_norm"),
+        # olmo2's q_norm spans the whole projection: a sharded q_proj would split its statistics
+        ("olmo2", {"layers.*.self_attn.q_proj": "colwise"}, r"only one \[head_dim=8\] weight"),
+        ("qwen3", {}, "no tensor-parallel plan for model_type 'qwen3'.*student_tp_plan"),
+    ],
+)  # fmt: skip
+def test_plans_that_cannot_be_mapped_are_refused(family, hf_plan, message):
+    model = HFCausalLM(config=_config(40, model_type=family))
+    model.model.config.base_model_tp_plan = hf_plan
+    with pytest.raises(ValueError, match=message):
+        model.tensor_parallel_plan(2)
+
+
+def test_tp_plan_errors_and_tied_heads():
     gpt2 = HFCausalLM(config=dict(model_type="gpt2", vocab_size=40, n_embd=32, n_layer=1,
                                   n_head=4))  # fmt: skip
     with pytest.raises(ValueError, match="no tensor-parallel plan for model_type 'gpt2'"):
         gpt2.tensor_parallel_plan(2)
+    llama = HFCausalLM(config=_config(40))
     with pytest.raises(ValueError, match="must divide"):
         llama.tensor_parallel_plan(4)
+
     tied = HFCausalLM(config={**_config(40), "tie_word_embeddings": True})
+    head, embed = tied.model.lm_head, tied.model.model.embed_tokens
+    assert head.weight is embed.weight
+    n_params = len(list(tied.parameters()))
+    tied.tensor_parallel_plan(2)  # asking for the plan changes nothing
+    assert head.weight is embed.weight
+    plan = {"model.lm_head": ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)}
     with pytest.warns(UserWarning, match="untying"):
-        tied.tensor_parallel_plan(2)
-    assert tied.model.lm_head.weight is not tied.model.model.embed_tokens.weight
+        untie_planned_weights(tied, plan)
+    assert head.weight is not embed.weight and torch.equal(head.weight, embed.weight)
+    assert not tied.model.config.tie_word_embeddings
+    assert len(list(tied.parameters())) == n_params + 1  # trained as two matrices now
 
 
 def test_padded_vocabulary_is_distilled_over_the_shared_tokenizer(tmp_path):

@@ -23,6 +23,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from lightning_kd.checks import check_int
+
 #: File extensions ``read_documents`` understands.
 SUPPORTED_EXTENSIONS = (".txt", ".jsonl")
 
@@ -503,8 +505,7 @@ def generate_corpus(num_chars: int, seed: int = 0) -> list[str]:
     Raises:
         ValueError: for ``num_chars`` <= 0.
     """
-    if isinstance(num_chars, bool) or not isinstance(num_chars, int) or num_chars <= 0:
-        raise ValueError(f"num_chars must be a positive int, got {num_chars!r}.")
+    check_int("num_chars", num_chars, 1)
     rng = random.Random(seed)
     stories: list[str] = []
     total = 0

@@ -34,6 +34,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
+from lightning_kd.checks import check_bool, check_int
 from lightning_kd.data.corpus import CORPUS_VERSION, expand_paths, generate_corpus, read_documents
 from lightning_kd.data.sampler import ResumableDataLoader, ResumableSampler
 from lightning_kd.data.tokenizer import ByteTokenizer, HFTokenizer
@@ -115,12 +116,6 @@ class DocumentSequences(Dataset):
         return {"input_ids": window[:-1], "labels": labels}
 
 
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}.")
-    return value
-
-
 class TextDataModule(LightningDataModule):
     """Next-token batches from text files or the generated story corpus.
 
@@ -179,22 +174,20 @@ class TextDataModule(LightningDataModule):
             paths = [str(p) for p in paths]
         if not isinstance(text_field, str) or not text_field:
             raise ValueError(f"text_field must be a non-empty string, got {text_field!r}.")
-        _check_int("seq_len", seq_len, 1)
-        _check_int("batch_size", batch_size, 1)
+        check_int("seq_len", seq_len, 1)
+        check_int("batch_size", batch_size, 1)
         if (
             isinstance(val_fraction, bool)
             or not isinstance(val_fraction, (int, float))
             or not 0.0 <= val_fraction < 1.0
         ):
             raise ValueError(f"val_fraction must be a float in [0, 1), got {val_fraction!r}.")
-        if not isinstance(packing, bool):
-            raise ValueError(f"packing must be a bool, got {packing!r}.")
-        _check_int("synthetic_chars", synthetic_chars, 1)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an int, got {seed!r}.")
+        check_bool("packing", packing)
+        check_int("synthetic_chars", synthetic_chars, 1)
+        check_int("seed", seed)
         if not isinstance(cache_dir, (str, os.PathLike)) or not str(cache_dir):
             raise ValueError(f"cache_dir must be a non-empty path, got {cache_dir!r}.")
-        _check_int("num_workers", num_workers, 0)
+        check_int("num_workers", num_workers, 0)
         vocab = self._tokenizer.vocab_size
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
             raise ValueError(f"ignore_index must be an int, got {ignore_index!r}.")

@@ -29,6 +29,8 @@ from typing import Any
 
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from lightning_kd.checks import check_int
+
 _STATE_VERSION = 1
 
 
@@ -214,8 +216,7 @@ class ResumableDataLoader(DataLoader):
                 "ResumableDataLoader does not take batch_sampler or shuffle: the sampler "
                 "shuffles and the loader batches."
             )
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}.")
+        check_int("batch_size", batch_size, 1)
         super().__init__(
             dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, **kwargs
         )

@@ -15,6 +15,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from lightning_kd.checks import check_bool, check_int
 from lightning_kd.losses.divergences import ForwardKL
 from lightning_kd.losses.engine import divergence_over_rows
 from lightning_kd.losses.vocab_parallel import VocabParallelSoftmax, resolve_vocab_parallel
@@ -100,12 +101,9 @@ class KDLoss(nn.Module):
         chunk_size: int = 0,
     ) -> None:
         super().__init__()
-        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-            raise ValueError(f"ignore_index must be an int, got {ignore_index!r}.")
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 0:
-            raise ValueError(f"chunk_size must be an int >= 0 (0 = unchunked), got {chunk_size!r}.")
-        if not isinstance(fp32_upcast, bool):
-            raise ValueError(f"fp32_upcast must be a bool, got {fp32_upcast!r}.")
+        check_int("ignore_index", ignore_index)
+        check_int("chunk_size (0 = unchunked)", chunk_size, 0)
+        check_bool("fp32_upcast", fp32_upcast)
         self.ignore_index = ignore_index
         self.temperature = _check_temperature(temperature)
         self.fp32_upcast = fp32_upcast

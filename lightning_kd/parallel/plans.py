@@ -53,9 +53,16 @@ def _tied_parameters(model: nn.Module) -> list[list[str]]:
     return [group for group in names.values() if len(group) > 1]
 
 
+def plan_key_matches(module_path: str, pattern: str) -> bool:
+    """Whether the plan key ``pattern`` names ``module_path``, matched between dots atom by atom
+    as ``parallelize_module`` does (a ``*`` never crosses a dot)."""
+    parts, atoms = module_path.split("."), pattern.split(".")
+    return len(parts) == len(atoms) and all(map(fnmatch.fnmatchcase, parts, atoms))
+
+
 def _planned(param_name: str, plan: Mapping[str, ParallelStyle]) -> bool:
     module_path = param_name.rpartition(".")[0]
-    return any(fnmatch.fnmatchcase(module_path, pattern) for pattern in plan)
+    return any(plan_key_matches(module_path, pattern) for pattern in plan)
 
 
 def untie_planned_weights(model: nn.Module, plan: Mapping[str, ParallelStyle]) -> None:

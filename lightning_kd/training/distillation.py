@@ -383,25 +383,19 @@ class DistillationModule(LightningModule):
             self.log(f"{prefix}/{name}", value, prog_bar=name == "kd_loss",
                      sync_dist=group is not None, sync_dist_group=group)  # fmt: skip
 
-    @override
-    def on_validation_epoch_start(self) -> None:
+    def _start_eval_epoch(self) -> None:
         self._eval = EvalSums()
 
-    @override
-    def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
+    def _eval_batch(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
         self._eval_step(batch)
+
+    # Validation and test share one implementation; only the metric prefix differs.
+    on_validation_epoch_start = on_test_epoch_start = _start_eval_epoch
+    validation_step = test_step = _eval_batch
 
     @override
     def on_validation_epoch_end(self) -> None:
         self._log_eval_epoch("val")
-
-    @override
-    def on_test_epoch_start(self) -> None:
-        self._eval = EvalSums()
-
-    @override
-    def test_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
-        self._eval_step(batch)
 
     @override
     def on_test_epoch_end(self) -> None:

@@ -3,10 +3,11 @@
 :class:`HFCausalLM` wraps an ``AutoModelForCausalLM`` built either from a local directory
 (``from_pretrained`` with ``local_files_only=True``: nothing is fetched from a hub) or from an
 HF config (random init, e.g. a student), with typed arguments that work in YAML configs. It
-returns plain logits (or ``{"logits", "hidden"}``), carries the tensor-parallel plan of the
-Llama, Qwen2/Qwen3 and Mistral families, and exposes what ``DistillationModule`` needs to
-reconcile teacher and student vocabularies: the lm_head width, the tokenizer's vocabulary,
-and :meth:`HFCausalLM.restrict_vocab` to drop padded rows no token id reaches.
+returns plain logits (or ``{"logits", "hidden"}``), derives its tensor-parallel plan from the
+config's own ``base_model_tp_plan`` (:func:`~lightning_kd.models.hf.tp_plan.plan_from_config`),
+and exposes what ``DistillationModule`` needs to reconcile teacher and student vocabularies:
+the lm_head width, the tokenizer's vocabulary, and :meth:`HFCausalLM.restrict_vocab` to drop
+padded rows no token id reaches.
 
 ``transformers`` is an optional extra (``pip install lightning_kd[hf]``) imported only here,
 and only when an HFCausalLM is built.
@@ -21,18 +22,11 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.distributed.tensor import Shard
-from torch.distributed.tensor.parallel import (
-    ColwiseParallel,
-    ParallelStyle,
-    RowwiseParallel,
-    SequenceParallel,
-)
+from torch.distributed.tensor.parallel import ParallelStyle
 
 from lightning_kd.models.hf.loading import local_directory, require_transformers
+from lightning_kd.models.hf.tp_plan import plan_from_config
 
-#: Families whose decoder layers use q/k/v/o_proj attention and gate/up/down_proj MLPs.
-TP_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -79,9 +73,8 @@ class HFCausalLM(nn.Module):
             if model_type is None:
                 raise ValueError("config must include model_type, e.g. 'llama' or 'qwen2'.")
             hf_config = transformers.AutoConfig.for_model(model_type, **fields)
-            hf_config._attn_implementation = attn_implementation
             self.model = transformers.AutoModelForCausalLM.from_config(
-                hf_config, dtype=_DTYPES[dtype]
+                hf_config, dtype=_DTYPES[dtype], attn_implementation=attn_implementation
             )
 
     @property
@@ -121,66 +114,46 @@ class HFCausalLM(nn.Module):
             self.model.resize_token_embeddings(size, mean_resizing=False)
 
     def tensor_parallel_plan(self, tp_size: int) -> dict[str, ParallelStyle]:
-        """Megatron-style plan: q/k/v and gate/up column-parallel, o/down row-parallel, lm_head
-        column-parallel with vocabulary-sharded DTensor output; embeddings and layer norms stay
-        replicated. A tied lm_head is untied first (a sharded head cannot share the replicated
-        embedding).
+        """The plan the HF config carries (``base_model_tp_plan``), for any family that has one.
 
-        Per-head norms (Qwen3's ``q_norm``/``k_norm``, one ``[head_dim]`` weight shared by all
-        heads) see only the local heads on each rank, so their weight gradient is a partial
-        sum. They get ``SequenceParallel(sequence_dim=2)``: the input ``[B, S, local_heads,
-        head_dim]`` is marked as sharded on the head dimension, which makes DTensor all-reduce
-        the weight gradient over the TP group; without it the replicas drift apart.
+        For Llama, Mistral and Qwen2/Qwen3 that is the Megatron plan: q/k/v and gate/up
+        column-parallel, o/down row-parallel; Qwen3's per-head ``q_norm``/``k_norm`` get their
+        weight gradient all-reduced over the TP group. Embeddings and the other norms stay
+        replicated, and the lm_head is column-parallel with vocabulary-sharded DTensor logits
+        ``[B, S, V]``. See :func:`~lightning_kd.models.hf.tp_plan.plan_from_config`.
+
+        Asking for the plan changes nothing: a tied lm_head is untied (:meth:`untie_lm_head`)
+        where a plan is applied, by ``lightning_kd.parallel.plans.apply_tensor_parallel``, for
+        this plan and explicit ones alike. Calling ``parallelize_module`` directly, run
+        ``untie_planned_weights(model, plan)`` first.
 
         Raises:
-            ValueError: for an architecture outside the supported families (rather than a
-                silent full replica), or head counts not divisible by ``tp_size``.
+            ValueError: the config carries no plan (pass ``student_tp_plan``/
+                ``teacher_tp_plan`` to ``DistillationModule``, or run without TP), head counts
+                not divisible by ``tp_size``, or a style that cannot be mapped faithfully.
         """
-        config = self.model.config
-        if self.model_type not in TP_FAMILIES:
-            raise ValueError(
-                f"no tensor-parallel plan for model_type {self.model_type!r}; supported: "
-                f"{', '.join(TP_FAMILIES)}. Pass student_tp_plan/teacher_tp_plan to "
-                "DistillationModule, or run it without tensor parallelism."
-            )
-        heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-        if heads % tp_size or kv_heads % tp_size:
-            raise ValueError(
-                f"tensor_parallel_size={tp_size} must divide num_attention_heads={heads} and "
-                f"num_key_value_heads={kv_heads}."
-            )
-        self._untie_lm_head()
-        plan: dict[str, ParallelStyle] = {}
-        for i in range(config.num_hidden_layers):
-            prefix = f"model.model.layers.{i}"
-            for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-                         "mlp.gate_proj", "mlp.up_proj"):  # fmt: skip
-                plan[f"{prefix}.{name}"] = ColwiseParallel()
-            for name in ("self_attn.o_proj", "mlp.down_proj"):
-                plan[f"{prefix}.{name}"] = RowwiseParallel()
-            attention = self.model.model.layers[i].self_attn
-            for name in ("q_norm", "k_norm"):
-                if hasattr(attention, name):
-                    plan[f"{prefix}.self_attn.{name}"] = SequenceParallel(
-                        sequence_dim=2, use_local_output=True
-                    )
-        plan["model.lm_head"] = ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)
-        return plan
+        return plan_from_config(self.model, tp_size, prefix="model")
 
-    def _untie_lm_head(self) -> None:
+    def untie_lm_head(self) -> None:
+        """Give a tied lm_head its own copy of the embedding weight (no-op when untied).
+
+        A vocabulary-sharded head cannot share one Parameter with the replicated embedding; the
+        two are trained (and saved) separately from then on, and the config says so.
+        """
         head, embed = self.model.get_output_embeddings(), self.model.get_input_embeddings()
         if head.weight is embed.weight:
             warnings.warn(
                 "untying the lm_head from the input embeddings for tensor parallelism; the two "
                 "are trained (and saved) separately from now on.",
-                stacklevel=3,
+                stacklevel=2,
             )
             head.weight = nn.Parameter(embed.weight.detach().clone(), embed.weight.requires_grad)
             self.model.config.tie_word_embeddings = False
 
     def fsdp_units(self) -> list[nn.Module]:
-        """Decoder layers, wrapped by FSDP2 before the root."""
-        return list(self.model.model.layers)
+        """Decoder layers of the base model (``model.model`` for Llama-style families),
+        wrapped by FSDP2 before the root."""
+        return list(self.model.base_model.layers)
 
 
 def same_tokenizer(a: Mapping[str, int], b: Mapping[str, int]) -> bool:
