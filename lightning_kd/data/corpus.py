@@ -1,7 +1,7 @@
-"""Text sources of the data pipeline: documents read from files, and a generated story corpus.
+"""The generated story corpus: the embedded default text of the data pipeline.
 
-``read_documents`` turns a list of paths and globs into a stream of documents: a ``.txt`` file
-is one document, a ``.jsonl`` file holds one document per line in a text field.
+(Documents read from files live in :mod:`lightning_kd.data.text_files`; ``expand_paths`` and
+``read_documents`` are re-exported here for code written against version 0.1.)
 
 ``generate_corpus`` is the embedded default corpus of the demo, so that it runs without any
 download. It writes short English-like children's stories from a small probabilistic grammar:
@@ -15,135 +15,22 @@ machine and Python version that keeps ``random``'s documented reproducibility.
 
 from __future__ import annotations
 
-import glob
-import json
-import os
 import random
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from lightning_kd.checks import check_int
+from lightning_kd.data.text_files import SUPPORTED_EXTENSIONS, expand_paths, read_documents
 
-#: File extensions ``read_documents`` understands.
-SUPPORTED_EXTENSIONS = (".txt", ".jsonl")
+__all__ = [
+    "CORPUS_VERSION",
+    "SUPPORTED_EXTENSIONS",
+    "expand_paths",
+    "generate_corpus",
+    "read_documents",
+]
 
 #: Bump when ``generate_corpus``'s output changes: caches of tokenised corpora are keyed on it.
 CORPUS_VERSION = 1
-
-
-# --------------------------------------------------------------------------------- files
-def expand_paths(paths: Sequence[str]) -> list[Path]:
-    """The files named by ``paths``, in a deterministic order.
-
-    Each entry is a file, a directory (its ``.txt`` and ``.jsonl`` files, recursively) or a
-    glob (``*``, ``?``, ``[...]``; ``**`` matches directories recursively). Each entry's matches
-    are sorted; entries keep their order; a file named twice is kept once (first place).
-
-    Args:
-        paths: files, directories or glob patterns.
-
-    Returns:
-        The matched files.
-
-    Raises:
-        ValueError: when ``paths`` is empty, an entry matches nothing, or a matched file has an
-            extension other than ``.txt`` / ``.jsonl``.
-    """
-    if isinstance(paths, str):
-        raise ValueError(f"paths must be a list of paths or globs, got the string {paths!r}.")
-    if len(paths) == 0:
-        raise ValueError("paths is empty: expected at least one file, directory or glob.")
-    files: list[Path] = []
-    seen: set[Path] = set()
-    for entry in paths:
-        pattern = os.path.expanduser(str(entry))
-        if glob.has_magic(pattern):
-            matches = [Path(p) for p in sorted(glob.glob(pattern, recursive=True))]
-            matches = [p for p in matches if p.is_file()]
-        elif Path(pattern).is_dir():
-            matches = sorted(
-                p for p in Path(pattern).rglob("*") if p.is_file() and _extension(p) is not None
-            )
-        elif Path(pattern).is_file():
-            matches = [Path(pattern)]
-        else:
-            matches = []
-        if not matches:
-            raise ValueError(f"{entry!r} matches no file (expected a file, directory or glob).")
-        for path in matches:
-            if _extension(path) is None:
-                raise ValueError(
-                    f"{str(path)!r} has an unsupported extension; expected one of "
-                    f"{', '.join(SUPPORTED_EXTENSIONS)}."
-                )
-            key = path.resolve()
-            if key not in seen:
-                seen.add(key)
-                files.append(path)
-    return files
-
-
-def _extension(path: Path) -> str | None:
-    suffix = path.suffix.lower()
-    return suffix if suffix in SUPPORTED_EXTENSIONS else None
-
-
-def read_documents(paths: list[str], text_field: str = "text") -> Iterator[str]:
-    """Documents from text files, in a deterministic order.
-
-    ``.txt`` files are one document each (read as UTF-8; undecodable bytes become U+FFFD).
-    ``.jsonl`` files hold one JSON object per line with the document in ``text_field``; blank
-    lines are skipped. The paths are resolved (see :func:`expand_paths`) before this function
-    returns, so a bad path fails at the call, not at the first document.
-
-    Args:
-        paths: files, directories or globs.
-        text_field: the key of the text in each JSONL object.
-
-    Returns:
-        An iterator over the documents.
-
-    Raises:
-        ValueError: for a path or glob that matches nothing, an unsupported extension, or a
-            JSONL line that is not a JSON object with a string in ``text_field`` (the message
-            names the file and line).
-    """
-    files = expand_paths(paths)
-
-    def documents() -> Iterator[str]:
-        for path in files:
-            if _extension(path) == ".txt":
-                yield path.read_text(encoding="utf-8", errors="replace")
-            else:
-                yield from _read_jsonl(path, text_field)
-
-    return documents()
-
-
-def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
-    with open(path, encoding="utf-8", errors="replace") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{where}: invalid JSON ({error.msg}).") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}.")
-            if text_field not in record:
-                raise ValueError(
-                    f"{where}: no field {text_field!r} (fields: {sorted(record)}); set "
-                    "text_field to the key that holds the text."
-                )
-            text = record[text_field]
-            if not isinstance(text, str):
-                raise ValueError(
-                    f"{where}: field {text_field!r} is a {type(text).__name__}, expected a string."
-                )
-            yield text
 
 
 # --------------------------------------------------------------------------------- grammar

@@ -19,10 +19,8 @@ mid-epoch with the next batch. Validation is sequential, also sharded over data 
 
 from __future__ import annotations
 
-import hashlib
-import json
+import codecs
 import os
-import tempfile
 from array import array
 from collections.abc import Iterable
 from pathlib import Path
@@ -37,10 +35,9 @@ from tqdm.auto import tqdm
 from lightning_kd.checks import check_bool, check_int
 from lightning_kd.data.corpus import CORPUS_VERSION, expand_paths, generate_corpus, read_documents
 from lightning_kd.data.sampler import ResumableDataLoader, ResumableSampler
+from lightning_kd.data.token_cache import TokenCache
 from lightning_kd.data.tokenizer import ByteTokenizer, HFTokenizer
 
-#: Bump when the layout or content of the token cache changes.
-_CACHE_FORMAT = 1
 #: Seconds of tokenising before a progress bar appears.
 _PROGRESS_DELAY_S = 2.0
 
@@ -142,6 +139,9 @@ class TextDataModule(LightningDataModule):
         ignore_index: the label of padding targets; must not be a token id.
         tokenizer: ``"byte"`` (the default byte-level tokenizer) or a local directory with a
             Hugging Face tokenizer (needs the ``hf`` extra; nothing is downloaded).
+        encoding: the text encoding of the files in ``paths`` (a Python codec name). A file
+            with more than a few undecodable bytes is refused with a message naming it (see
+            :mod:`lightning_kd.data.text_files`).
 
     Raises:
         ValueError: for an argument of the wrong type or range, or ``paths`` that match no
@@ -162,6 +162,7 @@ class TextDataModule(LightningDataModule):
         num_workers: int = 0,
         ignore_index: int = -100,
         tokenizer: str = "byte",
+        encoding: str = "utf-8",
     ) -> None:
         super().__init__()
         if not isinstance(tokenizer, str) or not tokenizer:
@@ -188,6 +189,12 @@ class TextDataModule(LightningDataModule):
         if not isinstance(cache_dir, (str, os.PathLike)) or not str(cache_dir):
             raise ValueError(f"cache_dir must be a non-empty path, got {cache_dir!r}.")
         check_int("num_workers", num_workers, 0)
+        try:
+            codecs.lookup(encoding)
+        except (LookupError, TypeError):
+            raise ValueError(
+                f"encoding must be a Python codec name (e.g. 'utf-8', 'latin-1'), got {encoding!r}."
+            ) from None
         vocab = self._tokenizer.vocab_size
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
             raise ValueError(f"ignore_index must be an int, got {ignore_index!r}.")
@@ -207,6 +214,7 @@ class TextDataModule(LightningDataModule):
         self.cache_dir = str(cache_dir)
         self.num_workers = num_workers
         self.ignore_index = ignore_index
+        self.encoding = encoding
         self.save_hyperparameters()
         self._train: Dataset | None = None
         self._val: Dataset | None = None
@@ -223,36 +231,36 @@ class TextDataModule(LightningDataModule):
         return self._tokenizer.vocab_size
 
     # ------------------------------------------------------------------ cache
-    def _cache_key(self) -> dict[str, Any]:
-        key: dict[str, Any] = {"format": _CACHE_FORMAT, "tokenizer": repr(self._tokenizer)}
+    @property
+    def token_cache(self) -> TokenCache:
+        """The cache of the tokenised corpus (see :mod:`lightning_kd.data.token_cache`): keyed
+        on the input files (path, size, modification time) or the generator's settings, the
+        text field, the encoding and the tokenizer; ``seq_len``, ``packing`` and the split do
+        not change it."""
+        source: dict[str, Any] = {"tokenizer": repr(self._tokenizer)}
+        content: dict[str, Any] = {}
         if self.paths is None:
-            key["corpus"] = {
+            source["corpus"] = {
                 "generator": CORPUS_VERSION,
                 "chars": self.synthetic_chars,
                 "seed": self.seed,
             }
         else:
-            files = []
-            for path in expand_paths(self.paths):
-                stat = path.stat()
-                files.append([str(path.resolve()), stat.st_size, stat.st_mtime_ns])
-            key["files"] = files
-            key["text_field"] = self.text_field
-        return key
+            files = [path.resolve() for path in expand_paths(self.paths)]
+            source.update(files=[str(p) for p in files], text_field=self.text_field,
+                          encoding=self.encoding)  # fmt: skip
+            content["stat"] = [[p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+        return TokenCache(self.cache_dir, source, content)
 
     @property
     def cache_path(self) -> Path:
-        """The cache file of the tokenised corpus: its name hashes the input files (path,
-        size, modification time) or the generator's settings, the text field and the
-        tokenizer; ``seq_len``, ``packing`` and the split do not change it."""
-        blob = json.dumps(self._cache_key(), sort_keys=True).encode()
-        digest = hashlib.sha256(blob).hexdigest()[:20]
-        return Path(self.cache_dir) / f"tokens-{digest}.pt"
+        """The cache file of the tokenised corpus."""
+        return self.token_cache.path
 
     def _documents(self) -> Iterable[str]:
         if self.paths is None:
             return generate_corpus(self.synthetic_chars, seed=self.seed)
-        return read_documents(self.paths, self.text_field)
+        return read_documents(self.paths, self.text_field, self.encoding)
 
     def _tokenize(self, documents: Iterable[str]) -> dict[str, Tensor]:
         tokenizer = self._tokenizer
@@ -278,27 +286,15 @@ class TextDataModule(LightningDataModule):
         }
 
     def prepare_data(self) -> None:
-        """Tokenise the corpus and cache it under ``cache_dir``, unless already cached.
+        """Tokenise the corpus and cache it under ``cache_dir``, unless a verified cache exists.
 
         The cache holds ``tokens`` ([T] int16, or int32 for vocabularies over 32768: every
-        document followed by EOS) and
-        ``offsets`` ([D + 1] int64 document boundaries). It is written to a temporary file and
-        renamed, so concurrent writers and interrupted runs never leave a partial cache.
+        document followed by EOS), ``offsets`` ([D + 1] int64 document boundaries) and their
+        checksum. It is written to a temporary file and renamed, so concurrent writers and
+        interrupted runs never leave a partial cache; a corrupt one is rebuilt with a warning.
         Lightning calls this on one process per node.
         """
-        path = self.cache_path
-        if path.is_file():
-            return
-        data = self._tokenize(self._documents())
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                torch.save(data, handle)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        self.token_cache.load_or_build(lambda: self._tokenize(self._documents()))
 
     # ------------------------------------------------------------------ split
     def _val_documents(self, num_documents: int) -> Tensor:
@@ -316,10 +312,7 @@ class TextDataModule(LightningDataModule):
         validation sequences. Deterministic: every rank and every run gets the same split."""
         if self._train is not None:
             return
-        path = self.cache_path
-        if not path.is_file():
-            self.prepare_data()
-        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        data = self.token_cache.load_or_build(lambda: self._tokenize(self._documents()))
         tokens, offsets = data["tokens"], data["offsets"]
         lengths = offsets.diff()
         is_val = self._val_documents(len(lengths))
