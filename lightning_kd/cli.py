@@ -14,48 +14,143 @@ arguments instead (``model.init_args.optimizer``), built in ``configure_optimize
 
 from __future__ import annotations
 
+import os
 import sys
+import traceback
+from typing import Any
+from urllib.parse import urlparse
 
 import torch.distributed as dist
-from lightning.pytorch import LightningDataModule, LightningModule
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from lightning_kd.callbacks.checkpoint_on_stop import CheckpointOnStop, Stopped
+
+#: Exit status of a run stopped by SIGTERM (128 + 15), the shell's convention.
+EXIT_SIGTERM = 143
+#: Set to 1 to see the full traceback of errors the CLI reports in one line.
+TRACEBACK_ENV = "LIGHTNING_KD_TRACEBACK"
 
 
 class KDLightningCLI(LightningCLI):
     """LightningCLI with lightning_kd's defaults (see the module docstring)."""
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("auto_configure_optimizers", False)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         super().__init__(LightningModule, LightningDataModule, *args, **kwargs)
 
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--allow_remote_checkpoint",
+            type=bool,
+            default=False,
+            help="Allow --ckpt_path to be a URL (http://, s3://, ...). Off by default: a "
+            "checkpoint is a pickle, and loading one from elsewhere can run code.",
+        )
 
-def shutdown_distributed() -> None:
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The trainer, with :class:`~lightning_kd.callbacks.CheckpointOnStop` added unless the
+        config has one (a preempted or finished fit always leaves a resumable last.ckpt)."""
+        trainer = super().instantiate_trainer(**kwargs)
+        if not any(isinstance(cb, CheckpointOnStop) for cb in trainer.callbacks):
+            trainer.callbacks.append(CheckpointOnStop())
+        return trainer
+
+    def _check_checkpoint_source(self) -> None:
+        config = self.config_init[self.subcommand]
+        path = config.get("ckpt_path")
+        remote = isinstance(path, str) and urlparse(path).scheme not in ("", "file")
+        if remote and not self.config[self.subcommand].get("allow_remote_checkpoint"):
+            raise ValueError(
+                f"--ckpt_path {path!r} is a remote URL. Checkpoints are pickles and loading "
+                "one can run code, so lightning-kd reads local files only; download it "
+                "yourself from a source you trust, or pass --allow_remote_checkpoint true."
+            )
+        if "weights_only" in config and config["weights_only"] is None:
+            config["weights_only"] = True  # tensors and plain containers only: no code runs
+
+    def before_fit(self) -> None:
+        self._check_checkpoint_source()
+
+    def before_validate(self) -> None:
+        self._check_checkpoint_source()
+
+    def before_test(self) -> None:
+        self._check_checkpoint_source()
+
+    def before_predict(self) -> None:
+        self._check_checkpoint_source()
+
+
+def shutdown_distributed(barrier: bool = True) -> None:
     """Leave the process group together and destroy it.
 
     Lightning leaves the default process group alive at exit; with gloo, a rank whose
     interpreter exits while a peer still talks to it can abort ("terminate called without an
     active exception", exit code -6) after a successful run. A final barrier and an explicit
-    destroy make the exit clean.
+    destroy make the exit clean. ``barrier=False`` only destroys (for exits that the ranks did
+    not agree on, where a barrier could wait forever).
     """
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        if barrier:
+            dist.barrier()
         dist.destroy_process_group()
+
+
+def _own_value_error(error: BaseException) -> ValueError | None:
+    """The outermost ``ValueError`` raised by lightning_kd's own code in ``error``'s chain of
+    causes (jsonargparse wraps a constructor's error in its own ValueErrors), or None."""
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        frames = traceback.extract_tb(current.__traceback__)
+        raised_here = bool(frames) and os.path.abspath(frames[-1].filename).startswith(package)
+        if isinstance(current, ValueError) and raised_here:
+            return current
+        suppress = current.__suppress_context__
+        current = current.__cause__ or (None if suppress else current.__context__)
+    return None
 
 
 def main(args: list[str] | None = None) -> int:
     """Entry point of ``lightning-kd`` and ``python -m lightning_kd``: the exit status.
 
-    Returns 0 after a successful run. A failure never returns: bad arguments exit with
-    jsonargparse's non-zero status (``SystemExit``), and an error in the run propagates as its
-    exception (exit status 1). The installed console script calls ``sys.exit(main())``, so the
-    return value must be an exit status, not the CLI object (which ``sys.exit`` would print and
-    turn into status 1). For the trainer, model and datamodule, build the CLI yourself:
+    The contract, for both entry points:
+
+    - 0: the run finished.
+    - 1: it failed. A ``ValueError`` raised by lightning_kd's own checks (a bad setting, a
+      file that is not what it should be) is printed as one line, ``lightning-kd: error:
+      ...``, without the traceback (set ``LIGHTNING_KD_TRACEBACK=1`` to see it); any other
+      error propagates with its traceback.
+    - 2: the command line itself was wrong (jsonargparse's usage error).
+    - 143 / 130: the run was stopped by SIGTERM / SIGINT (preemption, ``timeout``, Ctrl-C),
+      after saving ``last.ckpt`` when training had started (see
+      :class:`~lightning_kd.callbacks.CheckpointOnStop`).
+
+    The installed console script calls ``sys.exit(main())``, so the return value must be an
+    exit status. For the trainer, model and datamodule, build the CLI yourself:
     ``KDLightningCLI(args=[...], run=False)``.
     """
-    KDLightningCLI(args=args)
+    try:
+        KDLightningCLI(args=args)
+    except Stopped as stop:  # every rank stopped at the same step: leave together
+        shutdown_distributed()
+        return int(stop.code)
+    except SIGTERMException:  # Lightning's own stop (before training started): exit 0 otherwise
+        shutdown_distributed(barrier=False)
+        return EXIT_SIGTERM
+    except Exception as error:
+        ours = _own_value_error(error)
+        if ours is not None and os.environ.get(TRACEBACK_ENV) != "1":
+            print(f"lightning-kd: error: {ours}", file=sys.stderr)
+            return 1
+        raise
     shutdown_distributed()  # only after success: a failed rank must not wait in a barrier
     return 0
 

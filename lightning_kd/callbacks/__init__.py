@@ -1,6 +1,7 @@
-"""Lightning callbacks that watch the per-token KL of a distillation run."""
+"""Lightning callbacks: the per-token KL monitors, and a checkpoint when a run stops."""
 
+from lightning_kd.callbacks.checkpoint_on_stop import CheckpointOnStop, Stopped
 from lightning_kd.callbacks.kl_plot import KLPlot, KLSample
 from lightning_kd.callbacks.per_token_kl import PerTokenKLMonitor, TopKLToken
 
-__all__ = ["KLPlot", "KLSample", "PerTokenKLMonitor", "TopKLToken"]
+__all__ = ["CheckpointOnStop", "KLPlot", "KLSample", "PerTokenKLMonitor", "Stopped", "TopKLToken"]
