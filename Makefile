@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test test-fast lint bench clean
 
 setup: $(STAMP)
 
@@ -20,6 +20,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The single-process tests under ~5 s each (about a minute on 2 CPU cores); `make test` runs
+# everything, including the multi-process and slow tests.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not distributed and not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

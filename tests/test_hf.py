@@ -50,6 +50,8 @@ def _save_tokenizer(directory, words: list[str]) -> None:
 
 # olmo2 is outside the families the plan was once hard-coded for: its config's plan gathers
 # the q/k/v outputs (colwise_gather_output) and splits the o_proj input (rowwise_split_input).
+@pytest.mark.distributed
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "olmo2"])
 def test_tp2_matches_single_process(tmp_path, family):
     single = fit(tmp_path, f"{family}1", "--family", family)
@@ -58,6 +60,8 @@ def test_tp2_matches_single_process(tmp_path, family):
     assert tp2["saw_sharded"] is True and tp2["teacher_unchanged"]
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_padded_teacher_vocabulary_on_the_tp_path(tmp_path):
     args = ["--family", "qwen2", "--teacher-vocab", "44"]
     single = fit(tmp_path, "pad1", *args)

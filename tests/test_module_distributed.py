@@ -17,6 +17,8 @@ import pytest
 import torch
 from torch.distributed.checkpoint import FileSystemReader
 
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
 SCRIPT = Path(__file__).parent / "scripts" / "fit_run.py"
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,12 +45,18 @@ def assert_same_trajectory(result: dict, reference: dict, rel: float = 1e-4) -> 
     assert result["student_abs_sum"] == pytest.approx(reference["student_abs_sum"], rel=rel)
 
 
+# A max norm far below the gradient norm: AdamW all but undoes a moderate clip (it normalises
+# the update), so only a clip that brings the gradients near Adam's eps changes the trajectory
+# by much more than the tolerance of the comparisons (1e-4).
+CLIP = "1e-6"
+
+
 @pytest.fixture(scope="module")
 def single(tmp_path_factory) -> dict[str, dict]:
     tmp = tmp_path_factory.mktemp("single")
     return {
         "plain": fit(tmp, "plain"),
-        "clip": fit(tmp, "clip", "--clip", "0.05"),
+        "clip": fit(tmp, "clip", "--clip", CLIP),
         "short_epochs": fit(tmp, "short", "--samples", "12"),
     }
 
@@ -74,10 +82,12 @@ def test_parallel_runs_match_single_process(tmp_path, single, name, args):
 
 
 def test_gradient_clipping_under_tensor_parallelism(tmp_path, single):
-    result = fit(tmp_path, "tp2clip", "--devices", "2", "--tp", "2", "--clip", "0.05")
-    assert_same_trajectory(result, single["clip"])
-    # The clip was active: the trajectory differs from the unclipped one.
-    assert result["losses"] != pytest.approx(single["plain"]["losses"], rel=1e-6)
+    # The clip is active: it moves the trajectory by far more than the comparison tolerance
+    # (observed: 1.3 % at step 6), so an unclipped TP run could not pass for a clipped one.
+    clipped, plain = torch.tensor(single["clip"]["losses"]), torch.tensor(single["plain"]["losses"])
+    assert ((clipped - plain).abs() / plain.abs()).max() > 10 * 1e-4
+    result = fit(tmp_path, "tp2clip", "--devices", "2", "--tp", "2", "--clip", CLIP)
+    assert_same_trajectory(result, single["clip"], rel=1e-4)
 
 
 def test_distributed_checkpoint_without_teacher_resumes_exactly(tmp_path, single):

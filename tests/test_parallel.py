@@ -118,6 +118,7 @@ def test_vocab_parallel_logits_check():
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 def test_tp_plan_with_plain_local_lm_head_is_an_error_not_a_wrong_loss(tmp_path):
     proc, _ = run_checks(tmp_path, "local_head")
     assert proc.returncode != 0
@@ -150,6 +151,7 @@ def test_unknown_precision_is_refused():
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 def test_fsdp_gathers_bf16_weights_and_reduces_fp32_gradients_under_bf16_mixed(tmp_path):
     proc, seen = run_checks(tmp_path, "precision")
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -162,6 +164,7 @@ def test_fsdp_gathers_bf16_weights_and_reduces_fp32_gradients_under_bf16_mixed(t
 
 # ---------------------------------------------------------------------------- evaluation
 @pytest.mark.distributed
+@pytest.mark.slow
 def test_a_rank_without_validation_batches_takes_part_in_the_metrics(tmp_path):
     proc, result = run_checks(tmp_path, "uneven_eval")
     assert proc.returncode == 0, proc.stderr[-4000:]

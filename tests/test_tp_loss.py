@@ -71,6 +71,8 @@ CASES = list(
 def _dtensor_matches_single_process(rank, world, mesh_shape):
     mesh, placements = _mesh(mesh_shape)
     tp_group = mesh.get_group(len(mesh_shape) - 1)
+    tp_size = mesh_shape[-1]  # the ranks of this rank's row of the (dp, tp) mesh
+    tp_ranks = list(range(rank // tp_size * tp_size, (rank // tp_size + 1) * tp_size))
     for i, (temperature, chunk_size, vocab, nbl) in enumerate(CASES):
         student, teacher, labels = _case_inputs(vocab, seed=i)
         kwargs = dict(temperature=temperature, chunk_size=chunk_size, num_batch_labels=nbl)
@@ -78,9 +80,11 @@ def _dtensor_matches_single_process(rank, world, mesh_shape):
 
         s = distribute_tensor(student, mesh, placements).requires_grad_()
         t = distribute_tensor(teacher, mesh, placements)
-        assert find_vocab_tp_group(s) is tp_group or dist.get_world_size(
-            find_vocab_tp_group(s)
-        ) == dist.get_world_size(tp_group)
+        found = find_vocab_tp_group(s)
+        assert found is tp_group, f"rank {rank}: not the mesh's tensor-parallel group"
+        assert dist.get_process_group_ranks(found) == tp_ranks, (
+            f"rank {rank}: {dist.get_process_group_ranks(found)} != {tp_ranks}"
+        )
         nbl_kw = kwargs.pop("num_batch_labels")
         out = KDLoss(**kwargs)(s, t, labels, num_batch_labels=nbl_kw, return_per_token=True)
         assert not isinstance(out.loss, DTensor)
@@ -95,8 +99,14 @@ def _dtensor_matches_single_process(rank, world, mesh_shape):
         assert local.shape == s.to_local().shape, "gradient must stay a local vocab shard"
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize(
-    ("world", "mesh_shape"), [(2, (2,)), (4, (4,)), (4, (2, 2))], ids=["tp2", "tp4", "dp2xtp2"]
+    ("world", "mesh_shape"),
+    [
+        pytest.param(2, (2,), id="tp2"),
+        pytest.param(4, (4,), id="tp4", marks=pytest.mark.slow),
+        pytest.param(4, (2, 2), id="dp2xtp2", marks=pytest.mark.slow),
+    ],
 )
 def test_dtensor_logits_match_single_process(world, mesh_shape):
     run_workers(_dtensor_matches_single_process, world, mesh_shape)
@@ -172,6 +182,7 @@ def _explicit_group_matches_single_process(rank, world):
     _assert_rel(s_local.grad, ref_slice, 1e-4, "reverse KL grad")
 
 
+@pytest.mark.distributed
 def test_explicit_tp_group_with_local_shards():
     run_workers(_explicit_group_matches_single_process, 2)
 
@@ -211,6 +222,7 @@ def _collectives_are_small(rank, world):
         assert bwd.calls == [], f"backward must not communicate, saw {bwd.calls}"
 
 
+@pytest.mark.distributed
 def test_collectives_are_all_reduces_of_per_token_size():
     run_workers(_collectives_are_small, 2)
 
@@ -262,6 +274,7 @@ def _mixed_inputs_and_other_placements(rank, world):
     assert loss.item() == 0.0 and s.grad.to_local().abs().max() == 0
 
 
+@pytest.mark.distributed
 def test_mixed_inputs_rejected_and_replicated_dtensors_work():
     run_workers(_mixed_inputs_and_other_placements, 2)
 
@@ -280,7 +293,9 @@ def _cross_entropy_matches(rank, world):
         expected = torch.nn.functional.cross_entropy(
             student.reshape(-1, vocab), labels.reshape(-1), reduction="sum"
         )
-        _assert_rel(ref, expected, 1e-6, "plain cross-entropy")
+        # Two float32 sums of 12 per-token cross-entropies in different orders: float32
+        # precision.
+        _assert_rel(ref, expected, 1e-5, "plain cross-entropy")
         s = distribute_tensor(student, mesh, [Shard(-1)]).requires_grad_()
         with _CollectiveRecorder() as rec:
             ce = token_cross_entropy(s, labels)
@@ -290,5 +305,6 @@ def _cross_entropy_matches(rank, world):
         _assert_rel(s.grad.full_tensor(), full.grad, 1e-5, f"sharded CE grad V={vocab}")
 
 
+@pytest.mark.distributed
 def test_cross_entropy_on_vocab_shards_matches_plain():
     run_workers(_cross_entropy_matches, 2)

@@ -1,14 +1,18 @@
 """Helpers shared by the KL callbacks: argument checks, the data-parallel group, and reading the
-per-token KL that :class:`~lightning_kd.DistillationModule` returns from ``training_step``."""
+per-token KL that :class:`~lightning_kd.DistillationModule` returns from ``training_step``
+(:class:`PerTokenKLCallback`, the base of both callbacks)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
 
-from lightning.pytorch import LightningModule
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.distributed.tensor import DTensor
+from typing_extensions import override
 
 from lightning_kd.parallel.mesh import DataParallel
 from lightning_kd.parallel.mesh import data_parallel as mesh_data_parallel
@@ -53,3 +57,46 @@ MISSING_OUTPUTS = (
     "training_step must return a dict with `per_token_kl` and `valid_mask` (as "
     "DistillationModule does); {name} found none and records nothing."
 )
+
+
+class PerTokenKLCallback(Callback):
+    """A callback fed with the per-token KL of every training micro-batch.
+
+    ``on_train_batch_end`` asks :meth:`_wants_batch` whether this batch is of interest, reads
+    ``(per_token_kl, valid_mask)`` from the ``training_step`` output (detached, plain tensors,
+    see :func:`per_token_outputs`) and hands them to :meth:`_record`. An output without them is
+    skipped, with one warning (rank 0) per callback instance.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._warned_outputs = False
+
+    def _wants_batch(self, trainer: Trainer) -> bool:
+        """Whether to read this batch's per-token KL (default: every batch)."""
+        return True
+
+    def _record(
+        self, trainer: Trainer, pl_module: LightningModule, kl: Tensor, valid: Tensor, batch: Any
+    ) -> None:
+        """Use the per-token KL ``kl`` and ``valid`` mask (both ``[B, S]``) of ``batch``."""
+        raise NotImplementedError
+
+    @override
+    def on_train_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if not self._wants_batch(trainer):
+            return
+        found = per_token_outputs(outputs)
+        if found is None:
+            if not self._warned_outputs:
+                rank_zero_warn(MISSING_OUTPUTS.format(name=type(self).__name__))
+                self._warned_outputs = True
+            return
+        self._record(trainer, pl_module, *found, batch)

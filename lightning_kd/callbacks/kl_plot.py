@@ -14,18 +14,16 @@ from typing import Any, NamedTuple
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torchmetrics.utilities.distributed import gather_all_tensors
 from typing_extensions import override
 
 from lightning_kd.callbacks._common import (
-    MISSING_OUTPUTS,
     DataParallel,
+    PerTokenKLCallback,
     check_int,
     data_parallel,
-    per_token_outputs,
 )
 
 
@@ -57,7 +55,7 @@ def _matplotlib_available() -> bool:
     return True
 
 
-class KLPlot(Callback):
+class KLPlot(PerTokenKLCallback):
     """Write a two-panel PNG at the end of ``fit``: the histogram of the per-token
     KL(teacher ‖ student) of the training tokens (log-scaled counts) and the mean KL by
     position in the sequence.
@@ -116,7 +114,6 @@ class KLPlot(Callback):
         self.plotted: KLSample | None = None
         self._enabled = True
         self._warned_missing = False
-        self._warned_outputs = False
         self._dp = DataParallel(False, None, 0, 1)
         self._device = torch.device("cpu")
         self._generator: torch.Generator | None = None
@@ -162,23 +159,14 @@ class KLPlot(Callback):
         self._generator = self._new_generator()
 
     @override
-    def on_train_batch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
+    def _wants_batch(self, trainer: Trainer) -> bool:
+        return self._enabled
+
+    @override
+    def _record(
+        self, trainer: Trainer, pl_module: LightningModule, kl: Tensor, valid: Tensor, batch: Any
     ) -> None:
-        if not self._enabled:
-            return
-        found = per_token_outputs(outputs)
-        if found is None:
-            if not self._warned_outputs:
-                rank_zero_warn(MISSING_OUTPUTS.format(name=type(self).__name__))
-                self._warned_outputs = True
-            return
-        self._add(*found)
+        self._add(kl, valid)
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

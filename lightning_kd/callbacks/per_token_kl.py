@@ -16,19 +16,16 @@ from typing import Any, NamedTuple
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 from typing_extensions import override
 
 from lightning_kd.callbacks._common import (
-    MISSING_OUTPUTS,
+    PerTokenKLCallback,
     check_int,
     data_parallel,
     local,
-    per_token_outputs,
 )
 from lightning_kd.training.lightning_private import logged_step
 
@@ -158,7 +155,7 @@ def _tokenizer(trainer: Trainer) -> Any | None:
     return tokenizer if callable(getattr(tokenizer, "decode", None)) else None
 
 
-class PerTokenKLMonitor(Callback):
+class PerTokenKLMonitor(PerTokenKLCallback):
     """Log statistics of the per-token KL(teacher ‖ student) every ``every_n_steps`` optimizer
     steps.
 
@@ -214,7 +211,6 @@ class PerTokenKLMonitor(Callback):
         self._history: deque[dict[str, Any]] = deque(maxlen=history_size)
         self._metric: _BatchKLStatistics | None = None
         self._dp_rank = 0
-        self._warned = False
 
     @property
     def history(self) -> list[dict[str, Any]]:
@@ -239,25 +235,18 @@ class PerTokenKLMonitor(Callback):
         self._metric = None  # holds a process group: keep the callback picklable
 
     @override
-    def on_train_batch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
+    def _wants_batch(self, trainer: Trainer) -> bool:
+        # The micro-batch that completed optimizer step n, 2n, ... (and only once per step).
+        step = trainer.global_step
+        return step != self.last_step and step % self.every_n_steps == 0
+
+    @override
+    def _record(
+        self, trainer: Trainer, pl_module: LightningModule, kl: Tensor, valid: Tensor, batch: Any
     ) -> None:
         step = trainer.global_step
-        if step == self.last_step or step % self.every_n_steps != 0:
-            return
-        found = per_token_outputs(outputs)
-        if found is None:
-            if not self._warned:
-                rank_zero_warn(MISSING_OUTPUTS.format(name=type(self).__name__))
-                self._warned = True
-            return
         self.last_step = step
-        summary = self._summarise(pl_module, *found, batch)
+        summary = self._summarise(pl_module, kl, valid, batch)
         if summary is None:
             return
         metrics, top = summary
