@@ -254,18 +254,3 @@ def test_two_simulated_nodes_with_torchrun(tmp_path, teacher_ckpt):
         assert proc.returncode == 0, out[-5000:]
     assert "MEMBER: 4/4" in "".join(outputs), "expected one 4-process job across both nodes"
     assert len(_step_losses(tmp_path / "runs/quickstart_tp2")) >= 2
-
-
-@pytest.mark.slow
-def test_demo_smoke_run_keeps_to_its_own_run_directories(tmp_path):
-    """`python -m lightning_kd.demo --fast` end to end (20 steps each): it prints the table,
-    and its checkpoints go under runs/demo_*, not into the quickstart run that
-    `lightning-kd fit --config configs/quickstart.yaml --ckpt_path last` would resume."""
-    (tmp_path / "configs").symlink_to(ROOT / "configs")
-    proc = subprocess.run([sys.executable, "-m", "lightning_kd.demo", "--fast"], cwd=tmp_path,
-                          env=_env(), capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "| student, distilled (KD)" in proc.stdout and "labels only" in proc.stdout
-    assert (tmp_path / "runs/demo_kd/checkpoints/last.ckpt").is_file()
-    assert list((tmp_path / "runs/demo_baseline/checkpoints").glob("*.ckpt"))
-    assert not (tmp_path / "runs" / "quickstart").exists()

@@ -193,3 +193,7 @@ def test_demo_runs_outside_the_repository(tmp_path):
     assert (tmp_path / "runs/teacher/checkpoints/last.ckpt").is_file()
     assert (tmp_path / "runs/demo_kd/checkpoints/last.ckpt").is_file()
     assert (tmp_path / ".cache").is_dir()
+    # Its runs stay in runs/demo_*, never in the quickstart run that
+    # `lightning-kd fit --config configs/quickstart.yaml --ckpt_path last` would resume.
+    assert list((tmp_path / "runs/demo_baseline/checkpoints").glob("*.ckpt"))
+    assert not (tmp_path / "runs" / "quickstart").exists()
