@@ -22,10 +22,13 @@ from urllib.parse import urlparse
 
 import torch.distributed as dist
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_kd.callbacks.checkpoint_on_stop import CheckpointOnStop, Stopped
+from lightning_kd.parallel.atomic_checkpoint import resolve_last_checkpoint
 
 #: Exit status of a run stopped by SIGTERM (128 + 15), the shell's convention.
 EXIT_SIGTERM = 143
@@ -70,8 +73,31 @@ class KDLightningCLI(LightningCLI):
                 "one can run code, so lightning-kd reads local files only; download it "
                 "yourself from a source you trust, or pass --allow_remote_checkpoint true."
             )
+        if path == "last":
+            config["ckpt_path"] = self._newest_complete_checkpoint()
         if "weights_only" in config and config["weights_only"] is None:
             config["weights_only"] = True  # tensors and plain containers only: no code runs
+
+    def _newest_complete_checkpoint(self) -> str | None:
+        """``--ckpt_path last``: the newest *complete* checkpoint in the run's checkpoint
+        folders (see :func:`~lightning_kd.parallel.resolve_last_checkpoint`), by global step;
+        torn ones left by an interrupted save are skipped with a warning that names them.
+        Lightning's own ``last`` picks the newest ``last*.ckpt`` by modification time, torn or
+        not, and starts from scratch when a crash left none under that name."""
+        folders = [cb.dirpath for cb in self.trainer.checkpoint_callbacks
+                   if isinstance(cb, ModelCheckpoint) and cb.dirpath]  # fmt: skip
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, CheckpointOnStop):
+                folders.append(str(callback.last_path(self.trainer).parent))
+        chosen = resolve_last_checkpoint(dict.fromkeys(folders))
+        if chosen is None:
+            rank_zero_warn(
+                "--ckpt_path last: no complete checkpoint in "
+                f"{', '.join(dict.fromkeys(folders)) or '(no checkpoint folder)'}; starting fresh."
+            )
+        else:
+            rank_zero_info(f"--ckpt_path last: resuming from {chosen}")
+        return chosen
 
     def before_fit(self) -> None:
         self._check_checkpoint_source()

@@ -238,3 +238,19 @@ def test_our_errors_are_one_line_last_with_status_1(tmp_path):
     assert bad.stderr.strip().splitlines()[-1] == (
         "lightning-kd: error: kd_ratio must be in [0, 1], got 2.0."
     )
+
+
+def test_ckpt_path_last_skips_a_torn_checkpoint_and_says_so(tmp_path):
+    config = tiny_config(tmp_path, max_steps=4, every=2)
+    first = run(tmp_path, "fit", "--config", str(config))
+    assert first.returncode == 0, first.stderr[-4000:]
+    ckpts = tmp_path / "ckpts"
+    last = ckpts / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:1000])  # torn mid-write: the newest file by mtime
+    resumed = run(tmp_path, "fit", "--config", str(config), "--ckpt_path", "last",
+                  "--trainer.max_steps", "6")  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    out = resumed.stdout + resumed.stderr
+    assert f"{last}: " in out and "Skipped 1 incomplete checkpoint" in out
+    assert f"resuming from {ckpts / 'epoch=0-step=4.ckpt'}" in out
+    assert saved_step(last) == 6
