@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +28,17 @@ def _entry(rank: int, fn: Callable, world_size: int, port: int, args: tuple) -> 
     # peer ("terminate called without an active exception").
     dist.barrier()
     dist.destroy_process_group()
+    exit_now(0)
+
+
+def exit_now(code: int = 0) -> None:
+    """Flush and end the process without running C++ static destructors. On a loaded machine
+    gloo's background threads can still be winding down at interpreter exit, and their
+    destructors abort the process ("terminate called without an active exception", SIGABRT)
+    after a run that succeeded. Test workers and scripts end here instead."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def run_workers(fn: Callable[..., Any], world_size: int, *args: Any) -> None:

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from lightning_kd import DistillationModule, KDLoss
 from lightning_kd.callbacks import KLPlot, PerTokenKLMonitor
 from lightning_kd.cli import shutdown_distributed
+from tests.distributed import exit_now
 from tests.scripts.fit_run import RandomTokens, make_models
 
 
@@ -91,3 +92,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_now(0)  # see tests/distributed.py: no gloo teardown abort after success
