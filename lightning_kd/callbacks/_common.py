@@ -1,4 +1,4 @@
-"""Helpers shared by the KL callbacks: argument checks, the data-parallel group, and reading the
+"""Helpers shared by the KL callbacks: the data-parallel group, and reading the
 per-token KL that :class:`~lightning_kd.DistillationModule` returns from ``training_step``
 (:class:`PerTokenKLCallback`, the base of both callbacks)."""
 
@@ -16,13 +16,6 @@ from typing_extensions import override
 
 from lightning_kd.parallel.mesh import DataParallel
 from lightning_kd.parallel.mesh import data_parallel as mesh_data_parallel
-
-
-def check_int(name: str, value: Any, minimum: int) -> int:
-    """``value`` as an int >= ``minimum``, else ValueError (bools are rejected)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}.")
-    return value
 
 
 def data_parallel(pl_module: LightningModule) -> DataParallel:

@@ -22,9 +22,9 @@ from typing_extensions import override
 from lightning_kd.callbacks._common import (
     DataParallel,
     PerTokenKLCallback,
-    check_int,
     data_parallel,
 )
+from lightning_kd.checks import check_int
 
 
 class KLSample(NamedTuple):

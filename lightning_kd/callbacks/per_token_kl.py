@@ -23,10 +23,10 @@ from typing_extensions import override
 
 from lightning_kd.callbacks._common import (
     PerTokenKLCallback,
-    check_int,
     data_parallel,
     local,
 )
+from lightning_kd.checks import check_int
 from lightning_kd.training.lightning_private import logged_step
 
 log = logging.getLogger(__name__)
