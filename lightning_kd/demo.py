@@ -70,11 +70,11 @@ def _cli(config: str, *overrides: str) -> KDLightningCLI:
     return KDLightningCLI(args=["--config", config, *overrides], run=False)
 
 
-def _fit_and_validate(
-    config: str, *overrides: str, run_dir: str | None = None, save_to: Path | None = None
-) -> dict:
+def _fit_and_validate(config: str, *overrides: str, run_dir: str | None = None) -> dict:
     """Fit and validate ``config``; ``run_dir`` receives the run's logs and checkpoints (so
-    the demo never touches the runs of ``lightning-kd fit --config <config>``)."""
+    the demo never touches the runs of ``lightning-kd fit --config <config>``). The final
+    weights land in ``checkpoints/last.ckpt`` whatever the checkpoint interval: the CLI adds
+    :class:`~lightning_kd.callbacks.CheckpointOnStop`, which saves it at the end of fit."""
     if run_dir is not None:
         overrides = (*overrides, "--trainer.default_root_dir", run_dir,
                      "--trainer.logger.init_args.save_dir", run_dir)  # fmt: skip
@@ -83,8 +83,6 @@ def _fit_and_validate(
         for callback in cli.trainer.checkpoint_callbacks:
             callback.dirpath = str(Path(run_dir) / "checkpoints")
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    if save_to is not None:  # the final weights, whatever the checkpoint interval
-        cli.trainer.save_checkpoint(save_to)
     (metrics,) = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
     return {k: float(v) for k, v in metrics.items()}
 
@@ -106,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         print("== 1/3 training the teacher (configs/teacher.yaml)", flush=True)
         if TEACHER_CKPT.parent.exists():
             shutil.rmtree(TEACHER_CKPT.parent)
-        _fit_and_validate(config_path(TEACHER_CONFIG), *short, save_to=TEACHER_CKPT)
+        _fit_and_validate(config_path(TEACHER_CONFIG), *short)  # its last.ckpt is TEACHER_CKPT
         if not args.fast:  # a smoke-run teacher is never reused
             TEACHER_STAMP.write_text(_config_digest())
     else:
