@@ -1,6 +1,4 @@
-"""Benchmark of KDLoss against two plain autograd formulations: peak memory and speed.
-
-Prints two tables and checks the bars of the KDLoss issue:
+"""KDLoss benchmark: the two bars of the original issue, and one row per divergence.
 
 * memory: growth of the process's peak RSS for one forward+backward on fp32 logits
   (N=4096, V=32000 by default), in units of one [N, V] fp32 matrix, counting the student
@@ -15,7 +13,13 @@ Baselines, written here as people usually write them:
   (b) soft cross-entropy: −Σ softmax(t)·log_softmax(s) (cheaper; its value is not the KL).
   (a/chunked) (a) looped over chunks of tokens under autograd, as chunked KD losses usually are.
 
-Usage: python benchmarks/kd_loss.py [--quick]
+Divergences (issue 12): every divergence at chunk_size=512, with kd_ratio=1 and with
+kd_ratio=0.5 (the hard-label cross-entropy in the same pass), same memory and timing method;
+time relative to forward KL (kd_ratio=1) of the same run. Bars: memory <= 1.25 for forward KL,
+reverse KL and TVD, <= 1.5 for JSD and the skew variants; kd_ratio=0.5 at most 0.1 above the
+same divergence at kd_ratio=1; time of each divergence <= 1.6x forward KL.
+
+Usage: python benchmarks/kd_loss.py [--quick] [--divergences-only]
 """
 
 from __future__ import annotations
@@ -29,8 +33,14 @@ import time
 import torch
 
 from lightning_kd import KDLoss
+from lightning_kd.losses import DIVERGENCES
 
 CHUNK = 512
+#: Memory bar per divergence (kd_ratio=1), in [N, V] fp32 matrices.
+MEMORY_BARS = {"forward_kl": 1.25, "reverse_kl": 1.25, "tvd": 1.25, "jsd": 1.5, "skew_kl": 1.5,
+               "skew_reverse_kl": 1.5}  # fmt: skip
+TIME_BAR = 1.6  # each divergence vs forward KL
+KD_MEMORY_SLACK = 0.1  # kd_ratio=0.5 vs kd_ratio=1
 
 
 def baseline_a(student, teacher, labels):
@@ -55,13 +65,28 @@ def baseline_a_chunked(student, teacher, labels):
     return total / mask.sum()
 
 
-VARIANTS = {
+BASELINES = {
     "ours (chunk 512)": lambda s, t, y: KDLoss(chunk_size=CHUNK)(s, t, y),
     "ours (unchunked)": lambda s, t, y: KDLoss()(s, t, y),
     "baseline (a) true KL": baseline_a,
     "baseline (a), chunked under autograd": baseline_a_chunked,
     "baseline (b) soft CE": baseline_b,
 }
+
+
+def _divergence_variant(name: str, kd_ratio: float):
+    loss_fn = KDLoss(chunk_size=CHUNK, divergence=name, kd_ratio=kd_ratio)
+    return lambda s, t, y: loss_fn(s, t, y)
+
+
+def _div_key(name: str, kd_ratio: float) -> str:
+    return f"{name}, kd_ratio {kd_ratio:g}"
+
+
+DIVERGENCE_VARIANTS = {
+    _div_key(name, kd): _divergence_variant(name, kd) for name in DIVERGENCES for kd in (1.0, 0.5)
+}
+VARIANTS = {**BASELINES, **DIVERGENCE_VARIANTS}
 
 
 def _status_kib(field: str) -> int:
@@ -86,9 +111,9 @@ def _child_memory(name: str, n: int, v: int) -> None:
     print(json.dumps({"growth": (peak - before) * 1024 / (n * v * 4)}))
 
 
-def memory_table(n: int, v: int) -> dict[str, float]:
+def memory_table(n: int, v: int, names: list[str]) -> dict[str, float]:
     out = {}
-    for name in VARIANTS:
+    for name in names:
         proc = subprocess.run(
             [sys.executable, __file__, "--child-memory", name, str(n), str(v)],
             check=True,
@@ -99,28 +124,70 @@ def memory_table(n: int, v: int) -> dict[str, float]:
     return out
 
 
-def speed_table(n: int, v: int, repeats: int) -> dict[str, float]:
+def speed_table(n: int, v: int, repeats: int, names: list[str], ref: str) -> dict[str, float]:
     torch.manual_seed(0)
     student0 = torch.randn(n, v)
     teacher = torch.randn(n, v)
     labels = torch.randint(0, v, (n,))
     labels[::17] = -100
-    best = dict.fromkeys(VARIANTS, float("inf"))
+    best = dict.fromkeys(names, float("inf"))
     for rep in range(repeats + 1):  # the first round is warm-up
-        for name, fn in VARIANTS.items():
+        for name in names:
             student = student0.clone().requires_grad_()
             start = time.perf_counter()
-            fn(student, teacher, labels).backward()
+            VARIANTS[name](student, teacher, labels).backward()
             elapsed = time.perf_counter() - start
             if rep:
                 best[name] = min(best[name], elapsed)
-    ref = best["baseline (b) soft CE"]
-    return {name: t / ref for name, t in best.items()}
+            del student
+    return {name: t / best[ref] for name, t in best.items()}
+
+
+def _baseline_bars(mem_n: int, speed_n: int, v: int, repeats: int) -> dict[str, bool]:
+    print(f"Peak-RSS growth, forward+backward, fp32 [N={mem_n}, V={v}], in [N, V] fp32 matrices")
+    mem = memory_table(mem_n, v, list(BASELINES))
+    for name, growth in mem.items():
+        print(f"  {name:40s} {growth:6.2f}x")
+    print(f"\nTime relative to baseline (b), forward+backward, fp32 [N={speed_n}, V={v}]")
+    speed = speed_table(speed_n, v, repeats, list(BASELINES), "baseline (b) soft CE")
+    for name, ratio in speed.items():
+        print(f"  {name:40s} {ratio:6.2f}x")
+    return {
+        "memory: ours chunked <= 1.25x": mem["ours (chunk 512)"] <= 1.25,
+        "speed: ours unchunked <= 1.0x (b)": speed["ours (unchunked)"] <= 1.0,
+        "speed: ours chunked <= 1.1x (b)": speed["ours (chunk 512)"] <= 1.1,
+        "speed: ours both < (a)": max(speed["ours (unchunked)"], speed["ours (chunk 512)"])
+        < speed["baseline (a) true KL"],
+    }
+
+
+def _divergence_bars(mem_n: int, speed_n: int, v: int, repeats: int) -> dict[str, bool]:
+    names = list(DIVERGENCE_VARIANTS)
+    mem = memory_table(mem_n, v, names)
+    speed = speed_table(speed_n, v, repeats, names, _div_key("forward_kl", 1.0))
+    print(f"\nDivergences, chunk_size={CHUNK}: peak-RSS growth, fp32 [N={mem_n}, V={v}], in [N, V]")
+    print(f"fp32 matrices; time, fp32 [N={speed_n}, V={v}], relative to forward KL at kd_ratio 1")
+    print(f"  {'divergence':16s} {'mem kd=1':>9s} {'mem kd=0.5':>11s} {'time kd=1':>10s} "
+          f"{'time kd=0.5':>12s}")  # fmt: skip
+    bars = {}
+    for name in DIVERGENCES:
+        one, half = _div_key(name, 1.0), _div_key(name, 0.5)
+        print(f"  {name:16s} {mem[one]:8.2f}x {mem[half]:10.2f}x {speed[one]:9.2f}x "
+              f"{speed[half]:11.2f}x")  # fmt: skip
+        bars[f"memory: {name} <= {MEMORY_BARS[name]}x"] = mem[one] <= MEMORY_BARS[name]
+        bars[f"memory: {name} kd_ratio 0.5 <= kd_ratio 1 + {KD_MEMORY_SLACK}"] = (
+            mem[half] <= mem[one] + KD_MEMORY_SLACK
+        )
+        bars[f"time: {name} <= {TIME_BAR}x forward KL"] = speed[one] <= TIME_BAR
+    return bars
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats")
+    parser.add_argument(
+        "--divergences-only", action="store_true", help="only the per-divergence table"
+    )
     parser.add_argument("--child-memory", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_memory:
@@ -131,22 +198,8 @@ def main() -> int:
     # The memory bar is defined at N=4096 (chunk 512 = N/8); --quick only shortens the timing.
     mem_n, speed_n, v, repeats = (4096, 1024, 32000, 2) if args.quick else (4096, 2048, 32000, 4)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
-    print(f"Peak-RSS growth, forward+backward, fp32 [N={mem_n}, V={v}], in [N, V] fp32 matrices")
-    mem = memory_table(mem_n, v)
-    for name, growth in mem.items():
-        print(f"  {name:40s} {growth:6.2f}x")
-    print(f"\nTime relative to baseline (b), forward+backward, fp32 [N={speed_n}, V={v}]")
-    speed = speed_table(speed_n, v, repeats)
-    for name, ratio in speed.items():
-        print(f"  {name:40s} {ratio:6.2f}x")
-
-    bars = {
-        "memory: ours chunked <= 1.25x": mem["ours (chunk 512)"] <= 1.25,
-        "speed: ours unchunked <= 1.0x (b)": speed["ours (unchunked)"] <= 1.0,
-        "speed: ours chunked <= 1.1x (b)": speed["ours (chunk 512)"] <= 1.1,
-        "speed: ours both < (a)": max(speed["ours (unchunked)"], speed["ours (chunk 512)"])
-        < speed["baseline (a) true KL"],
-    }
+    bars = {} if args.divergences_only else _baseline_bars(mem_n, speed_n, v, repeats)
+    bars.update(_divergence_bars(mem_n, speed_n, v, repeats))
     print("\nBars")
     for bar, ok in bars.items():
         print(f"  [{'PASS' if ok else 'FAIL'}] {bar}")

@@ -1,24 +1,43 @@
 """Distillation losses in plain PyTorch (this package imports nothing from Lightning).
 
 - :class:`KDLoss`: the public loss module (input checks, valid-token selection, dispatch).
-- :mod:`~lightning_kd.losses.engine`: the chunked, memory-bounded pass with analytic backward.
-- :mod:`~lightning_kd.losses.divergences`: one file per divergence, only its chunk math.
+- :mod:`~lightning_kd.losses.engine`: the chunked, memory-bounded pass with analytic backward
+  (the divergence and the hard-label cross-entropy term in one pass).
+- :mod:`~lightning_kd.losses.divergences`: one file per divergence, only its chunk math:
+  :class:`ForwardKL`, :class:`ReverseKL`, :class:`JSD`, :class:`TVD`, :class:`SkewKL`,
+  :class:`SkewReverseKL`.
 - :mod:`~lightning_kd.losses.vocab_softmax` / :mod:`~lightning_kd.losses.vocab_parallel`:
   softmax over a whole vocabulary row, or over one rank's vocabulary shard (tensor parallel).
 - :mod:`~lightning_kd.losses.cross_entropy`: hard-label cross-entropy, also vocab-parallel.
 """
 
 from lightning_kd.losses.cross_entropy import token_cross_entropy
-from lightning_kd.losses.divergences import Divergence, ForwardKL, ReverseKL
+from lightning_kd.losses.divergences import (
+    DIVERGENCES,
+    JSD,
+    TVD,
+    Divergence,
+    ForwardKL,
+    ReverseKL,
+    SkewKL,
+    SkewReverseKL,
+    resolve_divergence,
+)
 from lightning_kd.losses.kd_loss import KDLoss, KDLossOutput
 from lightning_kd.losses.vocab_parallel import find_vocab_tp_group
 
 __all__ = [
+    "DIVERGENCES",
+    "JSD",
+    "TVD",
     "Divergence",
     "ForwardKL",
     "KDLoss",
     "KDLossOutput",
     "ReverseKL",
+    "SkewKL",
+    "SkewReverseKL",
     "find_vocab_tp_group",
+    "resolve_divergence",
     "token_cross_entropy",
 ]

@@ -1,9 +1,10 @@
 """Hard-label cross-entropy summed over valid tokens, also on vocabulary-sharded logits.
 
-The cross-entropy term of ``DistillationModule`` (``kd_ratio < 1``) and its validation
-perplexities need ``−log softmax(s)[label]`` per token. On plain logits that is
-``F.cross_entropy``. On vocab-sharded logits (DTensor ``Shard(-1)``, or local shards with a
-group) it is computed here from the local shard, like KDLoss: the global log-normaliser from
+``KDLoss`` computes the cross-entropy term of the loss (``kd_ratio < 1``) in its own chunked
+pass; this function is the stand-alone form, for validation perplexities (of the student or
+the teacher) and label-only training. On plain logits it is ``F.cross_entropy``. On
+vocab-sharded logits (DTensor ``Shard(-1)``, or local shards with a group) it is computed here
+from the local shard, like KDLoss: the global log-normaliser from
 :class:`~lightning_kd.losses.vocab_parallel.VocabParallelSoftmax`, the label's logit from the rank
 that owns it (an all-reduce of per-token values), and an analytic backward
 ``softmax(s) − onehot(label)`` on the local shard with no communication. ``loss_parallel()`` is
@@ -15,7 +16,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
@@ -23,20 +23,11 @@ from torch.autograd.function import once_differentiable
 from lightning_kd.losses.vocab_parallel import VocabParallelSoftmax, resolve_vocab_parallel
 
 
-def _shard_offset(local_vocab: int, group: dist.ProcessGroup, device: torch.device) -> int:
-    """Index of this rank's first vocabulary entry (shards are contiguous, in rank order).
-    The all-reduce runs on ``device``, the logits' device (NCCL cannot reduce CPU tensors)."""
-    sizes = torch.zeros(dist.get_world_size(group), dtype=torch.int64, device=device)
-    sizes[dist.get_rank(group)] = local_vocab
-    dist.all_reduce(sizes, group=group)
-    return int(sizes[: dist.get_rank(group)].sum())
-
-
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, logits: Tensor, labels: Tensor, vocab: VocabParallelSoftmax) -> Tensor:
         # logits: [n, V_local] valid rows only; labels: [n] global vocabulary ids.
-        offset = _shard_offset(logits.shape[-1], vocab.group, logits.device)
+        offset, _ = vocab.vocab_range(logits.shape[-1], logits.device)
         work = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
         log_probs = vocab.log_softmax(logits, 1.0, out=work)
         local = labels - offset

@@ -1,12 +1,16 @@
-"""The chunked engine: a divergence over selected rows of ``[*, V]`` logits, bounded in memory.
+"""The chunked engine: a divergence (and the hard-label CE) over selected rows, bounded in memory.
 
-:func:`divergence_over_rows` runs a :class:`~lightning_kd.losses.divergences.Divergence` over
+:func:`distill_over_rows` runs a :class:`~lightning_kd.losses.divergences.Divergence` over
 the rows (tokens) marked in a ``valid`` mask, in windows of at most ``chunk_size`` rows,
-inside one custom ``torch.autograd.Function``. The forward pass writes the analytic gradient of
-each chunk straight into one gradient buffer shaped like the student logits, so nothing of a
-chunk survives the chunk: peak memory is the gradient itself plus one or two ``[chunk, V]``
-buffers in the compute dtype. The backward pass only scales that buffer by the incoming
+inside one custom ``torch.autograd.Function``; when asked, the student's hard-label
+cross-entropy (temperature 1) is computed in the same window from the same student rows, and
+``loss = kd_ratio · T² · divergence + (1 − kd_ratio) · CE`` (summed, over the normaliser). The
+forward pass writes the analytic gradient of each chunk straight into one gradient buffer
+shaped like the student logits, so nothing of a chunk survives the chunk: peak memory is the
+gradient itself plus the divergence's ``[chunk, V]`` workspaces in the compute dtype (the
+cross-entropy reuses them). The backward pass only scales that buffer by the incoming
 gradient. ``chunk_size=0`` runs all rows as one chunk (the fastest path, same math).
+:func:`divergence_over_rows` is the divergence-only form.
 
 A window is read as a view of the logits when they are 2-D viewable and the window's valid rows
 are dense (the few ignored rows inside are computed and discarded, which is cheaper than a
@@ -16,6 +20,7 @@ such as ``logits[:, :-1]`` are never copied whole.
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import torch
@@ -33,6 +38,10 @@ def _as_rows(x: Tensor) -> Tensor | None:
     except RuntimeError:
         return None
 
+
+# With kd_ratio < 1 the buffer holds dD/dz + f · (CE gradient), f = (1 − kd) / (kd T); past
+# this f, it holds (dD/dz) / f + (CE gradient) instead (one more pass; no overflow in fp16).
+_MAX_CE_FACTOR = 64.0
 
 # A window whose valid rows fill at least this share of their span is processed as a view
 # (ignored rows computed and then discarded); sparser windows gather their valid rows instead.
@@ -78,28 +87,123 @@ def _take(x: Tensor, x2d: Tensor | None, window: _Window, rows: Tensor) -> Tenso
     return x[torch.unravel_index(rows, x.shape[:-1])]
 
 
-class _DivergenceOverRows(torch.autograd.Function):
+class PassSpec(NamedTuple):
+    """What one pass computes, besides the tensors.
+
+    Attributes:
+        divergence: the per-chunk math, or None for the cross-entropy alone.
+        temperature: softmax temperature ``T`` of the divergence (> 0); CE uses 1.
+        normaliser: the denominator (number of valid tokens, or ``num_batch_labels``).
+        chunk_size: rows per chunk; 0 processes all rows at once.
+        compute_dtype: dtype of the softmaxes and buffers (fp32 for upcast).
+        kd_ratio: weight of the divergence in the loss; ``1 − kd_ratio`` weighs the CE.
+        with_ce: compute the per-token cross-entropy (needs ``targets``).
+        label_offset: vocabulary id of the first local column (tensor-parallel shards).
+        vocab_size: size of the whole vocabulary; CE of a label outside it is NaN.
+    """
+
+    divergence: Divergence | None
+    temperature: float
+    normaliser: float
+    chunk_size: int
+    compute_dtype: torch.dtype
+    kd_ratio: float = 1.0
+    with_ce: bool = False
+    label_offset: int = 0
+    vocab_size: int = 0
+
+
+class PassOutput(NamedTuple):
+    """What :func:`distill_over_rows` returns.
+
+    Attributes:
+        loss: 0-dim, ``(kd_ratio · T² Σ div + (1 − kd_ratio) Σ ce) / normaliser`` in the
+            compute dtype, connected to the student.
+        per_token_div: [n] detached ``T² · divergence`` of the valid rows in row order (empty
+            when the divergence was not computed).
+        per_token_ce: [n] detached cross-entropy of the valid rows (empty when not computed).
+        div_loss: 0-dim detached ``T² Σ div / normaliser``.
+        ce_loss: 0-dim detached ``Σ ce / normaliser``.
+    """
+
+    loss: Tensor
+    per_token_div: Tensor
+    per_token_ce: Tensor
+    div_loss: Tensor
+    ce_loss: Tensor
+
+
+def _cross_entropy_rows(
+    student: Tensor,
+    labels: Tensor,
+    vocab: VocabSoftmax,
+    buf: Tensor,
+    spec: PassSpec,
+    grad: Tensor | None,
+    factor: float,
+    accumulate: bool,
+) -> Tensor:
+    """``−log softmax(student)[label]`` per row (temperature 1), [m], all collectives O(m).
+
+    With ``grad``, adds ``factor · (softmax(student) − onehot(label))`` to it (``accumulate``)
+    or writes ``softmax − onehot`` (``factor`` 1) into it. ``buf`` [m, V_local] is scratch."""
+    local_size = student.shape[-1]
+    log_probs = vocab.log_softmax(student, 1.0, out=buf)
+    local = labels - spec.label_offset
+    owned = (local >= 0) & (local < local_size)
+    index = local.clamp(0, local_size - 1).unsqueeze(1)
+    picked = torch.where(owned, log_probs.gather(1, index).squeeze(1), 0.0)
+    ce = vocab.all_sum(picked).neg_()
+    in_range = (labels >= 0) & (labels < spec.vocab_size)
+    ce = torch.where(in_range, ce, math.nan)
+    if grad is not None:
+        if accumulate:
+            grad.add_(log_probs.exp_(), alpha=factor)
+        else:
+            torch.exp(log_probs, out=grad)
+        rows = owned.nonzero().squeeze(1)
+        hit = torch.full(rows.shape, -factor, dtype=grad.dtype, device=grad.device)
+        grad.index_put_((rows, local[rows]), hit, accumulate=True)
+    return ce
+
+
+class _DistillOverRows(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx: Any,
         student: Tensor,
         teacher: Tensor,
         valid: Tensor,
-        divergence: Divergence,
+        targets: Tensor | None,
+        spec: PassSpec,
         vocab: VocabSoftmax,
-        temperature: float,
-        normaliser: float,
-        chunk_size: int,
-        compute_dtype: torch.dtype,
         need_grad: bool,
-    ) -> tuple[Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         device, vsize = student.device, student.shape[-1]
+        divergence, temperature, dtype = spec.divergence, spec.temperature, spec.compute_dtype
+        kd = spec.kd_ratio
         student2d, teacher2d = _as_rows(student), _as_rows(teacher)
         valid_cpu = valid.reshape(-1).cpu()
-        windows = _plan_windows(valid_cpu, chunk_size)
+        windows = _plan_windows(valid_cpu, spec.chunk_size)
         viewable = student2d is not None and teacher2d is not None
         n = int(valid_cpu.sum())
-        per_token = torch.empty(n, dtype=compute_dtype, device=device)
+        per_div = torch.empty(n if divergence is not None else 0, dtype=dtype, device=device)
+        per_ce = torch.empty(n if spec.with_ce else 0, dtype=dtype, device=device)
+
+        # Who writes the gradient: the divergence (kd_ratio > 0), then the CE adds its share
+        # scaled relative to it (kd_ratio < 1); or the CE alone (kd_ratio == 0). The buffer
+        # holds d(loss)/ds up to the one factor ``grad_scale`` that backward applies.
+        div_grad = need_grad and divergence is not None and kd > 0
+        ce_grad = need_grad and spec.with_ce and kd < 1
+        div_factor = 1.0
+        if div_grad:
+            ce_factor = (1.0 - kd) / (kd * temperature)
+            grad_scale = kd * temperature / spec.normaliser  # d(T² D)/ds = T dD/dz
+            if ce_factor > _MAX_CE_FACTOR:  # CE dominates: keep the buffer O(1) (fp16 range)
+                div_factor, ce_factor = 1.0 / ce_factor, 1.0
+                grad_scale = (1.0 - kd) / spec.normaliser
+        else:
+            ce_factor, grad_scale = 1.0, 1.0 / spec.normaliser
 
         grad = grad2d = None
         if need_grad:
@@ -107,12 +211,13 @@ class _DivergenceOverRows(torch.autograd.Function):
             grad2d = grad.view(-1, vsize)
             covered = torch.zeros_like(valid_cpu)
         widest = max((w.stop - w.start for w in windows), default=0)
-        work = torch.empty((widest, vsize), dtype=compute_dtype, device=device)
+        n_work = 1 + (divergence.extra_workspaces if divergence is not None else 0)
+        work = [torch.empty((widest, vsize), dtype=dtype, device=device) for _ in range(n_work)]
         # The gradient is written in place into its own buffer for dense windows of viewable
         # logits in the compute dtype; everything else goes through a scratch buffer.
-        slot_ok = grad is not None and grad.dtype == compute_dtype and viewable
+        slot_ok = grad is not None and grad.dtype == dtype and viewable
         needs_scratch = not slot_ok or not all(w.dense for w in windows)
-        scratch = torch.empty_like(work) if needs_scratch else None
+        scratch = torch.empty_like(work[0]) if needs_scratch else None
 
         offset = 0
         for window in windows:
@@ -125,14 +230,30 @@ class _DivergenceOverRows(torch.autograd.Function):
             m = s.shape[0]
             in_place = slot_ok and window.dense
             out = grad2d[window.start : window.stop] if in_place else scratch[:m]
-            values = divergence.chunk(s, t, temperature, vocab, work[:m], out, need_grad)
+            bufs = [w[:m] for w in work]
+            values = ce = None
+            if divergence is not None:
+                extra = {"extra": tuple(bufs[1:])} if len(bufs) > 1 else {}
+                values = divergence.chunk(s, t, temperature, vocab, bufs[0], out, div_grad, **extra)
+                if div_grad and div_factor != 1.0:
+                    out.mul_(div_factor)
+            if spec.with_ce:
+                ce = _cross_entropy_rows(
+                    s, targets[rows], vocab, bufs[0], spec, out if ce_grad else None,
+                    ce_factor, accumulate=div_grad,
+                )  # fmt: skip
             if window.dense and not bool(window.valid.all()):
                 keep = window.valid.to(device)
-                values = values[keep]
+                values = values[keep] if values is not None else None
+                ce = ce[keep] if ce is not None else None
                 if need_grad:
                     out.index_fill_(0, (~keep).nonzero().squeeze(1), 0.0)
-            per_token[offset : offset + values.numel()] = values
-            offset += values.numel()
+            count = int(window.valid.sum())
+            if values is not None:
+                per_div[offset : offset + count] = values
+            if ce is not None:
+                per_ce[offset : offset + count] = ce
+            offset += count
             if need_grad:
                 if window.dense:
                     covered[window.start : window.stop] = True
@@ -141,22 +262,31 @@ class _DivergenceOverRows(torch.autograd.Function):
                 else:
                     covered[window.start : window.stop] |= window.valid
                     grad2d.index_copy_(0, rows, out.to(grad2d.dtype))
-            del s, t, out
+            del s, t, out, bufs
         del work, scratch
         if need_grad and not bool(covered.all()):
             grad2d.index_fill_(0, (~covered).nonzero().squeeze(1).to(device), 0.0)
 
-        t2 = temperature * temperature
-        loss = per_token.sum(dtype=torch.float64).mul(t2 / normaliser).to(compute_dtype)
-        per_token.mul_(t2)
-        ctx.mark_non_differentiable(per_token)
+        t2, norm = temperature * temperature, spec.normaliser
+        div_sum = per_div.sum(dtype=torch.float64)
+        ce_sum = per_ce.sum(dtype=torch.float64)
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        if divergence is not None and kd > 0:
+            total = div_sum.mul(kd * t2 / norm)
+        if spec.with_ce and kd < 1:
+            total = total + ce_sum.mul((1.0 - kd) / norm)
+        loss = total.to(dtype)
+        div_loss = div_sum.mul(t2 / norm).to(dtype)
+        ce_loss = ce_sum.div(norm).to(dtype)
+        per_div.mul_(t2)
+        ctx.mark_non_differentiable(per_div, per_ce, div_loss, ce_loss)
         ctx.grad = grad
-        ctx.grad_scale = temperature / normaliser  # d(T² KL)/ds = T (Q − P) / normaliser
-        return loss, per_token
+        ctx.grad_scale = grad_scale
+        return loss, per_div, per_ce, div_loss, ce_loss
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad_loss: Tensor, _grad_per_token: Tensor) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, grad_loss: Tensor, *_unused: Tensor) -> tuple[Tensor | None, ...]:
         grad, ctx.grad = ctx.grad, None  # drop ctx's reference so autograd can take the buffer
         if grad is None:
             raise RuntimeError(
@@ -166,7 +296,46 @@ class _DivergenceOverRows(torch.autograd.Function):
         # A Python float keeps the factor exact (a 0-dim tensor would be rounded to the grad's
         # dtype: bf16 bias, and fp16 overflow for GradScaler's 65536).
         grad.mul_(float(grad_loss) * ctx.grad_scale)
-        return (grad,) + (None,) * 9
+        return (grad,) + (None,) * 6
+
+
+def distill_over_rows(
+    student: Tensor,
+    teacher: Tensor,
+    valid: Tensor,
+    vocab: VocabSoftmax,
+    spec: PassSpec,
+    targets: Tensor | None = None,
+) -> PassOutput:
+    """The divergence (and optionally the hard-label CE) over the valid rows, with an
+    analytic, chunked backward.
+
+    Args:
+        student: [*, V] student logits (any strides); the only input that receives a gradient.
+        teacher: [*, V] teacher logits, same shape; treated as a constant.
+        valid: [*] bool, True for the rows (tokens) to include.
+        vocab: the vocabulary-softmax object (local, or a tensor-parallel shard).
+        spec: what to compute (see :class:`PassSpec`).
+        targets: [N] integer labels of the flattened rows, on the logits' device; needed when
+            ``spec.with_ce`` (only the valid rows' labels are read).
+
+    Returns:
+        A :class:`PassOutput`.
+    """
+    if spec.with_ce and targets is None:
+        raise ValueError("targets are needed for the cross-entropy term.")
+    if spec.divergence is None and not (spec.with_ce and spec.kd_ratio == 0.0):
+        raise ValueError("without a divergence, only the cross-entropy with kd_ratio=0 is defined.")
+    need_grad = student.requires_grad and torch.is_grad_enabled()
+    spec = spec._replace(
+        temperature=float(spec.temperature),
+        normaliser=float(spec.normaliser),
+        chunk_size=int(spec.chunk_size),
+        kd_ratio=float(spec.kd_ratio),
+    )
+    return PassOutput(
+        *_DistillOverRows.apply(student, teacher.detach(), valid, targets, spec, vocab, need_grad)
+    )
 
 
 def divergence_over_rows(
@@ -199,16 +368,6 @@ def divergence_over_rows(
         the detached [n] values of the valid rows in row order, multiplied by ``T²`` (same units
         as the loss).
     """
-    need_grad = student.requires_grad and torch.is_grad_enabled()
-    return _DivergenceOverRows.apply(
-        student,
-        teacher.detach(),
-        valid,
-        divergence,
-        vocab,
-        float(temperature),
-        float(normaliser),
-        int(chunk_size),
-        compute_dtype,
-        need_grad,
-    )
+    spec = PassSpec(divergence, temperature, normaliser, chunk_size, compute_dtype)
+    out = distill_over_rows(student, teacher, valid, vocab, spec)
+    return out.loss, out.per_token_div

@@ -1,9 +1,11 @@
-"""``KDLoss``: forward KL(P_teacher ‖ P_student) for knowledge distillation of language models.
+"""``KDLoss``: a divergence between teacher and student for knowledge distillation of LMs.
 
 The public loss module. It validates its inputs, selects the valid tokens, picks the
 vocabulary-softmax (one process, or a tensor-parallel vocabulary shard) and hands the work to
-the chunked engine in :mod:`lightning_kd.losses.engine`. It imports nothing from Lightning so
-that it can be used in any PyTorch training loop.
+the chunked engine in :mod:`lightning_kd.losses.engine`: the divergence (forward KL by default,
+see :mod:`lightning_kd.losses.divergences`) and, when mixed in with ``kd_ratio < 1``, the
+student's hard-label cross-entropy, both in one bounded pass. It imports nothing from
+Lightning so that it can be used in any PyTorch training loop.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from lightning_kd.checks import check_bool, check_int
-from lightning_kd.losses.divergences import ForwardKL
-from lightning_kd.losses.engine import divergence_over_rows
+from lightning_kd.losses.divergences import Divergence, resolve_divergence
+from lightning_kd.losses.engine import PassSpec, distill_over_rows
 from lightning_kd.losses.vocab_parallel import VocabParallelSoftmax, resolve_vocab_parallel
 
 
@@ -25,15 +27,32 @@ class KDLossOutput(NamedTuple):
     """What :meth:`KDLoss.forward` returns with ``return_per_token=True``.
 
     Attributes:
-        loss: 0-dim tensor, the same value the plain call returns (connected to the student).
-        per_token_kl: [*] detached ``T² · KL`` per token (labels' shape, the loss's dtype),
-            0 where the label is ignored. Computed in the same pass as the loss.
+        loss: 0-dim tensor, the same value the plain call returns (connected to the student):
+            ``kd_ratio · div_loss + (1 − kd_ratio) · ce_loss``.
+        per_token_kl: [*] detached ``T² · divergence`` per token (labels' shape, the loss's
+            dtype), 0 where the label is ignored. It holds the *chosen* divergence (the name is
+            kept from when forward KL was the only one); :attr:`per_token_div` is an alias.
         valid_mask: [*] bool, True where ``labels != ignore_index``.
+        per_token_ce: [*] detached cross-entropy ``−log softmax(student)[label]`` at
+            temperature 1, 0 where ignored, NaN for a valid token whose label is not a
+            vocabulary id.
+        div_loss: 0-dim detached divergence term, ``Σ per_token_kl / normaliser``.
+        ce_loss: 0-dim detached cross-entropy term, ``Σ per_token_ce / normaliser``.
+
+    All fields come from the same pass as the loss.
     """
 
     loss: Tensor
     per_token_kl: Tensor
     valid_mask: Tensor
+    per_token_ce: Tensor
+    div_loss: Tensor
+    ce_loss: Tensor
+
+    @property
+    def per_token_div(self) -> Tensor:
+        """Alias of :attr:`per_token_kl`: the per-token value of the chosen divergence."""
+        return self.per_token_kl
 
 
 def _check_temperature(temperature: float) -> float:
@@ -63,21 +82,39 @@ def _check_normaliser(num_batch_labels: int | float | Tensor) -> float:
     return float(value)
 
 
+def _check_kd_ratio(kd_ratio: float) -> float:
+    if isinstance(kd_ratio, bool) or not isinstance(kd_ratio, Real):
+        raise ValueError(f"kd_ratio must be a real number in [0, 1], got {kd_ratio!r}.")
+    if not math.isfinite(kd_ratio) or not 0.0 <= kd_ratio <= 1.0:
+        raise ValueError(f"kd_ratio must be in [0, 1], got {kd_ratio!r}.")
+    return float(kd_ratio)
+
+
 class KDLoss(nn.Module):
-    """Forward KL distillation loss over the tokens whose label is not ``ignore_index``.
+    """Distillation loss over the tokens whose label is not ``ignore_index``.
 
-    For each valid token, with ``P = softmax(teacher / T)`` and ``Q = softmax(student / T)``::
+    For each valid token, with ``P = softmax(teacher / T)`` and ``Q = softmax(student / T)``,
+    the per-token divergence is ``T² · D(P, Q)`` for the chosen ``divergence``:
 
-        kl = T² · Σ_v P_v (log P_v − log Q_v)
+    - ``forward_kl`` (default): KL(P ‖ Q)
+    - ``reverse_kl``: KL(Q ‖ P)
+    - ``jsd`` (``beta``, default 0.5): ``β KL(P ‖ M) + (1 − β) KL(Q ‖ M)`` with
+      ``M = β P + (1 − β) Q``; ``β = 0`` is KL(P ‖ Q), ``β = 1`` is KL(Q ‖ P) (TRL's GKD)
+    - ``tvd``: ½ Σ |P − Q|
+    - ``skew_kl`` (``alpha``, default 0.1): KL(P ‖ α P + (1 − α) Q) (DistiLLM)
+    - ``skew_reverse_kl`` (``alpha``, default 0.1): KL(Q ‖ α Q + (1 − α) P) (DistiLLM)
 
-    and the loss is the mean of ``kl`` over valid tokens, or ``Σ kl / num_batch_labels`` when
-    ``num_batch_labels`` (the valid tokens of a whole gradient-accumulation window) is given.
-    The gradient flows to the student logits only, in their dtype, and is computed analytically
-    (``T · (Q − P) / normaliser``) during the forward pass, chunk by chunk.
+    and the loss is ``kd_ratio · divergence + (1 − kd_ratio) · CE``, each term summed over the
+    valid tokens and divided by their count (or by ``num_batch_labels``, the valid tokens of a
+    whole gradient-accumulation window), where CE is the student's hard-label cross-entropy
+    ``−log softmax(student)[label]`` at temperature 1. Both terms come from one chunked pass
+    over the same student rows. The gradient flows to the student logits only, in their dtype,
+    and is computed analytically during the forward pass, chunk by chunk.
 
     Args:
         ignore_index: label value of tokens to leave out (padding, prompt tokens).
-        temperature: softmax temperature ``T`` (finite, > 0); the loss is scaled by ``T²``.
+        temperature: softmax temperature ``T`` (finite, > 0) of the divergence; it is scaled
+            by ``T²``. The cross-entropy term always uses temperature 1.
         fp32_upcast: compute softmaxes in fp32 even for bf16/fp16 logits; ``False`` computes in
             the logits' dtype (less memory, less accuracy).
         tp_group: process group over which the vocabulary is sharded, for plain local-shard
@@ -86,10 +123,17 @@ class KDLoss(nn.Module):
         chunk_size: the flattened tokens are processed in windows of ``chunk_size`` positions
             (only their valid tokens are computed); memory then stays at the student gradient
             plus O(chunk_size × V) in forward and backward. 0 processes all tokens at once.
+        divergence: a name from the list above (default parameters) or a
+            :class:`~lightning_kd.losses.divergences.Divergence` object such as ``JSD(beta=0.3)``.
+        kd_ratio: weight of the divergence in [0, 1]; 1 (default) is pure distillation and
+            computes no cross-entropy unless ``return_per_token`` asks for it; 0 trains on the
+            labels alone and computes no divergence unless ``return_per_token`` asks for it.
+            With ``kd_ratio < 1`` the labels of valid tokens must be vocabulary ids.
 
     Raises:
-        ValueError: for a non-positive or non-finite temperature, a negative chunk_size, or
-            arguments of the wrong type.
+        ValueError: for a non-positive or non-finite temperature, a negative chunk_size, a
+            ``kd_ratio`` outside [0, 1], an unknown divergence name, an object that is not a
+            ``Divergence``, or arguments of the wrong type.
     """
 
     def __init__(
@@ -99,6 +143,9 @@ class KDLoss(nn.Module):
         fp32_upcast: bool = True,
         tp_group: torch.distributed.ProcessGroup | None = None,
         chunk_size: int = 0,
+        *,
+        divergence: str | Divergence = "forward_kl",
+        kd_ratio: float = 1.0,
     ) -> None:
         super().__init__()
         check_int("ignore_index", ignore_index)
@@ -109,10 +156,12 @@ class KDLoss(nn.Module):
         self.fp32_upcast = fp32_upcast
         self.tp_group = tp_group
         self.chunk_size = chunk_size
-        self.divergence = ForwardKL()
+        self.divergence = resolve_divergence(divergence)
+        self.kd_ratio = _check_kd_ratio(kd_ratio)
 
     def extra_repr(self) -> str:
         return (
+            f"divergence={self.divergence!r}, kd_ratio={self.kd_ratio}, "
             f"ignore_index={self.ignore_index}, temperature={self.temperature}, "
             f"fp32_upcast={self.fp32_upcast}, chunk_size={self.chunk_size}, "
             f"tp_group={'set' if self.tp_group is not None else None}"
@@ -133,21 +182,24 @@ class KDLoss(nn.Module):
             student_logits: [*, V] floating logits of the student (any strides), or a DTensor
                 (vocab-sharded on the last dim for the tensor-parallel path).
             teacher_logits: [*, V] teacher logits of the same shape and kind; no gradient.
-            labels: [*] integer labels (plain tensor or replicated DTensor); only compared with
-                ``ignore_index``.
+            labels: [*] integer labels (plain tensor or replicated DTensor): compared with
+                ``ignore_index``, and the cross-entropy targets when that term is computed.
             num_batch_labels: total valid tokens of the gradient-accumulation window (> 0); the
-                loss is then ``Σ kl / num_batch_labels`` instead of the mean.
-            return_per_token: also return the detached per-token KL (see :class:`KDLossOutput`).
+                loss is then ``Σ per-token loss / num_batch_labels`` instead of the mean.
+            return_per_token: also return the detached per-token divergence and cross-entropy
+                and both terms (see :class:`KDLossOutput`); the cross-entropy is then computed
+                even when ``kd_ratio`` is 1.
 
         Returns:
             A 0-dim tensor (fp32 when ``fp32_upcast`` and the logits are half precision, else
-            the logits' dtype), or a
-            :class:`KDLossOutput` when ``return_per_token`` is True. With no valid token the
-            loss is a finite 0 that is still connected to the student (zero gradient).
+            the logits' dtype), or a :class:`KDLossOutput` when ``return_per_token`` is True.
+            With no valid token the loss is a finite 0 that is still connected to the student
+            (zero gradient).
 
         Raises:
             ValueError: on mismatched shapes or kinds, non-floating logits, non-integer labels,
-                or a non-positive ``num_batch_labels``; raised before any heavy work.
+                a non-positive ``num_batch_labels``, or (with ``kd_ratio < 1``) a valid label
+                outside ``[0, V)``; raised before any heavy work.
         """
         student, teacher, labels, vocab = resolve_vocab_parallel(
             student_logits, teacher_logits, labels, self.tp_group
@@ -155,30 +207,54 @@ class KDLoss(nn.Module):
         self._check_inputs(student, teacher, labels)
         normaliser = None if num_batch_labels is None else _check_normaliser(num_batch_labels)
 
+        with_ce = self.kd_ratio < 1.0 or return_per_token
+        with_div = self.kd_ratio > 0.0 or return_per_token
         valid = labels != self.ignore_index
         if isinstance(vocab, VocabParallelSoftmax):
-            vocab.check_same_rows(valid)
+            vocab.check_same_rows(valid, labels if with_ce else None)
         if normaliser is None:
             normaliser = float(max(int(valid.sum()), 1))
         compute_dtype = torch.promote_types(student.dtype, teacher.dtype)
         if self.fp32_upcast:
             compute_dtype = torch.promote_types(compute_dtype, torch.float32)
-        loss, per_row = divergence_over_rows(
-            student,
-            teacher,
-            valid,
-            self.divergence,
-            vocab,
-            temperature=self.temperature,
-            normaliser=normaliser,
-            chunk_size=self.chunk_size,
-            compute_dtype=compute_dtype,
+        spec = PassSpec(
+            self.divergence if with_div else None,
+            self.temperature,
+            normaliser,
+            self.chunk_size,
+            compute_dtype,
+            kd_ratio=self.kd_ratio,
+            with_ce=with_ce,
         )
+        targets = None
+        if with_ce:
+            targets = labels.reshape(-1).to(student.device, torch.int64)
+            offset, vocab_size = vocab.vocab_range(student.shape[-1], student.device)
+            spec = spec._replace(label_offset=offset, vocab_size=vocab_size)
+            if self.kd_ratio < 1.0:
+                self._check_label_range(targets, valid, vocab_size)
+        out = distill_over_rows(student, teacher, valid, vocab, spec, targets)
         if not return_per_token:
-            return loss
-        per_token = torch.zeros(valid.shape, dtype=per_row.dtype, device=per_row.device)
-        per_token.view(-1)[valid.reshape(-1).to(per_row.device)] = per_row
-        return KDLossOutput(loss, per_token, valid)
+            return out.loss
+        flat_valid = valid.reshape(-1).to(out.loss.device)
+        per_token = []
+        for values in (out.per_token_div, out.per_token_ce):
+            full = torch.zeros(valid.shape, dtype=values.dtype, device=values.device)
+            full.view(-1)[flat_valid] = values
+            per_token.append(full)
+        return KDLossOutput(out.loss, per_token[0], valid, per_token[1], out.div_loss, out.ce_loss)
+
+    @staticmethod
+    def _check_label_range(targets: Tensor, valid: Tensor, vocab_size: int) -> None:
+        flat_valid = valid.reshape(-1).to(targets.device)
+        bad = flat_valid & ((targets < 0) | (targets >= vocab_size))
+        if bool(bad.any()):
+            first = int(targets[bad][0])
+            raise ValueError(
+                f"labels of valid tokens must be vocabulary ids in [0, {vocab_size}) for the "
+                f"cross-entropy term (kd_ratio < 1), got {first}; mark ignored tokens with "
+                "ignore_index."
+            )
 
     @staticmethod
     def _check_inputs(student: Tensor, teacher: Tensor, labels: Tensor) -> None:

@@ -87,17 +87,22 @@ class VocabParallelSoftmax(LocalVocabSoftmax):
         lse = self._log_normaliser(x, temperature, out)
         return self.load(x, temperature, out).sub_(lse)
 
-    def check_same_rows(self, valid: Tensor) -> None:
-        """Raise ``ValueError`` unless every rank selected the same tokens (one all-reduce of
-        four integers). Different labels across TP ranks would otherwise mismatch the
-        collectives: a hang, or a silently wrong loss. The collective runs on the labels'
+    def check_same_rows(self, valid: Tensor, labels: Tensor | None = None) -> None:
+        """Raise ``ValueError`` unless every rank selected the same tokens and, when ``labels``
+        are given (the cross-entropy reads them), holds the same labels there (one all-reduce
+        of at most eight integers). Different labels across TP ranks would otherwise mismatch
+        the collectives: a hang, or a silently wrong loss. The collective runs on the labels'
         device (NCCL cannot reduce CPU tensors)."""
         flat = valid.reshape(-1)
         positions = torch.arange(1, flat.numel() + 1, device=flat.device)
-        stats = torch.stack([flat.sum(), (positions * flat).sum()]).to(torch.int64)
+        stats = [flat.sum(), (positions * flat).sum()]
+        if labels is not None:
+            picked = torch.where(flat, labels.reshape(-1).to(flat.device, torch.int64), 0)
+            stats += [picked.sum(), (positions * picked).sum()]
+        stats = torch.stack(stats).to(torch.int64)
         both = torch.cat([stats, -stats])
         dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self.group)
-        if not torch.equal(both[:2], -both[2:]):
+        if not torch.equal(both[: len(stats)], -both[len(stats) :]):
             raise ValueError(
                 "labels differ across the tensor-parallel ranks: every rank of the group must "
                 "pass the same labels (the same batch), only the vocabulary is sharded."
@@ -111,6 +116,16 @@ class VocabParallelSoftmax(LocalVocabSoftmax):
 
     def all_sum(self, partial: Tensor) -> Tensor:
         return _all_reduce(partial, dist.ReduceOp.SUM, self.group)
+
+    def vocab_range(self, local_size: int, device: torch.device) -> tuple[int, int]:
+        """``(first vocabulary id of this rank's shard, whole vocabulary size)``: shards are
+        contiguous, in rank order. One all-reduce of ``world_size`` integers on ``device``
+        (the logits' device: NCCL cannot reduce CPU tensors)."""
+        rank = dist.get_rank(self.group)
+        sizes = torch.zeros(dist.get_world_size(self.group), dtype=torch.int64, device=device)
+        sizes[rank] = local_size
+        dist.all_reduce(sizes, group=self.group)
+        return int(sizes[:rank].sum()), int(sizes.sum())
 
 
 def _local_labels(labels: Tensor) -> Tensor:

@@ -25,6 +25,8 @@ class VocabSoftmax(Protocol):
 
     def all_sum(self, partial: Tensor) -> Tensor: ...
 
+    def vocab_range(self, local_size: int, device: torch.device) -> tuple[int, int]: ...
+
 
 class LocalVocabSoftmax:
     """Softmax, log-softmax and row sums when each row holds the whole vocabulary."""
@@ -51,3 +53,7 @@ class LocalVocabSoftmax:
     def all_sum(self, partial: Tensor) -> Tensor:
         """Sum per-row partial results over vocabulary shards: a no-op for a full row."""
         return partial
+
+    def vocab_range(self, local_size: int, device: torch.device) -> tuple[int, int]:
+        """``(first vocabulary id of the local rows, whole vocabulary size)``: ``(0, V)``."""
+        return 0, local_size

@@ -2,20 +2,26 @@
 
 A :class:`Divergence` turns one chunk of student and teacher logit rows into a per-row value and,
 on request, the gradient of that value with respect to the temperature-scaled student logits
-``z = s / T``. It writes the gradient into a buffer it is handed and uses at most one extra
-workspace of the same shape, which is what keeps the chunked engine
-(:mod:`lightning_kd.losses.engine`) bounded in memory. Softmaxes and row sums go through a
-vocabulary-softmax object (:mod:`lightning_kd.losses.vocab_softmax`), so the same code serves a
-full vocabulary row and a tensor-parallel vocabulary shard. Each divergence lives in its own
-small file beside this one and holds only its chunk math.
+``z = s / T``. It writes the gradient into a buffer it is handed and uses only the workspaces it
+declares (``work``, plus ``extra_workspaces`` more of the same shape), which is what keeps the
+chunked engine (:mod:`lightning_kd.losses.engine`) bounded in memory. Softmaxes and row sums go
+through a vocabulary-softmax object (:mod:`lightning_kd.losses.vocab_softmax`), so the same code
+serves a full vocabulary row and a tensor-parallel vocabulary shard. Each divergence lives in
+its own small file beside this one and holds only its chunk math.
 
 Conventions: ``P = softmax(t / T)`` (teacher), ``Q = softmax(s / T)`` (student); terms with
 zero probability contribute nothing, so vocabulary entries that are ``-inf`` in both logits
 (padded or masked vocabulary) are harmless. Values are not multiplied by ``T**2``; the engine
 does that.
+
+For a value ``D(Q)`` the gradient with respect to ``z`` is ``Q ⊙ (g − Σ_v Q_v g_v)`` with
+``g = ∂D/∂Q``; each divergence's docstring gives its closed form.
 """
 
 from __future__ import annotations
+
+import math
+from numbers import Real
 
 from torch import Tensor
 
@@ -24,8 +30,8 @@ from lightning_kd.losses.vocab_softmax import VocabSoftmax
 
 def row_sum_of_products(products: Tensor, weight: Tensor) -> Tensor:
     """Row sums of ``products = weight * x`` (computed in place by the caller), where an entry
-    with ``weight == 0`` counts as 0 even if ``x`` was ``±inf`` (0·log 0 = 0). Any other NaN,
-    e.g. from NaN or +inf logits, propagates. Rows that came out NaN are fixed in place and
+    with ``weight == 0`` counts as 0 even if ``x`` was ``±inf`` or NaN (0·log 0 = 0). Any other
+    NaN, e.g. from NaN or +inf logits, propagates. Rows that came out NaN are fixed in place and
     summed again; finite inputs pay nothing extra. ``products``, ``weight``: [n, V]; returns
     [n]."""
     out = products.sum(-1)
@@ -39,10 +45,24 @@ def row_sum_of_products(products: Tensor, weight: Tensor) -> Tensor:
     return out
 
 
+def unit_interval(name: str, value: float) -> float:
+    """``value`` as a float if it is a real number in [0, 1]; ``ValueError`` naming ``name``
+    otherwise (also for bools and NaN)."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise ValueError(f"{name} must be a real number in [0, 1], got {value!r}.")
+    if not math.isfinite(value) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value!r}.")
+    return float(value)
+
+
 class Divergence:
     """Base class: one chunk of rows in, per-row values (and gradient) out.
 
-    Subclasses implement :meth:`chunk`. Chunk arguments:
+    Subclasses set :attr:`name` (the string ``KDLoss(divergence=...)`` accepts), take their
+    parameters as typed ``__init__`` arguments stored under the same attribute names (so they
+    can be built from YAML and compare by value), and implement :meth:`chunk`.
+
+    Chunk arguments:
         student: [n, V] student logit rows (any floating dtype; not modified).
         teacher: [n, V] teacher logit rows (any floating dtype; not modified).
         temperature: softmax temperature ``T``.
@@ -51,10 +71,17 @@ class Divergence:
         grad: [n, V] buffer in the compute dtype; on return it holds ``d value / d z`` with
             ``z = student / T`` when ``need_grad`` is True (else it is scratch).
         need_grad: whether the gradient is wanted.
+        extra: ``extra_workspaces`` more [n, V] scratch buffers; passed only when that is > 0.
 
     Returns:
         [n] per-row values in the compute dtype, already summed over vocabulary shards.
     """
+
+    #: The name ``KDLoss(divergence=...)`` accepts for this divergence with default parameters.
+    name: str = ""
+    #: How many [n, V] scratch buffers :meth:`chunk` needs besides ``work`` and ``grad``. Each
+    #: one costs ``chunk_size × V`` elements of the compute dtype for the whole pass.
+    extra_workspaces: int = 0
 
     def chunk(
         self,
@@ -65,5 +92,16 @@ class Divergence:
         work: Tensor,
         grad: Tensor,
         need_grad: bool,
+        extra: tuple[Tensor, ...] = (),
     ) -> Tensor:
         raise NotImplementedError
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({params})"
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and vars(other) == vars(self)
+
+    def __hash__(self) -> int:
+        return hash((type(self), tuple(sorted(vars(self).items()))))

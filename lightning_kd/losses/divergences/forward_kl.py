@@ -8,9 +8,14 @@ from lightning_kd.losses.divergences.base import Divergence, row_sum_of_products
 
 
 class ForwardKL(Divergence):
-    """KL(P ‖ Q) = sum_v P (log P − log Q); gradient w.r.t. z = s / T is ``Q − P``."""
+    """KL(P ‖ Q) = Σ_v P (log P − log Q); gradient w.r.t. z = s / T is ``Q − P``.
 
-    def chunk(self, student, teacher, temperature, vocab, work, grad, need_grad):
+    Mass-covering: the student is pushed to put probability wherever the teacher does.
+    """
+
+    name = "forward_kl"
+
+    def chunk(self, student, teacher, temperature, vocab, work, grad, need_grad, extra=()):
         log_p = vocab.log_softmax(teacher, temperature, out=work)
         log_q = vocab.log_softmax(student, temperature, out=grad)
         delta = torch.sub(log_p, log_q, out=grad)  # log P − log Q

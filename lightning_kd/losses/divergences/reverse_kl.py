@@ -8,14 +8,15 @@ from lightning_kd.losses.divergences.base import Divergence, row_sum_of_products
 
 
 class ReverseKL(Divergence):
-    """KL(Q ‖ P) = sum_v Q (log Q − log P); gradient w.r.t. z is ``Q (log Q − log P − KL)``.
+    """KL(Q ‖ P) = Σ_v Q (log Q − log P); gradient w.r.t. z is ``Q (log Q − log P − KL)``.
 
-    Not used by :class:`~lightning_kd.KDLoss` today; it shows (and its tests check) that a
-    divergence whose gradient needs the reduced row value plugs into the same engine and the
-    same tensor-parallel softmax.
+    Mode-seeking: the student may drop teacher modes it cannot fit, but is penalised for
+    putting mass where the teacher has little.
     """
 
-    def chunk(self, student, teacher, temperature, vocab, work, grad, need_grad):
+    name = "reverse_kl"
+
+    def chunk(self, student, teacher, temperature, vocab, work, grad, need_grad, extra=()):
         log_p = vocab.log_softmax(teacher, temperature, out=work)
         log_q = vocab.log_softmax(student, temperature, out=grad)
         delta = torch.sub(log_q, log_p, out=work)  # log Q − log P
