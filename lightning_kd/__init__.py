@@ -41,6 +41,8 @@ _LAZY = {
 #: Module paths of version 0.1 and where they live now; importing an old path still works
 #: (with a DeprecationWarning) for one release.
 MOVED_MODULES = {
+    "lightning_kd.callbacks.kl_plot": "lightning_kd.callbacks.divergence_plot",
+    "lightning_kd.callbacks.per_token_kl": "lightning_kd.callbacks.per_token_divergence",
     "lightning_kd.chunked": "lightning_kd.losses.engine",
     "lightning_kd.cross_entropy": "lightning_kd.losses.cross_entropy",
     "lightning_kd.divergence": "lightning_kd.losses.divergences",
@@ -88,10 +90,13 @@ class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
             DeprecationWarning,
             stacklevel=2,
         )
-        return importlib.import_module(new)
+        module = importlib.import_module(new)
+        spec.loader_state = module.__spec__  # importlib overwrites it with the old path's spec
+        return module
 
-    def exec_module(self, module: Any) -> None:  # the new module is already executed
-        pass
+    def exec_module(self, module: Any) -> None:
+        # The new module is already executed; give it its own spec back (reload, pickling).
+        module.__spec__ = module.__spec__.loader_state
 
 
 if not any(isinstance(finder, _MovedModuleFinder) for finder in sys.meta_path):

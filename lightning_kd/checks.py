@@ -8,6 +8,8 @@ int subclass, and ``chunk_size=True`` is a mistake, not 1).
 
 from __future__ import annotations
 
+import math
+from numbers import Real
 from typing import Any
 
 
@@ -34,3 +36,16 @@ def check_bool(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"{name} must be a bool, got {value!r}.")
     return value
+
+
+def check_unit_interval(name: str, value: Any) -> float:
+    """``value`` as a float if it is a real number in [0, 1].
+
+    Raises:
+        ValueError: for a bool, a non-real, NaN or a value outside [0, 1].
+    """
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise ValueError(f"{name} must be a real number in [0, 1], got {value!r}.")
+    if not math.isfinite(value) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value!r}.")
+    return float(value)

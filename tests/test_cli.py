@@ -108,7 +108,7 @@ def test_quickstart_runs_in_process(tmp_path, monkeypatch, teacher_ckpt):
     metrics = cli.trainer.callback_metrics
     for key in ("train/kd_loss", "train/tokens_per_sec", "val/kd_loss", "val/teacher_ppl"):
         assert key in metrics and torch.isfinite(metrics[key]), key
-    assert list((tmp_path / "runs/quickstart").glob("**/kl_per_token.png"))
+    assert list((tmp_path / "runs/quickstart").glob("**/divergence_per_token.png"))
     rows = _metrics(tmp_path / "runs/quickstart")
     assert any(row.get("train/kd_loss") for row in rows), "CSV logger did not record the loss"
 

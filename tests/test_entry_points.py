@@ -182,14 +182,19 @@ def test_demo_teacher_is_defined_once_and_resolved_from_any_directory(
 
 @pytest.mark.slow
 def test_demo_runs_outside_the_repository(tmp_path):
-    """`python -m lightning_kd.demo --fast` from an empty directory: no configs/ there, no
-    PYTHONPATH; the shipped configs come from the package. It writes runs/ and .cache/ here."""
-    proc = _run([sys.executable, "-m", "lightning_kd.demo", "--fast"], tmp_path)
+    """`python -m lightning_kd.demo --fast --divergence jsd` from an empty directory: no
+    configs/ there, no PYTHONPATH; the shipped configs come from the package. It writes runs/
+    and .cache/ here. One flag switches both students' divergence."""
+    proc = _run([sys.executable, "-m", "lightning_kd.demo", "--fast", "--divergence", "jsd"],
+                tmp_path)  # fmt: skip
     assert proc.returncode == 0, _tail(proc)
     out = proc.stdout
     assert "| model " in out and "| teacher " in out, _tail(proc)
     assert "| student, distilled (KD)" in out and "| student, labels only" in out, _tail(proc)
-    assert "closer to" in out, _tail(proc)
+    assert "closer to" in out and "Divergence: JSD(β=0.5)" in out, _tail(proc)
+    for run in ("demo_kd", "demo_baseline"):
+        config = next((tmp_path / "runs" / run).glob("logs/*/config.yaml")).read_text()
+        assert "divergence: jsd" in config, run
     assert (tmp_path / "runs/teacher/checkpoints/last.ckpt").is_file()
     assert (tmp_path / "runs/demo_kd/checkpoints/last.ckpt").is_file()
     assert (tmp_path / ".cache").is_dir()

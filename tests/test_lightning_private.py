@@ -115,7 +115,7 @@ def test_logged_step_counts_optimizer_steps_with_gradient_accumulation(tmp_path)
     trainer, probe, logger = _fit(Boring(), tmp_path, max_steps=steps, accumulate_grad_batches=2)
     assert trainer.global_step == steps
     assert logged_step(trainer) == steps
-    # At each batch end (where the KL callbacks log): the batches that stepped before this one.
+    # At each batch end (where the per-token callbacks log): the batches that stepped before it.
     assert probe.seen == [(0, 0), (0, 1), (1, 1), (1, 2), (2, 2), (2, 3)]
     # Lightning sends `self.log` values to the loggers at the batches that step the optimizer,
     # with the step a callback reads there.

@@ -7,10 +7,12 @@ import warnings
 import lightning as L
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_kd import DistillationModule, KDLoss, TinyLlama
+from lightning_kd.losses import JSD, ForwardKL
 from lightning_kd.parallel.grad_clip import clip_grad_norm
 from lightning_kd.parallel.plans import resolve_tensor_parallel_plan as tensor_parallel_plan
 from tests.scripts.fit_run import RandomTokens, make_models
@@ -313,3 +315,77 @@ def test_teacher_without_tp_plan_works_single_device():
     assert module.trainer.global_step == 3
     assert losses[2] < losses[1] < losses[0], losses  # the student learns
     assert torch.equal(module.teacher.table.weight, teacher_before["table.weight"])
+
+
+def test_kd_ratio_has_one_source_of_truth_the_loss():
+    student, teacher = make_models()
+    default = DistillationModule(student, teacher)
+    assert default.kd_ratio == 1.0 and default.kd_loss.divergence == ForwardKL()
+    assert DistillationModule(student, teacher, kd_ratio=0.3).kd_loss.kd_ratio == 0.3
+    from_loss = DistillationModule(student, teacher, loss=KDLoss(kd_ratio=0.4))
+    assert from_loss.kd_ratio == 0.4
+    agreeing = DistillationModule(student, teacher, loss=KDLoss(kd_ratio=0.4), kd_ratio=0.4)
+    assert agreeing.kd_ratio == 0.4
+    with pytest.raises(ValueError, match=r"kd_ratio=0\.5 contradicts the loss's kd_ratio=0\.4"):
+        DistillationModule(student, teacher, loss=KDLoss(kd_ratio=0.4), kd_ratio=0.5)
+    for bad in (True, -0.1, float("nan"), "0.5"):
+        with pytest.raises(ValueError, match="kd_ratio must be"):
+            DistillationModule(student, teacher, kd_ratio=bad)
+
+
+@pytest.mark.parametrize("name", ["forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl"])
+def test_compute_loss_is_the_losses_mix_in_one_pass(name):
+    """compute_loss = kd_ratio · divergence + (1 − kd_ratio) · CE, with the divergence and
+    the CE of the loss's own pass; the gradient reaches the student only."""
+    torch.manual_seed(0)
+    module = _module(loss=KDLoss(temperature=2.0, chunk_size=5, divergence=name, kd_ratio=0.3))
+    module.configure_model()
+    batch = next(iter(DataLoader(RandomTokens(samples=2), batch_size=2)))
+    student_logits = module.run_student(batch)
+    with torch.no_grad():
+        teacher_logits = module.run_teacher(batch)
+    terms = module.compute_loss(student_logits, teacher_logits, batch)
+    reference = KDLoss(temperature=2.0, divergence=name)(
+        student_logits.detach(), teacher_logits, batch["labels"], return_per_token=True
+    )
+    ce = F.cross_entropy(
+        student_logits.detach().flatten(0, 1), batch["labels"].flatten(), ignore_index=-100
+    )
+    torch.testing.assert_close(terms.kd_loss, reference.loss, rtol=1e-5, atol=0)
+    torch.testing.assert_close(terms.ce_loss, ce, rtol=1e-5, atol=0)
+    torch.testing.assert_close(terms.loss, 0.3 * reference.loss + 0.7 * ce, rtol=1e-5, atol=0)
+    torch.testing.assert_close(terms.per_token_div, reference.per_token_div, rtol=1e-5, atol=0)
+    assert terms.per_token_kl is terms.per_token_div  # 0.1 name, read-only alias
+    assert not terms.kd_loss.requires_grad and not terms.ce_loss.requires_grad
+    terms.loss.backward()
+    assert all(p.grad is not None for p in module.student.parameters())
+    assert all(p.grad is None for p in module.teacher.parameters())
+
+
+def test_validation_cross_entropies_of_both_models_match_torch():
+    module = _module(loss=KDLoss(chunk_size=3, divergence="jsd"))
+    metrics = {}
+
+    class Grab(L.Callback):
+        def on_validation_end(self, trainer, pl_module):
+            metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+    loader = DataLoader(RandomTokens(samples=6), batch_size=4)  # batches of 4 and 2
+    _trainer(callbacks=[Grab()], limit_val_batches=None).validate(module, loader)
+    labels = torch.cat([b["labels"] for b in loader]).flatten()
+    with torch.no_grad():
+        for role in ("student", "teacher"):
+            model = getattr(module, role)
+            logits = torch.cat([model(b["input_ids"]) for b in loader]).flatten(0, 1)
+            expected = F.cross_entropy(logits.double(), labels, ignore_index=-100)
+            assert metrics[f"val/{role}_ce"] == pytest.approx(float(expected), rel=1e-5), role
+
+
+def test_checkpoints_record_the_divergence():
+    saved = {}
+    _module(loss=KDLoss(divergence="jsd")).on_save_checkpoint(saved)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _module(loss=KDLoss(divergence=JSD(beta=0.5))).on_load_checkpoint(saved)
+    with pytest.warns(UserWarning, match=r"divergence: saved 'JSD\(beta=0\.5\)', now 'TVD\(\)'"):
+        _module(loss=KDLoss(divergence="tvd")).on_load_checkpoint(saved)

@@ -78,6 +78,9 @@ def test_old_module_paths_still_import_with_a_deprecation_warning(old, new, name
         f"assert getattr(old, {name!r}) is getattr(new, {name!r})\n"
         f"assert any({new!r} in str(w.message) and w.category is DeprecationWarning "
         "for w in caught), [str(w.message) for w in caught]\n"
+        # The new module keeps its own spec (importlib sets the old one), so reload works.
+        f"assert new.__spec__.name == {new!r}, new.__spec__\n"
+        "importlib.reload(new)\n"
     )
     proc = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300

@@ -17,7 +17,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from lightning_kd.checks import check_bool, check_int
+from lightning_kd.checks import check_bool, check_int, check_unit_interval
 from lightning_kd.losses.divergences import Divergence, resolve_divergence
 from lightning_kd.losses.engine import PassSpec, distill_over_rows
 from lightning_kd.losses.vocab_parallel import VocabParallelSoftmax, resolve_vocab_parallel
@@ -80,14 +80,6 @@ def _check_normaliser(num_batch_labels: int | float | Tensor) -> float:
             f"gradient-accumulation window), got {value!r}."
         )
     return float(value)
-
-
-def _check_kd_ratio(kd_ratio: float) -> float:
-    if isinstance(kd_ratio, bool) or not isinstance(kd_ratio, Real):
-        raise ValueError(f"kd_ratio must be a real number in [0, 1], got {kd_ratio!r}.")
-    if not math.isfinite(kd_ratio) or not 0.0 <= kd_ratio <= 1.0:
-        raise ValueError(f"kd_ratio must be in [0, 1], got {kd_ratio!r}.")
-    return float(kd_ratio)
 
 
 class KDLoss(nn.Module):
@@ -157,7 +149,7 @@ class KDLoss(nn.Module):
         self.tp_group = tp_group
         self.chunk_size = chunk_size
         self.divergence = resolve_divergence(divergence)
-        self.kd_ratio = _check_kd_ratio(kd_ratio)
+        self.kd_ratio = check_unit_interval("kd_ratio", kd_ratio)
 
     def extra_repr(self) -> str:
         return (

@@ -34,7 +34,7 @@ from torch.distributed.tensor.parallel import ParallelStyle
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_kd.losses.cross_entropy import token_cross_entropy
+from lightning_kd.checks import check_unit_interval
 from lightning_kd.losses.kd_loss import KDLoss
 from lightning_kd.parallel.fsdp import apply_fsdp, mixed_precision_policy
 from lightning_kd.parallel.grad_clip import clip_grad_norm
@@ -76,10 +76,14 @@ class DistillationModule(LightningModule):
             ``configure_model``, so the CLI does not materialise it early).
         teacher: the frozen teacher, or a factory. Its parameters never require grad, it
             stays in eval mode, runs under no-grad and is never given to the optimizer.
-        loss: the distillation loss; default ``KDLoss()``. Its ``ignore_index`` is also used
-            for the cross-entropy term and token counting.
-        kd_ratio: weight of the KD term: ``loss = (1 − kd_ratio)·CE + kd_ratio·KD``; 1.0 is
-            pure distillation, 0.0 trains on labels alone (the baseline).
+        loss: the distillation loss; default ``KDLoss()`` (forward KL). It owns the whole
+            objective: the divergence, the temperature and ``kd_ratio``, the mix
+            ``kd_ratio·divergence + (1 − kd_ratio)·CE`` computed in one bounded pass (see
+            :class:`~lightning_kd.KDLoss`). Its ``ignore_index`` also drives token counting.
+        kd_ratio: a shortcut for the loss's ``kd_ratio`` (weight of the divergence; 1.0 is pure
+            distillation, 0.0 trains on labels alone, the baseline). With ``loss`` unset it
+            builds ``KDLoss(kd_ratio=kd_ratio)``; with ``loss`` set it must be unset (None) or
+            equal to ``loss.kd_ratio``: the loss is the one source of truth for the mix.
         optimizer: builds the optimizer from :meth:`trainable_parameters`, in
             ``configure_optimizers`` (after parallelisation); default AdamW(lr=1e-3).
         lr_scheduler: optional, builds a scheduler from the optimizer (stepped per step).
@@ -100,8 +104,8 @@ class DistillationModule(LightningModule):
             differ are refused before training.
 
     Raises:
-        ValueError: for a ``kd_ratio`` outside [0, 1], a missing teacher checkpoint or a
-            non-positive ``shared_vocab_size``.
+        ValueError: for a ``kd_ratio`` outside [0, 1] or one that contradicts the loss's, a
+            missing teacher checkpoint or a non-positive ``shared_vocab_size``.
     """
 
     def __init__(
@@ -109,7 +113,7 @@ class DistillationModule(LightningModule):
         student: ModelOrFactory,
         teacher: ModelOrFactory,
         loss: KDLoss | None = None,
-        kd_ratio: float = 1.0,
+        kd_ratio: float | None = None,
         optimizer: OptimizerCallable = default_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,
         teacher_checkpoint: str | None = None,
@@ -120,13 +124,10 @@ class DistillationModule(LightningModule):
         shared_vocab_size: int | None = None,
     ) -> None:
         super().__init__()
-        if not (0.0 <= kd_ratio <= 1.0):
-            raise ValueError(f"kd_ratio must be in [0, 1], got {kd_ratio!r}.")
         if shared_vocab_size is not None and shared_vocab_size < 1:
             raise ValueError(f"shared_vocab_size must be >= 1, got {shared_vocab_size!r}.")
         self.teacher_source = TeacherSource(teacher, teacher_checkpoint, teacher_checkpoint_prefix)
-        self.kd_loss = loss if loss is not None else KDLoss()
-        self.kd_ratio = float(kd_ratio)
+        self.kd_loss = _resolve_loss(loss, kd_ratio)
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.save_teacher = save_teacher
@@ -143,6 +144,11 @@ class DistillationModule(LightningModule):
         self._eval = EvalSums()
         self._step_start: float | None = None
         teacher_free_checkpoints(self, "teacher")
+
+    @property
+    def kd_ratio(self) -> float:
+        """The loss's ``kd_ratio`` (weight of the divergence in the objective)."""
+        return float(getattr(self.kd_loss, "kd_ratio", 1.0))
 
     @property
     def teacher_checkpoint(self) -> str | None:
@@ -234,6 +240,7 @@ class DistillationModule(LightningModule):
             **self.teacher_source.settings(),
             "shared_vocab_size": self.shared_vocab_size,
             "temperature": getattr(self.kd_loss, "temperature", None),
+            "divergence": repr(getattr(self.kd_loss, "divergence", None)),
             "ignore_index": getattr(self.kd_loss, "ignore_index", None),
         }
 
@@ -267,18 +274,18 @@ class DistillationModule(LightningModule):
         """Per-token mean losses of one micro-batch from the two models' outputs; the one
         objective of training, validation and test.
 
+        The loss computes the mix, the divergence, the student's cross-entropy and the
+        per-token divergence in one bounded pass (no ``[N, V]`` fp32 copy of the logits).
         Subclasses that add terms should return per-token means too (the module turns them
         into sums over the accumulation window).
         """
-        labels = batch["labels"]
-        student_logits, teacher_logits = logits_of(student_output), logits_of(teacher_output)
-        kd = self.kd_loss(student_logits, teacher_logits, labels, return_per_token=True)
-        tokens = max(int(kd.valid_mask.sum()), 1)
-        ce = torch.zeros((), device=kd.loss.device)
-        if self.kd_ratio < 1.0:
-            ce = token_cross_entropy(student_logits, labels, self.kd_loss.ignore_index) / tokens
-        loss = self.kd_ratio * kd.loss + (1.0 - self.kd_ratio) * ce
-        return LossTerms(loss, kd.loss, ce, kd.per_token_kl, kd.valid_mask)
+        kd = self.kd_loss(
+            logits_of(student_output),
+            logits_of(teacher_output),
+            batch["labels"],
+            return_per_token=True,
+        )
+        return LossTerms(kd.loss, kd.div_loss, kd.ce_loss, kd.per_token_div, kd.valid_mask)
 
     # ------------------------------------------------------------------ steps
     def _forward_both(self, batch: Mapping[str, Tensor]) -> tuple[Any, Any]:
@@ -315,7 +322,7 @@ class DistillationModule(LightningModule):
         return {
             # Token sum: the window normalisation happens in on_before_optimizer_step.
             "loss": terms.loss * tokens,
-            "per_token_kl": terms.per_token_kl,
+            "per_token_div": terms.per_token_div,
             "valid_mask": terms.valid_mask,
         }
 
@@ -362,16 +369,31 @@ class DistillationModule(LightningModule):
 
     # ------------------------------------------------------------------ evaluation
     def _eval_step(self, batch: Mapping[str, Tensor]) -> None:
-        """One evaluation batch: the training objective plus both models' cross-entropy."""
+        """One evaluation batch: the training objective plus both models' cross-entropy (the
+        student's from :meth:`compute_loss`, the teacher's in the loss's bounded pass)."""
         student_output, teacher_output = self._forward_both(batch)
         terms = self.compute_loss(student_output, teacher_output, batch)
-        labels, ignore = batch["labels"], self.kd_loss.ignore_index
+        tokens = int(terms.valid_mask.sum())
+        teacher_logits = logits_of(teacher_output)
+        teacher_ce = self._cross_entropy_loss()(teacher_logits, teacher_logits, batch["labels"])
         self._eval.add(
             _plain(terms.loss),
             _plain(terms.kd_loss),
-            _plain(token_cross_entropy(logits_of(student_output), labels, ignore)),
-            _plain(token_cross_entropy(logits_of(teacher_output), labels, ignore)),
-            int(terms.valid_mask.sum()),
+            _plain(terms.ce_loss) * tokens,
+            _plain(teacher_ce) * tokens,
+            tokens,
+        )
+
+    def _cross_entropy_loss(self) -> KDLoss:
+        """A label-only KDLoss (``kd_ratio=0``) with the distillation loss's settings: the
+        teacher's cross-entropy, chunked like training (no fp32 copy of its logits)."""
+        loss = self.kd_loss
+        return KDLoss(
+            getattr(loss, "ignore_index", -100),
+            fp32_upcast=getattr(loss, "fp32_upcast", True),
+            tp_group=getattr(loss, "tp_group", None),
+            chunk_size=getattr(loss, "chunk_size", 0),
+            kd_ratio=0.0,
         )
 
     def _log_eval_epoch(self, prefix: str) -> None:
@@ -400,6 +422,22 @@ class DistillationModule(LightningModule):
     @override
     def on_test_epoch_end(self) -> None:
         self._log_eval_epoch("test")
+
+
+def _resolve_loss(loss: KDLoss | None, kd_ratio: float | None) -> KDLoss:
+    """The module's loss: ``loss``, or ``KDLoss(kd_ratio=kd_ratio)``; a ``kd_ratio`` that
+    contradicts the given loss's is an error (one source of truth for the mix)."""
+    if kd_ratio is not None:
+        kd_ratio = check_unit_interval("kd_ratio", kd_ratio)
+    if loss is None:
+        return KDLoss() if kd_ratio is None else KDLoss(kd_ratio=kd_ratio)
+    if kd_ratio is not None and kd_ratio != getattr(loss, "kd_ratio", 1.0):
+        raise ValueError(
+            f"kd_ratio={kd_ratio} contradicts the loss's kd_ratio="
+            f"{getattr(loss, 'kd_ratio', 1.0)}; set it in one place, on the loss "
+            "(KDLoss(kd_ratio=...), in YAML `model.init_args.loss.init_args.kd_ratio`)."
+        )
+    return loss
 
 
 def _plain(value: Tensor) -> Tensor:

@@ -13,18 +13,27 @@ class LossTerms(NamedTuple):
     over the micro-batch's valid tokens (0-dim tensors).
 
     Attributes:
-        loss: the total to optimise, ``(1 − kd_ratio)·ce + kd_ratio·kd`` plus any extra terms.
-        kd_loss: the distillation divergence per token (T²-scaled).
-        ce_loss: cross-entropy of the student on the labels per token (0 when ``kd_ratio`` is 1).
-        per_token_kl: [*] detached per-token divergence for logging callbacks (0 where ignored).
+        loss: the total to optimise, ``kd_ratio·kd_loss + (1 − kd_ratio)·ce_loss`` plus any
+            extra terms (connected to the student).
+        kd_loss: the loss's divergence per token (T²-scaled; whichever divergence the loss
+            uses), detached.
+        ce_loss: the student's cross-entropy on the labels per token (temperature 1),
+            detached; computed in the loss's pass whatever ``kd_ratio`` is.
+        per_token_div: [*] detached per-token divergence for the logging callbacks (0 where
+            ignored).
         valid_mask: [*] bool, True where the label is not ignored.
     """
 
     loss: Tensor
     kd_loss: Tensor
     ce_loss: Tensor
-    per_token_kl: Tensor
+    per_token_div: Tensor
     valid_mask: Tensor
+
+    @property
+    def per_token_kl(self) -> Tensor:
+        """0.1 name of :attr:`per_token_div` (read-only alias)."""
+        return self.per_token_div
 
 
 def find_logits(output: Any) -> Tensor | None:

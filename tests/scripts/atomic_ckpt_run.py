@@ -150,8 +150,7 @@ def main() -> None:
     module = DistillationModule(
         student,
         teacher,
-        loss=KDLoss(chunk_size=5, temperature=2.0),
-        kd_ratio=0.7,
+        loss=KDLoss(chunk_size=5, temperature=2.0, kd_ratio=0.7),
         optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3),
     )
     strategy = KillingStrategy(

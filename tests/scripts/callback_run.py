@@ -1,7 +1,8 @@
-"""A short distillation run with the KL callbacks, for the multi-process callback test (run as
-a script, because Lightning's ModelParallelStrategy launches the other ranks by re-running it).
+"""A short distillation run with the per-token divergence callbacks, for the multi-process
+callback test (run as a script, because Lightning's ModelParallelStrategy launches the other
+ranks by re-running it).
 
-Writes a JSON file (rank 0) with the monitor's history and the KL plot's merged per-position
+Writes a JSON file (rank 0) with the monitor's history and the plot's merged per-position
 counts, so a tensor-parallel run can be compared with a single-process run on the same data.
 """
 
@@ -18,7 +19,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_kd import DistillationModule, KDLoss
-from lightning_kd.callbacks import KLPlot, PerTokenKLMonitor
+from lightning_kd.callbacks import DivergencePlot, PerTokenDivergenceMonitor
 from lightning_kd.cli import shutdown_distributed
 from tests.distributed import exit_now
 from tests.scripts.fit_run import RandomTokens, make_models
@@ -42,8 +43,8 @@ def run(out_dir: Path, devices: int = 1, tp: int = 1, steps: int = 4) -> dict[st
         loss=KDLoss(chunk_size=5, temperature=2.0),
         optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3),
     )
-    monitor = PerTokenKLMonitor(every_n_steps=2, top_k=3, position_buckets=4)
-    plot = KLPlot(dirpath=str(out_dir), max_tokens=1000)
+    monitor = PerTokenDivergenceMonitor(every_n_steps=2, top_k=3, position_buckets=4)
+    plot = DivergencePlot(dirpath=str(out_dir), max_tokens=1000)
     strategy = "auto"
     if devices > 1:
         strategy = ModelParallelStrategy(data_parallel_size=devices // tp, tensor_parallel_size=tp)

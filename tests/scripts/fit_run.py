@@ -121,8 +121,7 @@ def main() -> None:
     module = CheckedModule(
         student,
         teacher,
-        loss=KDLoss(chunk_size=args.chunk_size, temperature=2.0),
-        kd_ratio=args.kd_ratio,
+        loss=KDLoss(chunk_size=args.chunk_size, temperature=2.0, kd_ratio=args.kd_ratio),
         optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3),
         shared_vocab_size=VOCAB if args.teacher_vocab != VOCAB else None,
     )

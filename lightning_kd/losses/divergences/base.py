@@ -20,11 +20,9 @@ For a value ``D(Q)`` the gradient with respect to ``z`` is ``Q ⊙ (g − Σ_v Q
 
 from __future__ import annotations
 
-import math
-from numbers import Real
-
 from torch import Tensor
 
+from lightning_kd.checks import check_unit_interval
 from lightning_kd.losses.vocab_softmax import VocabSoftmax
 
 
@@ -48,11 +46,7 @@ def row_sum_of_products(products: Tensor, weight: Tensor) -> Tensor:
 def unit_interval(name: str, value: float) -> float:
     """``value`` as a float if it is a real number in [0, 1]; ``ValueError`` naming ``name``
     otherwise (also for bools and NaN)."""
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise ValueError(f"{name} must be a real number in [0, 1], got {value!r}.")
-    if not math.isfinite(value) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must be in [0, 1], got {value!r}.")
-    return float(value)
+    return check_unit_interval(name, value)
 
 
 class Divergence:
@@ -95,6 +89,12 @@ class Divergence:
         extra: tuple[Tensor, ...] = (),
     ) -> Tensor:
         raise NotImplementedError
+
+    @property
+    def label(self) -> str:
+        """A short human-readable name for logs and plots, e.g. ``"JSD(β=0.5)"`` (default:
+        the repr)."""
+        return repr(self)
 
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())

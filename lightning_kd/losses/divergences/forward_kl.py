@@ -15,6 +15,10 @@ class ForwardKL(Divergence):
 
     name = "forward_kl"
 
+    @property
+    def label(self) -> str:
+        return "KL(teacher ‖ student)"
+
     def chunk(self, student, teacher, temperature, vocab, work, grad, need_grad, extra=()):
         log_p = vocab.log_softmax(teacher, temperature, out=work)
         log_q = vocab.log_softmax(student, temperature, out=grad)

@@ -34,6 +34,10 @@ class JSD(Divergence):
     def extra_workspaces(self) -> int:
         return 2 if 0.0 < self.beta < 1.0 else 0
 
+    @property
+    def label(self) -> str:
+        return f"JSD(β={self.beta:g})"
+
     def chunk(self, student, teacher, temperature, vocab, work, grad, need_grad, extra=()):
         if self.beta in (0.0, 1.0):
             endpoint = ForwardKL() if self.beta == 0.0 else ReverseKL()

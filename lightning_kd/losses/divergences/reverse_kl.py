@@ -16,6 +16,10 @@ class ReverseKL(Divergence):
 
     name = "reverse_kl"
 
+    @property
+    def label(self) -> str:
+        return "KL(student ‖ teacher)"
+
     def chunk(self, student, teacher, temperature, vocab, work, grad, need_grad, extra=()):
         log_p = vocab.log_softmax(teacher, temperature, out=work)
         log_q = vocab.log_softmax(student, temperature, out=grad)

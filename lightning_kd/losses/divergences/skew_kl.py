@@ -34,6 +34,10 @@ class SkewKL(Divergence):
     def extra_workspaces(self) -> int:
         return 0 if self.alpha == 0.0 else 2
 
+    @property
+    def label(self) -> str:
+        return f"skew KL(α={self.alpha:g})"
+
     def chunk(self, student, teacher, temperature, vocab, work, grad, need_grad, extra=()):
         if self.alpha == 0.0:  # in log space: no underflow of M where Q underflows
             return ForwardKL().chunk(student, teacher, temperature, vocab, work, grad, need_grad)

@@ -32,6 +32,10 @@ class SkewReverseKL(Divergence):
     def extra_workspaces(self) -> int:
         return 0 if self.alpha == 0.0 else 1
 
+    @property
+    def label(self) -> str:
+        return f"skew reverse KL(α={self.alpha:g})"
+
     def chunk(self, student, teacher, temperature, vocab, work, grad, need_grad, extra=()):
         if self.alpha == 0.0:
             return ReverseKL().chunk(student, teacher, temperature, vocab, work, grad, need_grad)

@@ -16,6 +16,10 @@ class TVD(Divergence):
 
     name = "tvd"
 
+    @property
+    def label(self) -> str:
+        return "TVD(teacher, student)"
+
     def chunk(self, student, teacher, temperature, vocab, work, grad, need_grad, extra=()):
         p = vocab.softmax(teacher, temperature, out=work)
         q = vocab.softmax(student, temperature, out=grad)

@@ -1,6 +1,8 @@
-"""``KLPlot``: a PNG of the per-token KL of a whole training run, written at the end of fit.
+"""``DivergencePlot``: a PNG of the per-token divergence (the loss's chosen divergence,
+``T²``-scaled) of a whole training run, written at the end of fit; the axes and titles name the
+divergence by its label (e.g. ``JSD(β=0.5)``).
 
-It keeps a bounded uniform sample of the per-token KL values (a bottom-k reservoir: every token
+It keeps a bounded uniform sample of the per-token values (a bottom-k reservoir: every token
 gets a random key and the ``max_tokens`` smallest keys are kept, which merges exactly across
 data-parallel ranks) and exact per-position sums and counts. matplotlib is optional
 (``pip install lightning_kd[plot]``); without it the callback warns once and does nothing.
@@ -21,15 +23,16 @@ from typing_extensions import override
 
 from lightning_kd.callbacks._common import (
     DataParallel,
-    PerTokenKLCallback,
+    PerTokenDivergenceCallback,
     data_parallel,
+    divergence_label,
 )
 from lightning_kd.checks import check_int
 
 
-class KLSample(NamedTuple):
-    """The recorded data: ``values`` (a uniform sample of the per-token KL of ``seen`` valid
-    tokens, with their random ``keys``) and ``position_sum`` / ``position_count`` (float64,
+class DivergenceSample(NamedTuple):
+    """The recorded data: ``values`` (a uniform sample of the per-token divergence of ``seen``
+    valid tokens, with their random ``keys``) and ``position_sum`` / ``position_count`` (float64,
     index = position in the sequence)."""
 
     keys: Tensor
@@ -55,13 +58,16 @@ def _matplotlib_available() -> bool:
     return True
 
 
-class KLPlot(PerTokenKLCallback):
-    """Write a two-panel PNG at the end of ``fit``: the histogram of the per-token
-    KL(teacher ‖ student) of the training tokens (log-scaled counts) and the mean KL by
-    position in the sequence.
+class DivergencePlot(PerTokenDivergenceCallback):
+    """Write a two-panel PNG at the end of ``fit``: the histogram of the per-token divergence
+    (the loss's chosen divergence, ``T²``-scaled) of the training tokens (log-scaled counts) and
+    the mean divergence by position in the sequence. Axes and titles name the divergence by its
+    label (``pl_module.kd_loss.divergence.label``, e.g. ``KL(teacher ‖ student)`` or
+    ``JSD(β=0.5)``; ``divergence`` for a module without one).
 
-    The per-token KL comes from the ``training_step`` output (``per_token_kl`` and
-    ``valid_mask``, as :class:`~lightning_kd.DistillationModule` returns them). The histogram
+    The per-token divergence comes from the ``training_step`` output (``per_token_div`` and
+    ``valid_mask``, as :class:`~lightning_kd.DistillationModule` returns them; 0.1's
+    ``per_token_kl`` is read when ``per_token_div`` is absent). The histogram
     uses a uniform random sample of at most ``max_tokens`` valid tokens of the whole run; the
     position means are exact. Both are merged over ``pl_module.dp_group`` (the world group for
     modules without one) at the end of training and in checkpoints, so tensor-parallel
@@ -70,7 +76,8 @@ class KLPlot(PerTokenKLCallback):
     pyplot; if matplotlib cannot be imported it warns once and records nothing.
 
     Args:
-        filename: name of the PNG inside ``dirpath``.
+        filename: name of the PNG inside ``dirpath`` (0.1's default was
+            ``kl_per_token.png``).
         dirpath: directory for the PNG (a ``pathlib.Path`` is accepted too); default
             ``trainer.log_dir`` (the first logger's directory), else
             ``trainer.default_root_dir``.
@@ -92,9 +99,11 @@ class KLPlot(PerTokenKLCallback):
         checkpoint. On resume, data-parallel rank 0 holds the restored sample.
     """
 
+    legacy_state_key = "KLPlot"
+
     def __init__(
         self,
-        filename: str = "kl_per_token.png",
+        filename: str = "divergence_per_token.png",
         dirpath: str | None = None,
         max_tokens: int = 100_000,
         bins: int = 60,
@@ -111,14 +120,14 @@ class KLPlot(PerTokenKLCallback):
         self.bins = check_int("bins", bins, 1)
         self.seed = check_int("seed", seed, 0)
         self.plot_path: Path | None = None
-        self.plotted: KLSample | None = None
+        self.plotted: DivergenceSample | None = None
         self._enabled = True
         self._warned_missing = False
         self._dp = DataParallel(False, None, 0, 1)
         self._device = torch.device("cpu")
         self._generator: torch.Generator | None = None
         self._restored = False
-        self._final: KLSample | None = None
+        self._final: DivergenceSample | None = None
         self._out_dir: Path | None = None
         self._reset()
 
@@ -130,9 +139,11 @@ class KLPlot(PerTokenKLCallback):
         self._seen = 0
 
     @property
-    def sample(self) -> KLSample:
+    def sample(self) -> DivergenceSample:
         """This rank's recorded data (not merged over ranks; :attr:`plotted` is)."""
-        return KLSample(self._keys, self._values, self._pos_sum, self._pos_count, self._seen)
+        return DivergenceSample(
+            self._keys, self._values, self._pos_sum, self._pos_count, self._seen
+        )
 
     # ------------------------------------------------------------------ hooks
     @override
@@ -164,9 +175,9 @@ class KLPlot(PerTokenKLCallback):
 
     @override
     def _record(
-        self, trainer: Trainer, pl_module: LightningModule, kl: Tensor, valid: Tensor, batch: Any
+        self, trainer: Trainer, pl_module: LightningModule, div: Tensor, valid: Tensor, batch: Any
     ) -> None:
-        self._add(kl, valid)
+        self._add(div, valid)
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -183,10 +194,11 @@ class KLPlot(PerTokenKLCallback):
         if not self._enabled or final is None or not trainer.is_global_zero:
             return
         if final.seen == 0:
-            rank_zero_warn(f"{type(self).__name__}: no per-token KL was recorded; no plot.")
+            rank_zero_warn(f"{type(self).__name__}: no per-token divergence was recorded; no plot.")
             return
         assert self._out_dir is not None
-        self.plot_path = self._write(self._out_dir / self.filename, final)
+        label = divergence_label(pl_module)
+        self.plot_path = self._write(self._out_dir / self.filename, final, label)
         self.plotted = final
 
     @override
@@ -199,11 +211,11 @@ class KLPlot(PerTokenKLCallback):
         seed = hash((self.seed, self._dp.rank, self._seen)) & (2**63 - 1)
         return torch.Generator().manual_seed(seed)
 
-    def _add(self, kl: Tensor, valid: Tensor) -> None:
-        seq = kl.shape[-1]
-        kl, valid = kl.reshape(-1, seq), valid.reshape(-1, seq)
-        values = kl[valid].cpu()
-        per_position = torch.stack([torch.where(valid, kl, 0.0).sum(0), valid.sum(0)])
+    def _add(self, div: Tensor, valid: Tensor) -> None:
+        seq = div.shape[-1]
+        div, valid = div.reshape(-1, seq), valid.reshape(-1, seq)
+        values = div[valid].cpu()
+        per_position = torch.stack([torch.where(valid, div, 0.0).sum(0), valid.sum(0)])
         per_position = per_position.double().cpu()
         if self._pos_sum.numel() < seq:
             grow = seq - self._pos_sum.numel()
@@ -228,10 +240,10 @@ class KLPlot(PerTokenKLCallback):
         index = keys.topk(self.max_tokens, largest=False).indices
         return keys[index], values[index]
 
-    def _merged(self) -> KLSample:
+    def _merged(self) -> DivergenceSample:
         """The sample of all data-parallel ranks (a collective when distributed)."""
         if not self._dp.sync:
-            return KLSample(*(t.clone() for t in self.sample[:4]), self._seen)
+            return DivergenceSample(*(t.clone() for t in self.sample[:4]), self._seen)
 
         def gather(t: Tensor) -> list[Tensor]:
             parts = gather_all_tensors(t.to(self._device), group=self._dp.group)
@@ -246,7 +258,7 @@ class KLPlot(PerTokenKLCallback):
             return torch.cat([t, t.new_zeros(length - t.numel())])
 
         seen = gather(torch.tensor([float(self._seen)], dtype=torch.float64))
-        return KLSample(
+        return DivergenceSample(
             keys,
             values,
             torch.stack([pad(t) for t in sums]).sum(0),
@@ -255,22 +267,23 @@ class KLPlot(PerTokenKLCallback):
         )
 
     # ------------------------------------------------------------------ plotting
-    def _write(self, path: Path, data: KLSample) -> Path:
+    def _write(self, path: Path, data: DivergenceSample, label: str) -> Path:
         Figure, FigureCanvasAgg = _import_matplotlib()
         fig = Figure(figsize=(11, 4), layout="constrained")
         FigureCanvasAgg(fig)
         hist, by_position = fig.subplots(1, 2)
         hist.hist(data.values.double().numpy(), bins=self.bins, log=True, color="tab:blue")
-        hist.set_xlabel("per-token KL(teacher ‖ student)")
+        hist.set_xlabel(f"per-token {label}")
         hist.set_ylabel("tokens (log scale)")
-        hist.set_title(f"KL per token ({data.values.numel():,} of {data.seen:,} tokens sampled)")
+        sampled = f"{data.values.numel():,} of {data.seen:,} tokens sampled"
+        hist.set_title(f"{label} per token ({sampled})")
         present = data.position_count > 0
         positions = torch.arange(data.position_count.numel())[present]
         means = data.position_sum[present] / data.position_count[present]
         by_position.plot(positions.numpy(), means.numpy(), marker=".", color="tab:red")
         by_position.set_xlabel("position in sequence")
-        by_position.set_ylabel("mean KL")
-        by_position.set_title("mean KL by position")
+        by_position.set_ylabel(f"mean {label}")
+        by_position.set_title(f"mean {label} by position")
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, format="png", dpi=100)
         return path
@@ -296,3 +309,9 @@ class KLPlot(PerTokenKLCallback):
         self._seen = int(state_dict["seen"])
         self._keys, self._values = self._bottom_k(self._keys, self._values)
         self._restored = True
+
+
+#: 0.1 name, kept as an alias.
+KLPlot = DivergencePlot
+#: 0.1 name, kept as an alias.
+KLSample = DivergenceSample

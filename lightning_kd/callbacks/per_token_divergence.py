@@ -1,10 +1,15 @@
-"""``PerTokenKLMonitor``: periodic statistics of the per-token KL of the training batches.
+"""``PerTokenDivergenceMonitor``: periodic statistics of the per-token divergence of the training
+batches (the loss's chosen divergence, ``T²``-scaled: forward KL by default, or JSD, TVD, ...).
 
-Reads the detached per-token KL that :class:`~lightning_kd.DistillationModule` returns from
-``training_step`` (``per_token_kl`` and ``valid_mask``, computed in the loss's own pass), so it
-costs no second pass over the vocabulary. The statistics are reduced with torchmetrics over the
+Reads the detached per-token divergence that :class:`~lightning_kd.DistillationModule` returns
+from ``training_step`` (``per_token_div`` and ``valid_mask``, computed in the loss's own pass), so
+it costs no second pass over the vocabulary. The statistics are reduced with torchmetrics over the
 module's data-parallel group only: tensor-parallel ranks hold identical values and would
 otherwise be counted several times.
+
+The metric keys are ``div/...`` whatever the divergence (so that dashboards comparing runs with
+different divergences line up); the divergence's label (e.g. ``JSD(β=0.5)``) is named in the
+human-readable text instead.
 """
 
 from __future__ import annotations
@@ -22,8 +27,9 @@ from torchmetrics.utilities import dim_zero_cat
 from typing_extensions import override
 
 from lightning_kd.callbacks._common import (
-    PerTokenKLCallback,
+    PerTokenDivergenceCallback,
     data_parallel,
+    divergence_label,
     local,
 )
 from lightning_kd.checks import check_int
@@ -31,14 +37,17 @@ from lightning_kd.training.lightning_private import logged_step
 
 log = logging.getLogger(__name__)
 
+#: Prefix of every logged metric key, the same for every divergence.
+PREFIX = "div/"
 QUANTILES = (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))
 
 
-class TopKLToken(NamedTuple):
-    """One of the highest-KL tokens of a summarised batch.
+class TopToken(NamedTuple):
+    """One of the highest-divergence tokens of a summarised batch.
 
     Attributes:
-        kl: its per-token KL (``T²``-scaled, as the loss computes it).
+        value: its per-token divergence (the loss's chosen divergence, ``T²``-scaled, as the
+            loss computes it; ``kl`` in 0.1).
         position: its position ``t`` in the sequence (its target is ``labels[sample, t]``).
         sample: its row in the micro-batch of data-parallel rank ``dp_rank``.
         dp_rank: the data-parallel rank that held it.
@@ -48,7 +57,7 @@ class TopKLToken(NamedTuple):
         text: ``'context' → 'target'`` decoded with the datamodule's tokenizer, or the ids.
     """
 
-    kl: float
+    value: float
     position: int
     sample: int
     dp_rank: int
@@ -63,13 +72,18 @@ class TopKLToken(NamedTuple):
         return out
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> TopKLToken:
+    def from_dict(cls, data: Mapping[str, Any]) -> TopToken:
+        """The inverse of :meth:`to_dict`; also reads 0.1's dicts (``kl`` for ``value``)."""
+        data = dict(data)
+        if "value" not in data and "kl" in data:
+            data["value"] = data.pop("kl")
         return cls(**{**data, "context_ids": tuple(data["context_ids"])})
 
 
-class _BatchKLStatistics(Metric):
-    """The torchmetrics state of one summary: the valid KL values (cat), per-bucket sums and
-    counts (sum), and every rank's top-k candidates with their context (cat)."""
+class _BatchStatistics(Metric):
+    """The torchmetrics state of one summary: the valid per-token divergence values (cat),
+    per-bucket sums and counts (sum), and every rank's top-k candidates with their context
+    (cat)."""
 
     full_state_update = False
 
@@ -84,38 +98,38 @@ class _BatchKLStatistics(Metric):
         self.add_state("values", default=[], dist_reduce_fx="cat")
         self.add_state("bucket_sum", default=zeros.clone(), dist_reduce_fx="sum")
         self.add_state("bucket_count", default=zeros.clone(), dist_reduce_fx="sum")
-        self.add_state("top_kl", default=[], dist_reduce_fx="cat")
+        self.add_state("top_values", default=[], dist_reduce_fx="cat")
         self.add_state("top_info", default=[], dist_reduce_fx="cat")
 
     def update(
         self,
-        per_token_kl: Tensor,
+        per_token_div: Tensor,
         valid: Tensor,
         input_ids: Tensor | None,
         labels: Tensor | None,
         dp_rank: int,
     ) -> None:
-        seq = per_token_kl.shape[-1]
-        kl = per_token_kl.reshape(-1, seq).to(self.device, torch.float32)
+        seq = per_token_div.shape[-1]
+        div = per_token_div.reshape(-1, seq).to(self.device, torch.float32)
         valid = valid.reshape(-1, seq).to(self.device)
-        self.values.append(kl[valid])
+        self.values.append(div[valid])
 
         # Bucket b holds the positions t with b·S/n ≤ t < (b+1)·S/n.
         bucket = torch.arange(seq, device=self.device) * self.position_buckets // seq
-        masked = torch.where(valid, kl, 0.0)
+        masked = torch.where(valid, div, 0.0)
         self.bucket_sum.index_add_(0, bucket, masked.sum(0).double())
         self.bucket_count.index_add_(0, bucket, valid.sum(0).double())
 
         # Local top-k candidates; the global top-k is picked among all ranks' candidates.
         k = min(self.top_k, int(valid.sum()))
-        flat = torch.where(valid, kl, float("-inf")).flatten()
+        flat = torch.where(valid, div, float("-inf")).flatten()
         top = flat.topk(k)
         rows, cols = top.indices // seq, top.indices % seq
         info = [torch.full_like(rows, dp_rank), rows, cols]
         info.append(self._take(labels, rows, cols[:, None]).squeeze(1))
         offsets = torch.arange(1 - self.context_tokens, 1, device=self.device)
         info.extend(self._take(input_ids, rows, cols[:, None] + offsets).unbind(1))
-        self.top_kl.append(top.values)
+        self.top_values.append(top.values)
         self.top_info.append(torch.stack(info, dim=1))
 
     def _take(self, ids: Tensor | None, rows: Tensor, cols: Tensor) -> Tensor:
@@ -129,13 +143,13 @@ class _BatchKLStatistics(Metric):
 
     def compute(self) -> dict[str, Tensor]:
         values = dim_zero_cat(self.values).double()
-        top_kl, top_info = dim_zero_cat(self.top_kl), dim_zero_cat(self.top_info)
-        order = top_kl.argsort(descending=True, stable=True)[: self.top_k]
+        top_values, top_info = dim_zero_cat(self.top_values), dim_zero_cat(self.top_info)
+        order = top_values.argsort(descending=True, stable=True)[: self.top_k]
         return {
             "values": values,
             "bucket_mean": self.bucket_sum / self.bucket_count,
             "bucket_count": self.bucket_count,
-            "top_kl": top_kl[order],
+            "top_values": top_values[order],
             "top_info": top_info[order],
         }
 
@@ -155,33 +169,41 @@ def _tokenizer(trainer: Trainer) -> Any | None:
     return tokenizer if callable(getattr(tokenizer, "decode", None)) else None
 
 
-class PerTokenKLMonitor(PerTokenKLCallback):
-    """Log statistics of the per-token KL(teacher ‖ student) every ``every_n_steps`` optimizer
-    steps.
+class PerTokenDivergenceMonitor(PerTokenDivergenceCallback):
+    """Log statistics of the per-token divergence (the loss's chosen divergence, ``T²``-scaled)
+    every ``every_n_steps`` optimizer steps.
 
     After optimizer steps n, 2n, … it summarises the valid tokens of the micro-batch that
     completed the step, over all data-parallel ranks, and logs to every logger of the trainer
     (at Lightning's own step index for that batch, like ``LearningRateMonitor``):
 
-    * ``kl/mean``, ``kl/p50``, ``kl/p90``, ``kl/p99``, ``kl/max``: of the per-token KL;
-    * ``kl/tokens``: how many valid tokens were summarised;
-    * ``kl/pos_00`` … : mean KL per position bucket (positions ``0..S-1`` split into
+    * ``div/mean``, ``div/p50``, ``div/p90``, ``div/p99``, ``div/max``: of the per-token
+      divergence;
+    * ``div/tokens``: how many valid tokens were summarised;
+    * ``div/pos_00`` … : mean divergence per position bucket (positions ``0..S-1`` split into
       ``position_buckets`` equal ranges; bucket ``b`` holds ``b·S/n ≤ t < (b+1)·S/n``;
       buckets without a valid token are not logged);
-    * the ``top_k`` tokens with the highest KL, with the ``context_tokens`` inputs before them
-      and their target, decoded by ``trainer.datamodule.tokenizer.decode`` when there is one:
-      kept in :attr:`last_top_tokens`, logged at info level on rank 0, and sent as text
-      (``kl/top_tokens``) to loggers whose ``experiment`` has ``add_text`` (TensorBoard).
+    * the ``top_k`` tokens with the highest divergence, with the ``context_tokens`` inputs
+      before them and their target, decoded by ``trainer.datamodule.tokenizer.decode`` when
+      there is one: kept in :attr:`last_top_tokens`, logged at info level on rank 0, and sent
+      as a Markdown table (``div/top_tokens``) to loggers whose ``experiment`` has ``add_text``
+      (TensorBoard).
 
-    The per-token KL comes from the ``training_step`` output (``per_token_kl`` and
-    ``valid_mask``, as :class:`~lightning_kd.DistillationModule` returns them). Reductions use
-    torchmetrics over ``pl_module.dp_group`` (the world group for modules without one), so
-    tensor-parallel replicas are not counted twice. Every rank must reach the same steps (they
-    do in Lightning's loop): the reduction is a collective.
+    The keys are the same whatever the divergence (0.1 logged ``kl/...``), so that runs with
+    different divergences line up on one dashboard; the log line and the table name the
+    divergence by its label (``pl_module.kd_loss.divergence.label``, e.g. ``JSD(β=0.5)``; see
+    :func:`~lightning_kd.callbacks._common.divergence_label`).
+
+    The per-token divergence comes from the ``training_step`` output (``per_token_div`` and
+    ``valid_mask``, as :class:`~lightning_kd.DistillationModule` returns them; 0.1's
+    ``per_token_kl`` is read when ``per_token_div`` is absent). Reductions use torchmetrics over
+    ``pl_module.dp_group`` (the world group for modules without one), so tensor-parallel
+    replicas are not counted twice. Every rank must reach the same steps (they do in
+    Lightning's loop): the reduction is a collective.
 
     Args:
         every_n_steps: summarise after every n-th optimizer step (>= 1).
-        top_k: how many highest-KL tokens to report (>= 0; 0 reports none).
+        top_k: how many highest-divergence tokens to report (>= 0; 0 reports none).
         position_buckets: number of position buckets (>= 1).
         context_tokens: inputs shown before each top token (>= 1; the last is the input at the
             token's own position).
@@ -190,6 +212,8 @@ class PerTokenKLMonitor(PerTokenKLCallback):
     Raises:
         ValueError: for an argument outside its range or of the wrong type.
     """
+
+    legacy_state_key = "PerTokenKLMonitor"
 
     def __init__(
         self,
@@ -207,15 +231,15 @@ class PerTokenKLMonitor(PerTokenKLCallback):
         self.history_size = check_int("history_size", history_size, 1)
         self.num_summaries = 0
         self.last_step = 0
-        self.last_top_tokens: list[TopKLToken] = []
+        self.last_top_tokens: list[TopToken] = []
         self._history: deque[dict[str, Any]] = deque(maxlen=history_size)
-        self._metric: _BatchKLStatistics | None = None
+        self._metric: _BatchStatistics | None = None
         self._dp_rank = 0
 
     @property
     def history(self) -> list[dict[str, Any]]:
         """The last ``history_size`` summaries, oldest first: ``{"step": global step,
-        "metrics": {name: value}, "top_tokens": [TopKLToken.to_dict(), ...]}``."""
+        "metrics": {name: value}, "top_tokens": [TopToken.to_dict(), ...]}``."""
         return list(self._history)
 
     @property
@@ -242,11 +266,11 @@ class PerTokenKLMonitor(PerTokenKLCallback):
 
     @override
     def _record(
-        self, trainer: Trainer, pl_module: LightningModule, kl: Tensor, valid: Tensor, batch: Any
+        self, trainer: Trainer, pl_module: LightningModule, div: Tensor, valid: Tensor, batch: Any
     ) -> None:
         step = trainer.global_step
         self.last_step = step
-        summary = self._summarise(pl_module, kl, valid, batch)
+        summary = self._summarise(pl_module, div, valid, batch)
         if summary is None:
             return
         metrics, top = summary
@@ -259,14 +283,14 @@ class PerTokenKLMonitor(PerTokenKLCallback):
                 "top_tokens": [t.to_dict() for t in self.last_top_tokens],
             }
         )
-        self._publish(trainer, step, metrics)
+        self._publish(trainer, step, metrics, divergence_label(pl_module))
 
     # ------------------------------------------------------------------ computation
-    def _metric_for(self, pl_module: LightningModule) -> _BatchKLStatistics:
+    def _metric_for(self, pl_module: LightningModule) -> _BatchStatistics:
         if self._metric is None:
             dp = data_parallel(pl_module)
             self._dp_rank = dp.rank
-            self._metric = _BatchKLStatistics(
+            self._metric = _BatchStatistics(
                 self.position_buckets,
                 self.top_k,
                 self.context_tokens,
@@ -277,12 +301,12 @@ class PerTokenKLMonitor(PerTokenKLCallback):
         return self._metric
 
     def _summarise(
-        self, pl_module: LightningModule, kl: Tensor, valid: Tensor, batch: Any
+        self, pl_module: LightningModule, div: Tensor, valid: Tensor, batch: Any
     ) -> tuple[dict[str, float], list[tuple[float, list[int]]]] | None:
         metric = self._metric_for(pl_module)
         get = batch.get if isinstance(batch, Mapping) else (lambda key: None)
         metric.reset()
-        metric.update(kl, valid, get("input_ids"), get("labels"), self._dp_rank)
+        metric.update(div, valid, get("input_ids"), get("labels"), self._dp_rank)
         result = metric.compute()
         metric.reset()
         values = result["values"]
@@ -297,24 +321,26 @@ class PerTokenKLMonitor(PerTokenKLCallback):
                 result["bucket_mean"].to(values.dtype),
             ]
         ).tolist()
-        names = ["kl/mean", *(f"kl/{name}" for name, _ in QUANTILES), "kl/max", "kl/tokens"]
+        names = [
+            f"{PREFIX}{name}" for name in ("mean", *(q for q, _ in QUANTILES), "max", "tokens")
+        ]
         metrics = dict(zip(names, scalars, strict=False))
         width = max(2, len(str(self.position_buckets - 1)))
         counts = result["bucket_count"].tolist()
         for b, (mean, count) in enumerate(zip(scalars[len(names) :], counts, strict=True)):
             if count > 0:
-                metrics[f"kl/pos_{b:0{width}d}"] = mean
-        top = list(zip(result["top_kl"].tolist(), result["top_info"].tolist(), strict=True))
+                metrics[f"{PREFIX}pos_{b:0{width}d}"] = mean
+        top = list(zip(result["top_values"].tolist(), result["top_info"].tolist(), strict=True))
         return metrics, top
 
-    def _describe(self, trainer: Trainer, top: list[tuple[float, list[int]]]) -> list[TopKLToken]:
+    def _describe(self, trainer: Trainer, top: list[tuple[float, list[int]]]) -> list[TopToken]:
         tokenizer = _tokenizer(trainer)
         tokens = []
-        for kl, (dp_rank, sample, position, target, *context) in top:
+        for value, (dp_rank, sample, position, target, *context) in top:
             context_ids = tuple(i for i in context if i >= 0)
             tokens.append(
-                TopKLToken(
-                    kl=kl,
+                TopToken(
+                    value=value,
                     position=position,
                     sample=sample,
                     dp_rank=dp_rank,
@@ -326,7 +352,7 @@ class PerTokenKLMonitor(PerTokenKLCallback):
         return tokens
 
     # ------------------------------------------------------------------ output
-    def _publish(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
+    def _publish(self, trainer: Trainer, step: int, metrics: dict[str, float], label: str) -> None:
         if not trainer.is_global_zero:
             return
         # Lightning's own index for this batch, so the rows line up with the module's logs.
@@ -336,19 +362,19 @@ class PerTokenKLMonitor(PerTokenKLCallback):
         if not self.last_top_tokens:
             return
         lines = [
-            f"{i}. KL {t.kl:.4f} at position {t.position}: {t.text}"
+            f"{i}. {label} {t.value:.4f} at position {t.position}: {t.text}"
             for i, t in enumerate(self.last_top_tokens, 1)
         ]
-        log.info("Highest per-token KL at step %d:\n%s", step, "\n".join(lines))
-        table = ["| # | KL | position | context → target |", "|---|---|---|---|"]
+        log.info("Highest per-token %s at step %d:\n%s", label, step, "\n".join(lines))
+        table = [f"| # | {_markdown(label)} | position | context → target |", "|---|---|---|---|"]
         table += [
-            f"| {i} | {t.kl:.4f} | {t.position} | {_markdown(t.text)} |"
+            f"| {i} | {t.value:.4f} | {t.position} | {_markdown(t.text)} |"
             for i, t in enumerate(self.last_top_tokens, 1)
         ]
         for logger in trainer.loggers:
             add_text = getattr(getattr(logger, "experiment", None), "add_text", None)
             if callable(add_text):
-                add_text("kl/top_tokens", "\n".join(table), global_step=log_step)
+                add_text(f"{PREFIX}top_tokens", "\n".join(table), global_step=log_step)
 
     # ------------------------------------------------------------------ state
     @override
@@ -363,12 +389,24 @@ class PerTokenKLMonitor(PerTokenKLCallback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.num_summaries = int(state_dict["num_summaries"])
         self.last_step = int(state_dict["last_step"])
-        self._history = deque(state_dict["history"], maxlen=self.history_size)
+        history = (_upgraded(entry) for entry in state_dict["history"])
+        self._history = deque(history, maxlen=self.history_size)
         self.last_top_tokens = (
-            [TopKLToken.from_dict(t) for t in self._history[-1]["top_tokens"]]
+            [TopToken.from_dict(t) for t in self._history[-1]["top_tokens"]]
             if self._history
             else []
         )
+
+
+def _upgraded(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """A history entry in this version's keys: 0.1 saved ``kl/...`` metrics and top tokens
+    with ``kl`` for ``value`` (a resumed history reads the same as a fresh one)."""
+    metrics = {
+        f"{PREFIX}{name[3:]}" if name.startswith("kl/") else name: value
+        for name, value in entry["metrics"].items()
+    }
+    top = [TopToken.from_dict(t).to_dict() for t in entry["top_tokens"]]
+    return {**entry, "metrics": metrics, "top_tokens": top}
 
 
 def _available() -> bool:
@@ -390,3 +428,9 @@ def _token_text(tokenizer: Any | None, context: tuple[int, ...], target: int) ->
 
 def _markdown(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", "\\n")
+
+
+#: 0.1 name, kept as an alias.
+PerTokenKLMonitor = PerTokenDivergenceMonitor
+#: 0.1 name, kept as an alias.
+TopKLToken = TopToken
