@@ -33,6 +33,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/kd_loss.py
 	$(PY) benchmarks/kd_loss_tp.py
+	$(PY) benchmarks/linear_kd_loss.py
 	$(PY) benchmarks/module_throughput.py
 
 clean:

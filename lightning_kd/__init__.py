@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 _LAZY = {
     "CausalLMModule": "lightning_kd.training.causal_lm",
     "DistillationModule": "lightning_kd.training.distillation",
+    "LinearKDLoss": "lightning_kd.losses.linear_kd_loss",
     "LossTerms": "lightning_kd.training.loss_terms",
 }
 
@@ -63,6 +64,7 @@ __all__ = [
     "DistillationModule",
     "KDLoss",
     "KDLossOutput",
+    "LinearKDLoss",
     "LossTerms",
     "TinyLlama",
 ]

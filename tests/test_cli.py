@@ -147,15 +147,45 @@ def test_plain_pytorch_example_runs():
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_quickstart_tp2_runs_on_two_processes(tmp_path, teacher_ckpt):
-    proc = subprocess.run(
-        [sys.executable, "-m", "lightning_kd", "fit",
-         "--config", str(ROOT / "configs/quickstart_tp2.yaml"), *_quick_args(teacher_ckpt, 3)],
-        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-5000:]
-    losses = _step_losses(tmp_path / "runs/quickstart_tp2")
-    assert len(losses) >= 2 and all(v == v for v in losses.values())
+def test_quickstart_tp2_runs_on_two_processes_fused_or_not(tmp_path, teacher_ckpt):
+    losses = {}
+    for fused in ("false", "true"):
+        run = tmp_path / f"fused_{fused}"
+        run.mkdir()
+        proc = subprocess.run(
+            [sys.executable, "-m", "lightning_kd", "fit",
+             "--config", str(ROOT / "configs/quickstart_tp2.yaml"), *_quick_args(teacher_ckpt, 3),
+             "--model.init_args.fused_head", fused],
+            cwd=run, env=_env(), capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-5000:]
+        losses[fused] = _step_losses(run / "runs/quickstart_tp2")
+    assert len(losses["false"]) >= 2 and all(v == v for v in losses["false"].values())
+    assert losses["true"].keys() == losses["false"].keys()
+    for step, value in losses["false"].items():
+        assert losses["true"][step] == pytest.approx(value, rel=1e-5), step
+
+
+def test_quickstart_with_a_fused_head_follows_the_unfused_run(tmp_path, monkeypatch, teacher_ckpt):
+    """``--model.init_args.fused_head true``: the same 4 steps and validation within 1e-5."""
+    results = {}
+    for fused in ("false", "true"):
+        run = tmp_path / f"fused_{fused}"
+        run.mkdir()
+        monkeypatch.chdir(run)
+        cli = KDLightningCLI(
+            args=["--config", str(ROOT / "configs/quickstart.yaml"), *_quick_args(teacher_ckpt, 4),
+                  "--model.init_args.fused_head", fused, "--trainer.callbacks", "[]"],
+            run=False,
+        )  # fmt: skip
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        results[fused] = (_step_losses(run / "runs/quickstart"), dict(cli.trainer.callback_metrics))
+    (plain, plain_metrics), (fused, fused_metrics) = results["false"], results["true"]
+    assert len(plain) == 4 and fused.keys() == plain.keys()
+    for step, value in plain.items():
+        assert fused[step] == pytest.approx(value, rel=1e-5), step
+    for key in ("val/loss", "val/kd_loss", "val/student_ce", "val/teacher_ce"):
+        assert float(fused_metrics[key]) == pytest.approx(float(plain_metrics[key]), rel=1e-5)
 
 
 def _crash_config(tmp_path: Path, teacher: Path, steps: int, every: int) -> Path:

@@ -324,3 +324,37 @@ def test_padded_teacher_checkpoint_survives_fit_then_validate(tmp_path):
     assert not module.teacher.training
     assert not any(p.requires_grad for p in module.teacher.parameters())
     assert torch.equal(module.teacher.model.lm_head.weight, trained.model.lm_head.weight[:40])
+
+
+def test_hidden_states_and_output_head_reproduce_the_logits():
+    torch.manual_seed(0)
+    model = HFCausalLM(config=_config(40)).eval()
+    ids = torch.randint(0, 40, (2, 9))
+    with torch.no_grad():
+        head = model.output_head()
+        fused = head(model.hidden_states(ids))
+        torch.testing.assert_close(fused, model(ids), rtol=0, atol=0)
+
+
+def test_output_head_refuses_families_that_post_process_logits():
+    gemma2 = HFCausalLM(config={**_config(40, model_type="gemma2"), "head_dim": 8},
+                        attn_implementation="eager")  # fmt: skip
+    assert gemma2.model.config.final_logit_softcapping  # the family's default
+    with pytest.raises(ValueError, match=r"final_logit_softcapping=.*fused_head=False"):
+        gemma2.output_head()
+    plain = HFCausalLM(config={**_config(40, model_type="gemma2"), "head_dim": 8,
+                               "final_logit_softcapping": None},
+                       attn_implementation="eager")  # fmt: skip
+    assert plain.output_head() is plain.model.get_output_embeddings()
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_fused_head_with_a_padded_teacher_on_the_tp_path(tmp_path):
+    """HF models, a teacher head padded beyond the tokenizer (restricted before sharding), TP=2
+    with fused_head: the trajectory of the unfused single-process run."""
+    args = ["--family", "qwen2", "--teacher-vocab", "44"]
+    single = fit(tmp_path, "pad1", *args)
+    fused = fit(tmp_path, "pad2fused", *args, "--devices", "2", "--tp", "2", "--fused-head")
+    assert_same_trajectory(fused, single)
+    assert fused["teacher_unchanged"]

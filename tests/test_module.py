@@ -15,6 +15,7 @@ from lightning_kd import DistillationModule, KDLoss, TinyLlama
 from lightning_kd.losses import JSD, ForwardKL
 from lightning_kd.parallel.grad_clip import clip_grad_norm
 from lightning_kd.parallel.plans import resolve_tensor_parallel_plan as tensor_parallel_plan
+from lightning_kd.training.fused_head import FusedHeadOutput
 from tests.scripts.fit_run import RandomTokens, make_models
 
 
@@ -389,3 +390,63 @@ def test_checkpoints_record_the_divergence():
         _module(loss=KDLoss(divergence=JSD(beta=0.5))).on_load_checkpoint(saved)
     with pytest.warns(UserWarning, match=r"divergence: saved 'JSD\(beta=0\.5\)', now 'TVD\(\)'"):
         _module(loss=KDLoss(divergence="tvd")).on_load_checkpoint(saved)
+
+
+@pytest.mark.parametrize(
+    ("name", "kd_ratio"), [("forward_kl", 1.0), ("jsd", 0.5), ("skew_reverse_kl", 0.0)]
+)
+def test_fused_head_equals_the_unfused_loss_and_gradients(name, kd_ratio):
+    """fused_head=True: the same terms and student gradients, with no logits anywhere."""
+    batch = next(iter(DataLoader(RandomTokens(samples=3), batch_size=3)))
+    results = []
+    for fused in (False, True):
+        loss = KDLoss(temperature=2.0, chunk_size=5, divergence=name, kd_ratio=kd_ratio)
+        module = _module(loss=loss, fused_head=fused)
+        module.configure_model()
+        student_output = module.run_student(batch)
+        with torch.no_grad():
+            teacher_output = module.run_teacher(batch)
+        assert isinstance(student_output, FusedHeadOutput) == fused
+        terms = module.compute_loss(student_output, teacher_output, batch)
+        terms.loss.backward()
+        grads = {n: p.grad.clone() for n, p in module.student.named_parameters()}
+        assert all(p.grad is None for p in module.teacher.parameters())
+        results.append((terms, grads))
+    (plain, plain_grads), (fused, fused_grads) = results
+    for field in ("loss", "kd_loss", "ce_loss", "per_token_div"):
+        torch.testing.assert_close(
+            getattr(fused, field), getattr(plain, field), rtol=1e-5, atol=1e-7, msg=field
+        )
+    assert torch.equal(fused.valid_mask, plain.valid_mask)
+    for key, grad in plain_grads.items():
+        torch.testing.assert_close(fused_grads[key], grad, rtol=1e-4, atol=1e-7, msg=key)
+
+
+def test_fused_head_validation_matches_the_unfused_metrics():
+    metrics = []
+    for fused in (False, True):
+        module = _module(loss=KDLoss(chunk_size=3, divergence="tvd", kd_ratio=0.5),
+                         fused_head=fused)  # fmt: skip
+        loader = DataLoader(RandomTokens(samples=6), batch_size=4)
+        (result,) = _trainer(limit_val_batches=None).validate(module, loader, verbose=False)
+        metrics.append(result)
+    assert metrics[0].keys() == metrics[1].keys()
+    for key, value in metrics[0].items():
+        assert metrics[1][key] == pytest.approx(value, rel=1e-5), key
+
+
+def test_fused_head_needs_models_that_expose_hidden_states_and_head():
+    class LogitsOnly(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Embedding(37, 37)
+
+        def forward(self, input_ids):
+            return self.proj(input_ids)
+
+    _, teacher = make_models()
+    module = DistillationModule(LogitsOnly(), teacher, fused_head=True)
+    with pytest.raises(ValueError, match=r"student \(LogitsOnly\).*hidden_states.*output_head"):
+        module.configure_model()
+    with pytest.raises(ValueError, match="fused_head must be a bool"):
+        DistillationModule(LogitsOnly(), teacher, fused_head="yes")

@@ -81,6 +81,30 @@ def test_parallel_runs_match_single_process(tmp_path, single, name, args):
         )
 
 
+def test_fused_head_on_one_process_follows_the_unfused_run(tmp_path, single):
+    fused = fit(tmp_path, "fused", "--fused-head")
+    assert_same_trajectory(fused, single["plain"], rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("name", "args"),
+    [
+        ("tp2", ["--devices", "2", "--tp", "2"]),
+        ("dp2", ["--devices", "2", "--dp", "2", "--batch-size", "2"]),
+        ("dp2xtp2", ["--devices", "4", "--dp", "2", "--tp", "2", "--batch-size", "2"]),
+    ],
+)
+def test_fused_head_under_tp_and_fsdp2_matches_the_unfused_runs(tmp_path, single, name, args):
+    """fused_head=True reads the lm_head weights inside the loss: under FSDP2 they must be
+    gathered for it and their gradients reduce-scattered (PITFALLS 20), or the trajectory
+    departs from the single-process unfused one (a shard read as the weight fails at once)."""
+    fused = fit(tmp_path, f"fused_{name}", *args, "--fused-head")
+    assert_same_trajectory(fused, single["plain"], rel=1e-4)
+    assert fused["teacher_unchanged"] and not fused["teacher_requires_grad"]
+    unfused = fit(tmp_path, f"unfused_{name}", *args)
+    assert_same_trajectory(fused, unfused, rel=1e-5)
+
+
 def test_gradient_clipping_under_tensor_parallelism(tmp_path, single):
     # The clip is active: it moves the trajectory by far more than the comparison tolerance
     # (observed: 1.3 % at step 6), so an unclipped TP run could not pass for a clipped one.

@@ -1,6 +1,8 @@
 """Distillation losses in plain PyTorch (this package imports nothing from Lightning).
 
 - :class:`KDLoss`: the public loss module (input checks, valid-token selection, dispatch).
+- :class:`LinearKDLoss`: ``KDLoss`` with the lm_heads fused in (hidden states and head weights
+  in, no ``[N, V]`` logits; :mod:`~lightning_kd.losses.linear_engine` is its chunked pass).
 - :mod:`~lightning_kd.losses.engine`: the chunked, memory-bounded pass with analytic backward
   (the divergence and the hard-label cross-entropy term in one pass).
 - :mod:`~lightning_kd.losses.divergences`: one file per divergence, only its chunk math:
@@ -24,6 +26,7 @@ from lightning_kd.losses.divergences import (
     resolve_divergence,
 )
 from lightning_kd.losses.kd_loss import KDLoss, KDLossOutput
+from lightning_kd.losses.linear_kd_loss import LinearKDLoss
 from lightning_kd.losses.vocab_parallel import find_vocab_tp_group
 
 __all__ = [
@@ -34,6 +37,7 @@ __all__ = [
     "ForwardKL",
     "KDLoss",
     "KDLossOutput",
+    "LinearKDLoss",
     "ReverseKL",
     "SkewKL",
     "SkewReverseKL",

@@ -167,6 +167,109 @@ def _cross_entropy_rows(
     return ce
 
 
+class GradMix(NamedTuple):
+    """How one chunk's gradient buffer mixes the divergence and the CE gradients.
+
+    Who writes the gradient: the divergence (kd_ratio > 0), then the CE adds its share scaled
+    relative to it (kd_ratio < 1); or the CE alone (kd_ratio == 0). The buffer holds
+    d(loss)/d(student logits) up to the one factor ``grad_scale`` applied at the end, and stays
+    O(1) in magnitude (fp16 range) whatever the mix.
+
+    Attributes:
+        div_grad: the divergence writes its gradient ``dD/dz`` (times ``div_factor``).
+        ce_grad: the CE adds ``ce_factor · (softmax − onehot)`` (or writes it, without
+            ``div_grad``).
+        div_factor: scale of the divergence's gradient in the buffer.
+        ce_factor: scale of the CE gradient in the buffer.
+        grad_scale: d(loss)/d(logits) = ``grad_scale`` · buffer.
+    """
+
+    div_grad: bool
+    ce_grad: bool
+    div_factor: float
+    ce_factor: float
+    grad_scale: float
+
+    @classmethod
+    def of(cls, spec: PassSpec, need_grad: bool) -> GradMix:
+        kd, temperature = spec.kd_ratio, spec.temperature
+        div_grad = need_grad and spec.divergence is not None and kd > 0
+        ce_grad = need_grad and spec.with_ce and kd < 1
+        div_factor = 1.0
+        if div_grad:
+            ce_factor = (1.0 - kd) / (kd * temperature)
+            grad_scale = kd * temperature / spec.normaliser  # d(T² D)/ds = T dD/dz
+            if ce_factor > _MAX_CE_FACTOR:  # CE dominates: keep the buffer O(1) (fp16 range)
+                div_factor, ce_factor = 1.0 / ce_factor, 1.0
+                grad_scale = (1.0 - kd) / spec.normaliser
+        else:
+            ce_factor, grad_scale = 1.0, 1.0 / spec.normaliser
+        return cls(div_grad, ce_grad, div_factor, ce_factor, grad_scale)
+
+
+def chunk_math(
+    student: Tensor,
+    teacher: Tensor | None,
+    targets: Tensor | None,
+    vocab: VocabSoftmax,
+    spec: PassSpec,
+    mix: GradMix,
+    bufs: list[Tensor],
+    out: Tensor,
+) -> tuple[Tensor | None, Tensor | None]:
+    """One chunk of rows: the divergence and/or the CE values, and the mixed gradient in ``out``.
+
+    Args:
+        student: [m, V_local] student logit rows (not modified).
+        teacher: [m, V_local] teacher logit rows (not modified); unused without a divergence.
+        targets: [m] labels of the rows (needed when ``spec.with_ce``).
+        vocab: the vocabulary-softmax object.
+        spec: what to compute.
+        mix: the gradient mix (see :class:`GradMix`).
+        bufs: ``1 + divergence.extra_workspaces`` scratch [m, V_local] buffers in the compute
+            dtype.
+        out: [m, V_local] buffer in the compute dtype; holds the gradient buffer on return when
+            ``mix.div_grad or mix.ce_grad`` (else scratch).
+
+    Returns:
+        ``(values, ce)``: the [m] divergence values (None when not computed) and the [m] CE
+        (None when not computed).
+    """
+    values = ce = None
+    if spec.divergence is not None:
+        extra = {"extra": tuple(bufs[1:])} if len(bufs) > 1 else {}
+        values = spec.divergence.chunk(
+            student, teacher, spec.temperature, vocab, bufs[0], out, mix.div_grad, **extra
+        )
+        if mix.div_grad and mix.div_factor != 1.0:
+            out.mul_(mix.div_factor)
+    if spec.with_ce:
+        ce = _cross_entropy_rows(
+            student, targets, vocab, bufs[0], spec, out if mix.ce_grad else None,
+            mix.ce_factor, accumulate=mix.div_grad,
+        )  # fmt: skip
+    return values, ce
+
+
+def reduce_terms(per_div: Tensor, per_ce: Tensor, spec: PassSpec) -> tuple[Tensor, Tensor, Tensor]:
+    """``(loss, div_loss, ce_loss)`` from the per-row values (summed in fp64, returned in the
+    compute dtype); multiplies ``per_div`` by ``T²`` in place."""
+    t2, norm, kd = spec.temperature * spec.temperature, spec.normaliser, spec.kd_ratio
+    dtype = spec.compute_dtype
+    div_sum = per_div.sum(dtype=torch.float64)
+    ce_sum = per_ce.sum(dtype=torch.float64)
+    total = torch.zeros((), dtype=torch.float64, device=per_div.device)
+    if spec.divergence is not None and kd > 0:
+        total = div_sum.mul(kd * t2 / norm)
+    if spec.with_ce and kd < 1:
+        total = total + ce_sum.mul((1.0 - kd) / norm)
+    loss = total.to(dtype)
+    div_loss = div_sum.mul(t2 / norm).to(dtype)
+    ce_loss = ce_sum.div(norm).to(dtype)
+    per_div.mul_(t2)
+    return loss, div_loss, ce_loss
+
+
 class _DistillOverRows(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -180,8 +283,7 @@ class _DistillOverRows(torch.autograd.Function):
         need_grad: bool,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         device, vsize = student.device, student.shape[-1]
-        divergence, temperature, dtype = spec.divergence, spec.temperature, spec.compute_dtype
-        kd = spec.kd_ratio
+        divergence, dtype = spec.divergence, spec.compute_dtype
         student2d, teacher2d = _as_rows(student), _as_rows(teacher)
         valid_cpu = valid.reshape(-1).cpu()
         windows = _plan_windows(valid_cpu, spec.chunk_size)
@@ -190,20 +292,7 @@ class _DistillOverRows(torch.autograd.Function):
         per_div = torch.empty(n if divergence is not None else 0, dtype=dtype, device=device)
         per_ce = torch.empty(n if spec.with_ce else 0, dtype=dtype, device=device)
 
-        # Who writes the gradient: the divergence (kd_ratio > 0), then the CE adds its share
-        # scaled relative to it (kd_ratio < 1); or the CE alone (kd_ratio == 0). The buffer
-        # holds d(loss)/ds up to the one factor ``grad_scale`` that backward applies.
-        div_grad = need_grad and divergence is not None and kd > 0
-        ce_grad = need_grad and spec.with_ce and kd < 1
-        div_factor = 1.0
-        if div_grad:
-            ce_factor = (1.0 - kd) / (kd * temperature)
-            grad_scale = kd * temperature / spec.normaliser  # d(T² D)/ds = T dD/dz
-            if ce_factor > _MAX_CE_FACTOR:  # CE dominates: keep the buffer O(1) (fp16 range)
-                div_factor, ce_factor = 1.0 / ce_factor, 1.0
-                grad_scale = (1.0 - kd) / spec.normaliser
-        else:
-            ce_factor, grad_scale = 1.0, 1.0 / spec.normaliser
+        mix = GradMix.of(spec, need_grad)
 
         grad = grad2d = None
         if need_grad:
@@ -231,17 +320,8 @@ class _DistillOverRows(torch.autograd.Function):
             in_place = slot_ok and window.dense
             out = grad2d[window.start : window.stop] if in_place else scratch[:m]
             bufs = [w[:m] for w in work]
-            values = ce = None
-            if divergence is not None:
-                extra = {"extra": tuple(bufs[1:])} if len(bufs) > 1 else {}
-                values = divergence.chunk(s, t, temperature, vocab, bufs[0], out, div_grad, **extra)
-                if div_grad and div_factor != 1.0:
-                    out.mul_(div_factor)
-            if spec.with_ce:
-                ce = _cross_entropy_rows(
-                    s, targets[rows], vocab, bufs[0], spec, out if ce_grad else None,
-                    ce_factor, accumulate=div_grad,
-                )  # fmt: skip
+            row_targets = targets[rows] if spec.with_ce else None
+            values, ce = chunk_math(s, t, row_targets, vocab, spec, mix, bufs, out)
             if window.dense and not bool(window.valid.all()):
                 keep = window.valid.to(device)
                 values = values[keep] if values is not None else None
@@ -267,21 +347,10 @@ class _DistillOverRows(torch.autograd.Function):
         if need_grad and not bool(covered.all()):
             grad2d.index_fill_(0, (~covered).nonzero().squeeze(1).to(device), 0.0)
 
-        t2, norm = temperature * temperature, spec.normaliser
-        div_sum = per_div.sum(dtype=torch.float64)
-        ce_sum = per_ce.sum(dtype=torch.float64)
-        total = torch.zeros((), dtype=torch.float64, device=device)
-        if divergence is not None and kd > 0:
-            total = div_sum.mul(kd * t2 / norm)
-        if spec.with_ce and kd < 1:
-            total = total + ce_sum.mul((1.0 - kd) / norm)
-        loss = total.to(dtype)
-        div_loss = div_sum.mul(t2 / norm).to(dtype)
-        ce_loss = ce_sum.div(norm).to(dtype)
-        per_div.mul_(t2)
+        loss, div_loss, ce_loss = reduce_terms(per_div, per_ce, spec)
         ctx.mark_non_differentiable(per_div, per_ce, div_loss, ce_loss)
         ctx.grad = grad
-        ctx.grad_scale = grad_scale
+        ctx.grad_scale = mix.grad_scale
         return loss, per_div, per_ce, div_loss, ce_loss
 
     @staticmethod

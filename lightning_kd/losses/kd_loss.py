@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from lightning_kd.checks import check_bool, check_int, check_unit_interval
 from lightning_kd.losses.divergences import Divergence, resolve_divergence
 from lightning_kd.losses.engine import PassSpec, distill_over_rows
+from lightning_kd.losses.input_checks import check_label_range, check_normaliser
 from lightning_kd.losses.vocab_parallel import VocabParallelSoftmax, resolve_vocab_parallel
 
 
@@ -61,25 +62,6 @@ def _check_temperature(temperature: float) -> float:
     if not math.isfinite(temperature) or temperature <= 0:
         raise ValueError(f"temperature must be finite and > 0, got {temperature!r}.")
     return float(temperature)
-
-
-def _check_normaliser(num_batch_labels: int | float | Tensor) -> float:
-    value = num_batch_labels
-    if isinstance(value, Tensor):
-        if value.numel() != 1:
-            raise ValueError(
-                "num_batch_labels must be a number or a one-element tensor, got a tensor of "
-                f"shape {tuple(value.shape)}."
-            )
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise ValueError(f"num_batch_labels must be a positive number, got {num_batch_labels!r}.")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(
-            "num_batch_labels must be > 0 (the count of valid tokens in the whole "
-            f"gradient-accumulation window), got {value!r}."
-        )
-    return float(value)
 
 
 class KDLoss(nn.Module):
@@ -197,7 +179,7 @@ class KDLoss(nn.Module):
             student_logits, teacher_logits, labels, self.tp_group
         )
         self._check_inputs(student, teacher, labels)
-        normaliser = None if num_batch_labels is None else _check_normaliser(num_batch_labels)
+        normaliser = None if num_batch_labels is None else check_normaliser(num_batch_labels)
 
         with_ce = self.kd_ratio < 1.0 or return_per_token
         with_div = self.kd_ratio > 0.0 or return_per_token
@@ -224,7 +206,7 @@ class KDLoss(nn.Module):
             offset, vocab_size = vocab.vocab_range(student.shape[-1], student.device)
             spec = spec._replace(label_offset=offset, vocab_size=vocab_size)
             if self.kd_ratio < 1.0:
-                self._check_label_range(targets, valid, vocab_size)
+                check_label_range(targets, valid, vocab_size)
         out = distill_over_rows(student, teacher, valid, vocab, spec, targets)
         if not return_per_token:
             return out.loss
@@ -235,18 +217,6 @@ class KDLoss(nn.Module):
             full.view(-1)[flat_valid] = values
             per_token.append(full)
         return KDLossOutput(out.loss, per_token[0], valid, per_token[1], out.div_loss, out.ce_loss)
-
-    @staticmethod
-    def _check_label_range(targets: Tensor, valid: Tensor, vocab_size: int) -> None:
-        flat_valid = valid.reshape(-1).to(targets.device)
-        bad = flat_valid & ((targets < 0) | (targets >= vocab_size))
-        if bool(bad.any()):
-            first = int(targets[bad][0])
-            raise ValueError(
-                f"labels of valid tokens must be vocabulary ids in [0, {vocab_size}) for the "
-                f"cross-entropy term (kd_ratio < 1), got {first}; mark ignored tokens with "
-                "ignore_index."
-            )
 
     @staticmethod
     def _check_inputs(student: Tensor, teacher: Tensor, labels: Tensor) -> None:

@@ -13,6 +13,9 @@ scattering ``getattr`` probes:
   map or None) and ``restrict_vocab(size)`` (drop padded rows), for vocabulary reconciliation.
 - :class:`SupportsUntiedHead`: ``untie_lm_head()`` gives a tied lm_head its own weight, which
   tensor parallelism needs (a vocab-sharded head cannot share a replicated embedding).
+- :class:`SupportsFusedHead`: ``hidden_states(input_ids)`` stops before the lm_head and
+  ``output_head()`` returns that head, for ``DistillationModule(fused_head=True)``, which
+  computes the loss from hidden states and head weights without building the logits.
 
 :class:`~lightning_kd.models.hf.HFCausalLM` implements all of them; :class:`~lightning_kd.TinyLlama`
 all but :class:`SupportsUntiedHead` (a tied TinyLlama is refused under tensor parallelism).
@@ -65,6 +68,25 @@ class SupportsUntiedHead(Protocol):
     """A model whose tied lm_head can be given its own weight (needed before TP shards it)."""
 
     def untie_lm_head(self) -> None: ...
+
+
+@runtime_checkable
+class SupportsFusedHead(Protocol):
+    """A model whose logits are exactly ``output_head()(hidden_states(input_ids))``.
+
+    ``hidden_states(input_ids [B, S])`` returns the final hidden states ``[B, S, d]`` the head
+    reads (after the final norm; replicated under tensor parallelism, a plain tensor or a
+    Replicate DTensor). ``output_head()`` returns the head module, a linear map with ``weight``
+    ``[V, d]`` (vocabulary-sharded ``Shard(0)`` under tensor parallelism) and an optional
+    ``bias`` ``[V]``: the logits are ``hidden @ weight.T + bias`` with nothing after (no
+    soft-capping or scaling; a model that post-processes its logits must not claim this).
+    Under FSDP2, ``hidden_states`` is registered as a forward method of the model, so the
+    model's own ``forward`` must not call it (share a private helper instead).
+    """
+
+    def hidden_states(self, input_ids: Tensor) -> Tensor: ...
+
+    def output_head(self) -> nn.Module: ...
 
 
 def fsdp_units(model: nn.Module) -> list[nn.Module]:

@@ -164,6 +164,17 @@ class TinyLlama(nn.Module):
         With ``output_hidden=True`` returns ``{"logits": ..., "hidden": [B, S, dim]}``, the
         final normalised hidden states (replicated under TP), e.g. for hidden-state losses.
         """
+        hidden = self._final_hidden(input_ids)
+        logits = self.lm_head(hidden)
+        return {"logits": logits, "hidden": hidden} if output_hidden else logits
+
+    def hidden_states(self, input_ids: Tensor) -> Tensor:
+        """input_ids: [B, S] int64 -> the final normalised hidden states [B, S, dim], what
+        ``lm_head`` turns into logits (replicated under TP)."""
+        # forward does not call this method: FSDP2 may register it as a forward of its own.
+        return self._final_hidden(input_ids)
+
+    def _final_hidden(self, input_ids: Tensor) -> Tensor:
         seq = input_ids.shape[1]
         if seq > self.rope_cos.shape[0]:
             raise ValueError(f"sequence length {seq} exceeds max_seq_len {self.rope_cos.shape[0]}")
@@ -171,9 +182,11 @@ class TinyLlama(nn.Module):
         x = self.embed(input_ids)
         for layer in self.layers:
             x = layer(x, cos, sin)
-        hidden = self.norm(x)
-        logits = self.lm_head(hidden)
-        return {"logits": logits, "hidden": hidden} if output_hidden else logits
+        return self.norm(x)
+
+    def output_head(self) -> nn.Linear:
+        """The lm_head: logits = ``hidden_states(ids) @ lm_head.weight.T`` (no bias)."""
+        return self.lm_head
 
     def tensor_parallel_plan(self, tp_size: int) -> dict[str, ParallelStyle]:
         """The TP plan for ``parallelize_module``: column-parallel q/k/v and MLP up-projections,

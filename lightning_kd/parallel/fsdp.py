@@ -53,8 +53,10 @@ def apply_fsdp(
     *,
     reshard_after_forward: bool = True,
     mp_policy: MixedPrecisionPolicy | None = None,
+    extra_units: tuple[nn.Module, ...] = (),
 ) -> nn.Module:
-    """FSDP2 ``fully_shard`` of the model's ``fsdp_units()`` (if any), then of the root.
+    """FSDP2 ``fully_shard`` of the model's ``fsdp_units()`` (if any) and ``extra_units``, then
+    of the root.
 
     Args:
         model: the model to shard in place.
@@ -62,11 +64,13 @@ def apply_fsdp(
         reshard_after_forward: free gathered parameters after each forward (True for a
             no-grad teacher, or its weights would stay gathered).
         mp_policy: the precision policy (see :func:`mixed_precision_policy`).
+        extra_units: more submodules to shard as their own units (e.g. the lm_head of a fused
+            head, gathered on its own when the loss needs it).
     """
     kwargs = {"mesh": dp_mesh, "reshard_after_forward": reshard_after_forward}
     if mp_policy is not None:
         kwargs["mp_policy"] = mp_policy
-    for unit in fsdp_units(model):
+    for unit in (*fsdp_units(model), *extra_units):
         fully_shard(unit, **kwargs)
     fully_shard(model, **kwargs)
     return model

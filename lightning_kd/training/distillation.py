@@ -34,7 +34,7 @@ from torch.distributed.tensor.parallel import ParallelStyle
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_kd.checks import check_unit_interval
+from lightning_kd.checks import check_bool, check_unit_interval
 from lightning_kd.losses.kd_loss import KDLoss
 from lightning_kd.parallel.fsdp import apply_fsdp, mixed_precision_policy
 from lightning_kd.parallel.grad_clip import clip_grad_norm
@@ -56,6 +56,14 @@ from lightning_kd.training.checkpoint_policy import (
     teacher_free_checkpoints,
 )
 from lightning_kd.training.eval_metrics import EvalSums
+from lightning_kd.training.fused_head import (
+    FusedHeadOutput,
+    fused_cross_entropy,
+    fused_head_of,
+    fused_kd_loss,
+    head_is_tied,
+    register_fused_methods,
+)
 from lightning_kd.training.loss_terms import LossTerms, find_logits, logits_of
 from lightning_kd.training.optim import build_optimizers, default_optimizer
 from lightning_kd.training.teacher import ModelOrFactory, TeacherSource, build_model, freeze
@@ -97,6 +105,13 @@ class DistillationModule(LightningModule):
             ``tensor_parallel_plan(tp_size)``. A tied lm_head is untied (or refused) whatever
             the plan's source.
         teacher_tp_plan: likewise for the teacher.
+        fused_head: compute the loss from both models' final hidden states and lm_head weights
+            (:class:`~lightning_kd.losses.LinearKDLoss`, with the loss's settings) instead of
+            from their logits: no ``[N, V]`` logits, logit gradient or teacher logits exist at
+            any time. Needs models that implement ``hidden_states`` and ``output_head``
+            (:class:`~lightning_kd.models.contract.SupportsFusedHead`; TinyLlama and
+            HFCausalLM do). Works with TP, FSDP2 and both; ``run_student``/``run_teacher``
+            then return :class:`~lightning_kd.training.fused_head.FusedHeadOutput`.
         shared_vocab_size: distil over the first ``shared_vocab_size`` vocabulary entries
             when the two lm_heads have different widths (padded vocabularies). Default: the
             size of the tokenizer the models carry (``HFCausalLM`` from a local directory
@@ -122,16 +137,25 @@ class DistillationModule(LightningModule):
         student_tp_plan: dict[str, ParallelStyle] | None = None,
         teacher_tp_plan: dict[str, ParallelStyle] | None = None,
         shared_vocab_size: int | None = None,
+        fused_head: bool = False,
     ) -> None:
         super().__init__()
+        check_bool("fused_head", fused_head)
         if shared_vocab_size is not None and shared_vocab_size < 1:
             raise ValueError(f"shared_vocab_size must be >= 1, got {shared_vocab_size!r}.")
         self.teacher_source = TeacherSource(teacher, teacher_checkpoint, teacher_checkpoint_prefix)
         self.kd_loss = _resolve_loss(loss, kd_ratio)
+        if fused_head and not isinstance(self.kd_loss, KDLoss):
+            raise ValueError(
+                "fused_head=True computes the loss with LinearKDLoss from a KDLoss's settings; "
+                f"got a {type(self.kd_loss).__name__} loss."
+            )
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.save_teacher = save_teacher
         self.shared_vocab_size = shared_vocab_size
+        self.fused_head = fused_head
+        self._owners: dict[str, nn.Module] = {}  # role -> module whose FSDP2 unit has the head
         self._plans = {"student": student_tp_plan, "teacher": teacher_tp_plan}
         self._student_factory = None if isinstance(student, nn.Module) else student
         self.student = student if isinstance(student, nn.Module) else None
@@ -183,6 +207,11 @@ class DistillationModule(LightningModule):
             reconcile_vocabularies(self.student, self.teacher, self.shared_vocab_size)
             self._prepared = True
         freeze(self.teacher)  # also covers modules restrict_vocab created
+        if self.fused_head and not self._owners:
+            for role in ("student", "teacher"):
+                model = getattr(self, role)
+                head = fused_head_of(model, role)
+                self._owners[role] = model if head_is_tied(model, head) else head
         mesh = self.device_mesh
         if mesh is None or self._parallelized:
             return
@@ -195,7 +224,12 @@ class DistillationModule(LightningModule):
                 apply_tensor_parallel(model, tp_mesh, plan)
             if dp_mesh.size() > 1:
                 policy = mixed_precision_policy(precision, trainable=role == "student")
-                apply_fsdp(model, dp_mesh, reshard_after_forward=True, mp_policy=policy)
+                owner = self._owners.get(role, model)
+                extra = (owner,) if owner is not model else ()
+                apply_fsdp(model, dp_mesh, reshard_after_forward=True, mp_policy=policy,
+                           extra_units=extra)  # fmt: skip
+                if self.fused_head:
+                    register_fused_methods(model, owner)
         if dp_mesh.size() > 1:
             # Trainable modules a subclass adds must stay in sync across replicas too.
             policy = mixed_precision_policy(precision, trainable=True)
@@ -241,6 +275,7 @@ class DistillationModule(LightningModule):
             "shared_vocab_size": self.shared_vocab_size,
             "temperature": getattr(self.kd_loss, "temperature", None),
             "divergence": repr(getattr(self.kd_loss, "divergence", None)),
+            "fused_head": self.fused_head,
             "ignore_index": getattr(self.kd_loss, "ignore_index", None),
         }
 
@@ -261,12 +296,20 @@ class DistillationModule(LightningModule):
 
     # ------------------------------------------------------------------ override points
     def run_student(self, batch: Mapping[str, Tensor]) -> Any:
-        """The student's output on ``batch`` (logits [B, S, V] or an object with ``.logits``)."""
-        return self.student(batch["input_ids"])
+        """The student's output on ``batch`` (logits [B, S, V] or an object with ``.logits``;
+        with ``fused_head`` a :class:`FusedHeadOutput`)."""
+        return self._run("student", batch)
 
     def run_teacher(self, batch: Mapping[str, Tensor]) -> Any:
         """The teacher's output on ``batch``; called under ``torch.no_grad()``."""
-        return self.teacher(batch["input_ids"])
+        return self._run("teacher", batch)
+
+    def _run(self, role: str, batch: Mapping[str, Tensor]) -> Any:
+        model = getattr(self, role)
+        if not self.fused_head:
+            return model(batch["input_ids"])
+        head = model.output_head()
+        return FusedHeadOutput(model.hidden_states(batch["input_ids"]), head, self._owners[role])
 
     def compute_loss(
         self, student_output: Any, teacher_output: Any, batch: Mapping[str, Tensor]
@@ -279,6 +322,9 @@ class DistillationModule(LightningModule):
         Subclasses that add terms should return per-token means too (the module turns them
         into sums over the accumulation window).
         """
+        if isinstance(student_output, FusedHeadOutput):
+            kd = fused_kd_loss(self.kd_loss, student_output, teacher_output, batch["labels"])
+            return LossTerms(kd.loss, kd.div_loss, kd.ce_loss, kd.per_token_div, kd.valid_mask)
         kd = self.kd_loss(
             logits_of(student_output),
             logits_of(teacher_output),
@@ -374,8 +420,11 @@ class DistillationModule(LightningModule):
         student_output, teacher_output = self._forward_both(batch)
         terms = self.compute_loss(student_output, teacher_output, batch)
         tokens = int(terms.valid_mask.sum())
-        teacher_logits = logits_of(teacher_output)
-        teacher_ce = self._cross_entropy_loss()(teacher_logits, teacher_logits, batch["labels"])
+        if isinstance(teacher_output, FusedHeadOutput):
+            teacher_ce = fused_cross_entropy(self.kd_loss, teacher_output, batch["labels"])
+        else:
+            teacher_logits = logits_of(teacher_output)
+            teacher_ce = self._cross_entropy_loss()(teacher_logits, teacher_logits, batch["labels"])
         self._eval.add(
             _plain(terms.loss),
             _plain(terms.kd_loss),

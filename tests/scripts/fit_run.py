@@ -73,6 +73,8 @@ class CheckedModule(DistillationModule):
     saw_sharded: bool | None = None
 
     def compute_loss(self, student_output, teacher_output, batch):
+        if self.fused_head:  # no logits at all: nothing to record
+            return super().compute_loss(student_output, teacher_output, batch)
         logits = logits_of(student_output)
         sharded = isinstance(logits, DTensor) and any(
             isinstance(p, Shard) and p.dim == logits.ndim - 1 for p in logits.placements
@@ -110,6 +112,8 @@ def main() -> None:
     parser.add_argument("--save-student", default=None, help="torch.save the full student here")
     parser.add_argument("--family", default="tiny", help="tiny (TinyLlama) or an HF model_type")
     parser.add_argument("--teacher-vocab", type=int, default=VOCAB, help="HF teacher lm_head")
+    parser.add_argument("--fused-head", action="store_true", help="DistillationModule(fused_head)")
+    parser.add_argument("--divergence", default="forward_kl")
     args = parser.parse_args()
 
     L.seed_everything(0, verbose=False)
@@ -121,7 +125,13 @@ def main() -> None:
     module = CheckedModule(
         student,
         teacher,
-        loss=KDLoss(chunk_size=args.chunk_size, temperature=2.0, kd_ratio=args.kd_ratio),
+        loss=KDLoss(
+            chunk_size=args.chunk_size,
+            temperature=2.0,
+            kd_ratio=args.kd_ratio,
+            divergence=args.divergence,
+        ),
+        fused_head=args.fused_head,
         optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3),
         shared_vocab_size=VOCAB if args.teacher_vocab != VOCAB else None,
     )

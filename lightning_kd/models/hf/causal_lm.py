@@ -94,6 +94,37 @@ class HFCausalLM(nn.Module):
             return {"logits": out.logits, "hidden": out.hidden_states[-1]}
         return out.logits
 
+    def hidden_states(self, input_ids: Tensor) -> Tensor:
+        """input_ids [B, S] -> the last hidden states [B, S, d] of the base model (after its
+        final norm), which the lm_head turns into logits."""
+        out = self.model.base_model(input_ids=input_ids, use_cache=False)
+        return out.last_hidden_state
+
+    def output_head(self) -> nn.Module:
+        """The lm_head (``get_output_embeddings()``), for ``fused_head=True``.
+
+        Raises:
+            ValueError: for families that post-process the head's output (Gemma-2's
+                soft-capping, Cohere's ``logit_scale``, Granite's ``logits_scaling``), which the
+                fused loss would silently skip, or a head that is not a linear layer.
+        """
+        config = self.model.config
+        for field, neutral in (("final_logit_softcapping", None), ("logit_scale", 1.0),
+                               ("logits_scaling", 1.0)):  # fmt: skip
+            value = getattr(config, field, neutral)
+            if value is not None and value != neutral:
+                raise ValueError(
+                    f"{config.model_type} post-processes its logits ({field}={value!r}); the "
+                    "fused head computes hidden @ weight.T + bias only. Use fused_head=False."
+                )
+        head = self.model.get_output_embeddings()
+        if not isinstance(head, nn.Linear):
+            raise ValueError(
+                f"fused_head needs a linear lm_head, got {type(head).__name__} for "
+                f"{config.model_type}. Use fused_head=False."
+            )
+        return head
+
     def tokenizer_vocab(self) -> dict[str, int] | None:
         """The tokenizer's token → id map when ``pretrained_path`` holds a tokenizer."""
         if self.pretrained_path is None:

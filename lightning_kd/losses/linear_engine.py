@@ -1,0 +1,284 @@
+"""The fused pass: lm_head matmuls, divergence and CE per chunk, no ``[N, V]`` tensor.
+
+:func:`linear_distill_over_rows` is :func:`~lightning_kd.losses.engine.distill_over_rows` with
+the lm_head folded in: it takes the last hidden states and the head weights (and biases)
+instead of logits, and for each chunk of at most ``chunk_size`` valid tokens computes the
+chunk's student and teacher logits (``hidden[rows] @ weight.T + bias``), runs the same chunk
+math as ``KDLoss`` (:func:`~lightning_kd.losses.engine.chunk_math`: the divergence and the
+hard-label CE mixed in one gradient buffer ``G = d(loss)/d(logits)`` of the chunk), and turns
+``G`` into the gradients of the student's inputs right away::
+
+    grad_hidden[rows] = G @ W        grad_W += Gᵀ @ hidden[rows]        grad_b += Σ_rows G
+
+so no tensor larger than ``chunk × V`` ever exists: peak memory is the chunk's logits (student
+and teacher), the divergence's workspaces and ``G``, plus gradients shaped like the inputs.
+Everything is computed inside one ``torch.autograd.Function`` during the forward pass; the
+backward pass only scales the stored gradients by the incoming gradient.
+
+Chunks hold valid tokens only (ignored tokens are skipped, never computed). Under tensor
+parallelism each rank holds a vocabulary slice of the weights: its chunk logits are
+``[m, V_local]``, the softmaxes go through
+:class:`~lightning_kd.losses.vocab_parallel.VocabParallelSoftmax` exactly as in ``KDLoss``
+(O(tokens) all-reduces), the weight and bias gradients are the rank's slice and need no
+communication, and the hidden-state gradient, a sum over the vocabulary, is all-reduced over
+the group once at the end of the forward pass (``n_valid × d`` values in the compute dtype).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from lightning_kd.losses.divergences import JSD, TVD, ForwardKL, ReverseKL, SkewKL, SkewReverseKL
+from lightning_kd.losses.engine import GradMix, PassOutput, PassSpec, chunk_math, reduce_terms
+from lightning_kd.losses.vocab_softmax import VocabSoftmax
+
+#: Divergences whose ``chunk`` reads the teacher rows once, as its first step (into ``work``),
+#: before it writes ``grad``: for these the buffer of the teacher's chunk logits doubles as the
+#: gradient buffer (one ``[chunk, V]`` buffer less). Exact types only: a subclass or a
+#: user-defined divergence gets its own gradient buffer.
+_READS_TEACHER_FIRST = (ForwardKL, ReverseKL, JSD, TVD, SkewKL, SkewReverseKL)
+
+
+class Head(NamedTuple):
+    """One model's last hidden states and (local slice of the) output head.
+
+    Attributes:
+        hidden: [*, d] hidden states (replicated over tensor-parallel ranks).
+        weight: [V_local, d] head weight (this rank's vocabulary rows).
+        bias: [V_local] head bias, or None.
+    """
+
+    hidden: Tensor
+    weight: Tensor
+    bias: Tensor | None = None
+
+
+def matmul_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
+    """The dtype of a head's logits: the autocast dtype when autocast is on for the device and
+    both tensors are autocast-eligible (what ``F.linear`` does), else the promoted dtype."""
+    device = hidden.device.type
+    eligible = (torch.float32, torch.float16, torch.bfloat16)
+    if torch.is_autocast_enabled(device) and hidden.dtype in eligible and weight.dtype in eligible:
+        return torch.get_autocast_dtype(device)
+    return torch.promote_types(hidden.dtype, weight.dtype)
+
+
+def _rows(x2d: Tensor, rows_cpu: Tensor) -> Tensor:
+    """Rows ``rows_cpu`` (sorted) of ``x2d``: a view when they are consecutive."""
+    first, last = int(rows_cpu[0]), int(rows_cpu[-1])
+    if last - first + 1 == rows_cpu.numel():
+        return x2d[first : last + 1]
+    return x2d.index_select(0, rows_cpu.to(x2d.device))
+
+
+def _logits(hidden_rows: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor) -> Tensor:
+    """``out = hidden_rows @ weight.T (+ bias)`` in ``out``'s dtype (the matmul dtype)."""
+    hidden_rows = hidden_rows.to(out.dtype)
+    if bias is None:
+        return torch.mm(hidden_rows, weight.t(), out=out)
+    return torch.addmm(bias, hidden_rows, weight.t(), out=out)
+
+
+class _LinearDistillOverRows(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any,
+        s_hidden: Tensor,
+        s_weight: Tensor,
+        s_bias: Tensor | None,
+        t_hidden: Tensor | None,
+        t_weight: Tensor | None,
+        t_bias: Tensor | None,
+        valid: Tensor,
+        targets: Tensor | None,
+        spec: PassSpec,
+        vocab: VocabSoftmax,
+        needs: tuple[bool, bool, bool],
+        mm_dtypes: tuple[torch.dtype, torch.dtype | None],
+        tp_group: dist.ProcessGroup | None,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        device, dtype = s_hidden.device, spec.compute_dtype
+        divergence = spec.divergence
+        need_h, need_w, need_b = needs
+        mix = GradMix.of(spec, any(needs))
+        need_grad = mix.div_grad or mix.ce_grad
+        vsize, d_s = s_weight.shape
+
+        idx = valid.reshape(-1).cpu().nonzero().squeeze(1)
+        n = idx.numel()
+        step = spec.chunk_size or max(n, 1)
+        widest = min(step, n)
+        per_div = torch.empty(n if divergence is not None else 0, dtype=dtype, device=device)
+        per_ce = torch.empty(n if spec.with_ce else 0, dtype=dtype, device=device)
+
+        # Per-call matmul operands (a cast copy of a weight only when its dtype differs from
+        # its logits' dtype, e.g. under autocast).
+        s_mm, t_mm = mm_dtypes
+        s_w = s_weight.to(s_mm)
+        s_b = s_bias.to(s_mm) if s_bias is not None else None
+        s_h2d = s_hidden.reshape(-1, d_s)
+        s_buf = torch.empty((widest, vsize), dtype=s_mm, device=device)
+        t_buf = t_w = t_b = t_h2d = None
+        if divergence is not None:
+            t_w, t_h2d = t_weight.to(t_mm), t_hidden.reshape(-1, t_hidden.shape[-1])
+            t_b = t_bias.to(t_mm) if t_bias is not None else None
+            t_buf = torch.empty((widest, vsize), dtype=t_mm, device=device)
+        n_work = 1 + (divergence.extra_workspaces if divergence is not None else 0)
+        work = [torch.empty((widest, vsize), dtype=dtype, device=device) for _ in range(n_work)]
+        share = type(divergence) in _READS_TEACHER_FIRST and t_buf.dtype == dtype
+        g_buf = None if share else torch.empty((widest, vsize), dtype=dtype, device=device)
+        cast_g = need_h and need_grad and s_mm != dtype
+        g_cast = torch.empty((widest, vsize), dtype=s_mm, device=device) if cast_g else None
+
+        # Gradients, in the compute dtype: the hidden states' for the valid rows only (compact,
+        # row order; all-reduced under TP), the weight's and bias's accumulated over chunks.
+        grad_h = torch.empty((n, d_s), dtype=dtype, device=device) if need_h else None
+        grad_w = torch.zeros((vsize, d_s), dtype=dtype, device=device) if need_w else None
+        grad_b = torch.zeros((vsize,), dtype=dtype, device=device) if need_b else None
+
+        for start in range(0, n, step):
+            rows = idx[start : start + step]
+            m = rows.numel()
+            hs = _rows(s_h2d, rows)
+            s = _logits(hs, s_w, s_b, s_buf[:m])
+            t = None
+            if divergence is not None:
+                t = _logits(_rows(t_h2d, rows), t_w, t_b, t_buf[:m])
+            row_targets = targets[rows.to(device)] if spec.with_ce else None
+            out = t_buf[:m] if share else g_buf[:m]  # its own view object (see VocabSoftmax)
+            values, ce = chunk_math(s, t, row_targets, vocab, spec, mix, [w[:m] for w in work], out)
+            if values is not None:
+                per_div[start : start + m] = values
+            if ce is not None:
+                per_ce[start : start + m] = ce
+            if need_grad:  # out = G, d(loss)/d(logits) up to mix.grad_scale
+                if need_h:
+                    g = g_cast[:m].copy_(out) if cast_g else out
+                    if s_w.dtype == dtype:
+                        torch.mm(g, s_w, out=grad_h[start : start + m])
+                    else:
+                        grad_h[start : start + m] = torch.mm(g, s_w)
+                if need_w:
+                    grad_w.addmm_(out.t(), hs.to(dtype))
+                if need_b:
+                    grad_b.add_(out.sum(0))
+            del hs, s, t, out, values, ce
+        del work, g_buf, g_cast, s_buf, t_buf, s_w, s_b, t_w, t_b
+
+        if grad_h is not None and tp_group is not None and n > 0:
+            # The only communication of the gradient: each rank holds G @ W over its own
+            # vocabulary slice; the hidden states' gradient is the sum over the slices.
+            wire = grad_h if dtype in (torch.float32, torch.float64) else grad_h.float()
+            dist.all_reduce(wire, group=tp_group)
+            if wire is not grad_h:
+                grad_h.copy_(wire)
+            del wire
+
+        loss, div_loss, ce_loss = reduce_terms(per_div, per_ce, spec)
+        ctx.mark_non_differentiable(per_div, per_ce, div_loss, ce_loss)
+        # Stored O(1) in magnitude (the fp16 range, like KDLoss's buffer): the hidden rows'
+        # gradient as is, the weight's and bias's (sums over tokens) divided by the normaliser.
+        norm = spec.normaliser
+        ctx.scales = (mix.grad_scale, mix.grad_scale * norm, mix.grad_scale * norm)
+        grads = [None, None, None]
+        if need_grad and need_h:
+            if n == s_h2d.shape[0] and grad_h.dtype == s_hidden.dtype:  # every row valid
+                grads[0] = grad_h.view(s_hidden.shape)
+            else:
+                full = torch.zeros(s_hidden.shape, dtype=s_hidden.dtype, device=device)
+                full.view(-1, d_s).index_copy_(0, idx.to(device), grad_h.to(full.dtype))
+                grads[0] = full
+        del grad_h
+        for i, (acc, like) in enumerate(((grad_w, s_weight), (grad_b, s_bias)), start=1):
+            if need_grad and acc is not None:
+                grads[i] = acc.mul_(1.0 / norm).to(like.dtype)
+        ctx.grads = tuple(grads)
+        ctx.need_grad = need_grad
+        return loss, per_div, per_ce, div_loss, ce_loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_loss: Tensor, *_unused: Tensor) -> tuple[Tensor | None, ...]:
+        grads, ctx.grads = ctx.grads, None  # drop ctx's references so autograd takes them
+        if grads is None or not ctx.need_grad:
+            raise RuntimeError(
+                "LinearKDLoss backward called but the forward ran without gradient tracking, "
+                "or backward was called twice on the same loss."
+            )
+        factor = float(grad_loss)  # a Python float keeps the scale exact (see engine.py)
+        out = []
+        for grad, scale in zip(grads, ctx.scales, strict=True):
+            out.append(grad.mul_(factor * scale) if grad is not None else None)
+        return (*out,) + (None,) * 10
+
+
+def linear_distill_over_rows(
+    student: Head,
+    teacher: Head | None,
+    valid: Tensor,
+    vocab: VocabSoftmax,
+    spec: PassSpec,
+    targets: Tensor | None = None,
+    tp_group: dist.ProcessGroup | None = None,
+) -> PassOutput:
+    """The divergence (and optionally the hard-label CE) of ``hidden @ weight.T + bias`` over
+    the valid rows, chunk by chunk, with the gradients of the student's hidden states, weight
+    and bias computed during the forward pass.
+
+    Args:
+        student: the student's hidden states [*, d_s], weight [V_local, d_s] and bias
+            [V_local] (plain tensors; this rank's vocabulary slice under TP). They receive
+            gradients.
+        teacher: the teacher's, [*, d_t] and [V_local, d_t]; used detached (no gradient). May
+            be None when ``spec.divergence`` is None (the CE alone).
+        valid: [*] bool, True for the rows (tokens) to include.
+        vocab: the vocabulary-softmax object (local, or a tensor-parallel shard).
+        spec: what to compute (see :class:`~lightning_kd.losses.engine.PassSpec`).
+        targets: [N] integer labels of the flattened rows on the hidden states' device; needed
+            when ``spec.with_ce``.
+        tp_group: the group over which the vocabulary is sharded, or None for one process: the
+            hidden-state gradient is all-reduced over it.
+
+    Returns:
+        A :class:`~lightning_kd.losses.engine.PassOutput` (loss in the compute dtype).
+    """
+    if spec.with_ce and targets is None:
+        raise ValueError("targets are needed for the cross-entropy term.")
+    if spec.divergence is None and not (spec.with_ce and spec.kd_ratio == 0.0):
+        raise ValueError("without a divergence, only the cross-entropy with kd_ratio=0 is defined.")
+    if spec.divergence is not None and teacher is None:
+        raise ValueError("the teacher's hidden states and head are needed for the divergence.")
+    grad_on = torch.is_grad_enabled()
+    s_bias = student.bias
+    needs = (
+        grad_on and student.hidden.requires_grad,
+        grad_on and student.weight.requires_grad,
+        grad_on and s_bias is not None and s_bias.requires_grad,
+    )
+    spec = spec._replace(
+        temperature=float(spec.temperature),
+        normaliser=float(spec.normaliser),
+        chunk_size=int(spec.chunk_size),
+        kd_ratio=float(spec.kd_ratio),
+    )
+    t_hidden = t_weight = t_bias = None
+    if teacher is not None and spec.divergence is not None:
+        t_hidden, t_weight = teacher.hidden.detach(), teacher.weight.detach()
+        t_bias = teacher.bias.detach() if teacher.bias is not None else None
+    mm_dtypes = (
+        matmul_dtype(student.hidden, student.weight),
+        matmul_dtype(t_hidden, t_weight) if t_hidden is not None else None,
+    )
+    # The logits' dtypes are fixed above (autocast's, if it is on); inside, every op runs in
+    # the dtypes chosen here.
+    with torch.autocast(student.hidden.device.type, enabled=False):
+        result = _LinearDistillOverRows.apply(
+            student.hidden, student.weight, s_bias, t_hidden, t_weight, t_bias,
+            valid, targets, spec, vocab, needs, mm_dtypes, tp_group,
+        )  # fmt: skip
+    return PassOutput(*result)
