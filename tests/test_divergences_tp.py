@@ -189,16 +189,16 @@ def _bad_labels_refused_on_every_rank(rank, world, mesh):
         KDLoss(kd_ratio=0.5, divergence="tvd")(s, t, labels)
     out = KDLoss(divergence="tvd")(s, t, labels, return_per_token=True)
     assert torch.isfinite(out.loss) and out.per_token_ce[1, 1].isnan()
-    # Same tokens selected but other label values on one rank: refused on every rank when the
-    # cross-entropy reads them, not a hang or a silently wrong CE.
+    # Same tokens selected but other label values on one rank: refused on every rank, not a
+    # hang or a silently wrong loss (also for pure distillation, which does not read them:
+    # other labels mean another batch, e.g. data-parallel ranks taken for a TP group).
     other = labels.clone()
     if rank == 0:
         other[0, 3] = (other[0, 3] + 1) % 37
-    with pytest.raises(ValueError, match="labels differ"):
-        KDLoss(kd_ratio=0.5)(s, t, other)
-    with pytest.raises(ValueError, match="labels differ"):
-        KDLoss()(s, t, other, return_per_token=True)
-    KDLoss()(s, t, other)  # pure distillation reads only the mask
+    for loss_fn, kwargs in ((KDLoss(kd_ratio=0.5), {}), (KDLoss(), {"return_per_token": True}),
+                            (KDLoss(), {})):  # fmt: skip
+        with pytest.raises(ValueError, match="labels differ"):
+            loss_fn(s, t, other, **kwargs)
 
 
 # Each spawn runs ~150 cases: about 10 s (tp2) to 20 s (tp4) on 2 busy CPU cores.

@@ -347,3 +347,17 @@ def test_public_import():
 
     assert lightning_kd.LinearKDLoss is FromLosses is LinearKDLoss
     assert "LinearKDLoss" in lightning_kd.__all__
+
+
+def test_weight_gradient_sums_do_not_overflow_in_fp16():
+    """Without upcast the softmaxes run in fp16, but the weight and bias gradients sum over
+    every token: kept in fp32 they stay finite and close to the float64 gradient (an fp16
+    accumulator overflowed to inf at this N)."""
+    hs, w, b, ht, wt, bt, labels = _inputs(7, lead=(4, 4096), vocab=16)
+    labels.fill_(1)
+    _, ref_grads = _fused(hs, w, b, ht, wt, bt, labels, chunk_size=512)
+    half = [x.half() for x in (hs, w, b, ht, wt, bt)]
+    _, grads = _fused(*half, labels, chunk_size=512, fp32_upcast=False)
+    for name, grad, ref in zip(("hidden", "weight", "bias"), grads, ref_grads, strict=True):
+        assert torch.isfinite(grad).all(), name
+        torch.testing.assert_close(grad.double(), ref, rtol=2e-2, atol=1e-3, msg=name)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 
 from tests.distributed import run_workers
-from tests.scripts.linear_kd_loss_tp import check_all
+from tests.scripts.linear_kd_loss_tp import check_all, check_fsdp_shards_are_not_vocabulary_shards
 
 
 # About 7 s (tp2) and 17 s (tp4) on 2 busy CPU cores.
@@ -22,3 +22,9 @@ from tests.scripts.linear_kd_loss_tp import check_all
 @pytest.mark.parametrize("world", [pytest.param(2, id="tp2"), pytest.param(4, id="tp4")])
 def test_linear_kd_loss_matches_single_process(world):
     run_workers(check_all, world)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_fsdp2_weight_shards_read_outside_forward_are_refused():
+    run_workers(check_fsdp_shards_are_not_vocabulary_shards, 2)

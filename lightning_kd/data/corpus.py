@@ -173,8 +173,11 @@ def _cap(text: str) -> str:
     return text[:i] + text[i].upper() + text[i + 1 :]
 
 
-class _Story:
+class Story:
     """One story: picks its cast, place and object, then tells it part by part.
+
+    Public for :mod:`lightning_kd.data.instructions`, which tells the first parts and asks
+    about the cast (``hero``, ``friend``, ``place``, ``found``).
 
     Narration is in the past tense, dialogue in the present; the found object is singular or
     plural, and every determiner, pronoun and verb that refers to it agrees.
@@ -397,7 +400,7 @@ def generate_corpus(num_chars: int, seed: int = 0) -> list[str]:
     stories: list[str] = []
     total = 0
     while total < num_chars:
-        story = _Story(rng).tell()
+        story = Story(rng).tell()
         stories.append(story)
         total += len(story)
     return stories

@@ -27,22 +27,26 @@ SUPPORTED_EXTENSIONS = (".txt", ".jsonl")
 MAX_UNDECODABLE_FRACTION = 0.001
 
 
-def expand_paths(paths: Sequence[str]) -> list[Path]:
+def expand_paths(
+    paths: Sequence[str], extensions: Sequence[str] = SUPPORTED_EXTENSIONS
+) -> list[Path]:
     """The files named by ``paths``, in a deterministic order.
 
-    Each entry is a file, a directory (its ``.txt`` and ``.jsonl`` files, recursively) or a
+    Each entry is a file, a directory (its files with one of ``extensions``, recursively) or a
     glob (``*``, ``?``, ``[...]``; ``**`` matches directories recursively). Each entry's matches
     are sorted; entries keep their order; a file named twice is kept once (first place).
 
     Args:
         paths: files, directories or glob patterns.
+        extensions: the accepted file extensions, lower case with the dot (default ``.txt``
+            and ``.jsonl``; the chat data module passes its own).
 
     Returns:
         The matched files.
 
     Raises:
         ValueError: when ``paths`` is empty, an entry matches nothing, or a matched file has an
-            extension other than ``.txt`` / ``.jsonl``.
+            extension not in ``extensions``.
     """
     if isinstance(paths, str):
         raise ValueError(f"paths must be a list of paths or globs, got the string {paths!r}.")
@@ -57,7 +61,9 @@ def expand_paths(paths: Sequence[str]) -> list[Path]:
             matches = [p for p in matches if p.is_file()]
         elif Path(pattern).is_dir():
             matches = sorted(
-                p for p in Path(pattern).rglob("*") if p.is_file() and _extension(p) is not None
+                p
+                for p in Path(pattern).rglob("*")
+                if p.is_file() and _extension(p, extensions) is not None
             )
         elif Path(pattern).is_file():
             matches = [Path(pattern)]
@@ -66,10 +72,10 @@ def expand_paths(paths: Sequence[str]) -> list[Path]:
         if not matches:
             raise ValueError(f"{entry!r} matches no file (expected a file, directory or glob).")
         for path in matches:
-            if _extension(path) is None:
+            if _extension(path, extensions) is None:
                 raise ValueError(
                     f"{str(path)!r} has an unsupported extension; expected one of "
-                    f"{', '.join(SUPPORTED_EXTENSIONS)}."
+                    f"{', '.join(extensions)}."
                 )
             key = path.resolve()
             if key not in seen:
@@ -78,9 +84,9 @@ def expand_paths(paths: Sequence[str]) -> list[Path]:
     return files
 
 
-def _extension(path: Path) -> str | None:
+def _extension(path: Path, extensions: Sequence[str] = SUPPORTED_EXTENSIONS) -> str | None:
     suffix = path.suffix.lower()
-    return suffix if suffix in SUPPORTED_EXTENSIONS else None
+    return suffix if suffix in extensions else None
 
 
 def decode_file(path: Path, encoding: str = "utf-8") -> str:

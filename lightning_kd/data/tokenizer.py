@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
+from typing import Any
 
 
 class ByteTokenizer:
@@ -103,6 +104,11 @@ class HFTokenizer:
             raise ValueError(f"the tokenizer at {path!r} has no EOS token; set eos_token.")
         vocab = sorted(self._tok.get_vocab().items())
         self._fingerprint = hashlib.sha256(repr(vocab).encode()).hexdigest()[:16]
+
+    @property
+    def hf_tokenizer(self) -> Any:
+        """The wrapped ``transformers`` tokenizer (chat templates, offsets)."""
+        return self._tok
 
     @property
     def eos_id(self) -> int:

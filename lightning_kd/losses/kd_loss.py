@@ -185,7 +185,7 @@ class KDLoss(nn.Module):
         with_div = self.kd_ratio > 0.0 or return_per_token
         valid = labels != self.ignore_index
         if isinstance(vocab, VocabParallelSoftmax):
-            vocab.check_same_rows(valid, labels if with_ce else None)
+            vocab.check_same_rows(valid, labels)
         if normaliser is None:
             normaliser = float(max(int(valid.sum()), 1))
         compute_dtype = torch.promote_types(student.dtype, teacher.dtype)

@@ -138,8 +138,11 @@ class _LinearDistillOverRows(torch.autograd.Function):
         # Gradients, in the compute dtype: the hidden states' for the valid rows only (compact,
         # row order; all-reduced under TP), the weight's and bias's accumulated over chunks.
         grad_h = torch.empty((n, d_s), dtype=dtype, device=device) if need_h else None
-        grad_w = torch.zeros((vsize, d_s), dtype=dtype, device=device) if need_w else None
-        grad_b = torch.zeros((vsize,), dtype=dtype, device=device) if need_b else None
+        # Sums over every token: kept in fp32 at least (in fp16 they would overflow, in bf16
+        # lose precision as N grows); only [V, d_s] and [V].
+        acc = torch.promote_types(dtype, torch.float32)
+        grad_w = torch.zeros((vsize, d_s), dtype=acc, device=device) if need_w else None
+        grad_b = torch.zeros((vsize,), dtype=acc, device=device) if need_b else None
 
         for start in range(0, n, step):
             rows = idx[start : start + step]
@@ -164,9 +167,9 @@ class _LinearDistillOverRows(torch.autograd.Function):
                     else:
                         grad_h[start : start + m] = torch.mm(g, s_w)
                 if need_w:
-                    grad_w.addmm_(out.t(), hs.to(dtype))
+                    grad_w.addmm_(out.t().to(acc), hs.to(acc))
                 if need_b:
-                    grad_b.add_(out.sum(0))
+                    grad_b.add_(out.sum(0, dtype=acc))
             del hs, s, t, out, values, ce
         del work, g_buf, g_cast, s_buf, t_buf, s_w, s_b, t_w, t_b
 
@@ -182,7 +185,8 @@ class _LinearDistillOverRows(torch.autograd.Function):
         loss, div_loss, ce_loss = reduce_terms(per_div, per_ce, spec)
         ctx.mark_non_differentiable(per_div, per_ce, div_loss, ce_loss)
         # Stored O(1) in magnitude (the fp16 range, like KDLoss's buffer): the hidden rows'
-        # gradient as is, the weight's and bias's (sums over tokens) divided by the normaliser.
+        # gradient as is, the weight's and bias's (fp32 sums over tokens) divided by the
+        # normaliser before they are cast to the weight's dtype.
         norm = spec.normaliser
         ctx.scales = (mix.grad_scale, mix.grad_scale * norm, mix.grad_scale * norm)
         grads = [None, None, None]

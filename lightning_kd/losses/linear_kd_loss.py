@@ -178,7 +178,7 @@ class LinearKDLoss(nn.Module):
 
         valid = labels != self.ignore_index
         if isinstance(vocab, VocabParallelSoftmax):
-            vocab.check_same_rows(valid, labels if with_ce else None)
+            vocab.check_same_rows(valid, labels)
         if normaliser is None:
             normaliser = float(max(int(valid.sum()), 1))
         compute_dtype = matmul_dtype(student.hidden, student.weight)

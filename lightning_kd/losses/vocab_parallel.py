@@ -89,10 +89,13 @@ class VocabParallelSoftmax(LocalVocabSoftmax):
 
     def check_same_rows(self, valid: Tensor, labels: Tensor | None = None) -> None:
         """Raise ``ValueError`` unless every rank selected the same tokens and, when ``labels``
-        are given (the cross-entropy reads them), holds the same labels there (one all-reduce
-        of at most eight integers). Different labels across TP ranks would otherwise mismatch
-        the collectives: a hang, or a silently wrong loss. The collective runs on the labels'
-        device (NCCL cannot reduce CPU tensors)."""
+        are given, holds the same labels there (one all-reduce of at most eight integers).
+        Different batches across the group would otherwise mismatch the collectives: a hang,
+        or a silently wrong loss. The losses always pass the labels: besides the cross-entropy
+        reading them, equal labels are what tells a tensor-parallel group from data-parallel
+        ranks whose weights were taken for vocabulary shards (e.g. an FSDP2 parameter read
+        outside its module's forward is a ``Shard(0)`` DTensor over the data-parallel mesh).
+        The collective runs on the labels' device (NCCL cannot reduce CPU tensors)."""
         flat = valid.reshape(-1)
         positions = torch.arange(1, flat.numel() + 1, device=flat.device)
         stats = [flat.sum(), (positions * flat).sum()]
@@ -105,7 +108,9 @@ class VocabParallelSoftmax(LocalVocabSoftmax):
         if not torch.equal(both[: len(stats)], -both[len(stats) :]):
             raise ValueError(
                 "labels differ across the tensor-parallel ranks: every rank of the group must "
-                "pass the same labels (the same batch), only the vocabulary is sharded."
+                "pass the same labels (the same batch), only the vocabulary is sharded. If the "
+                "weights are FSDP2 parameters, read them inside their module's forward: "
+                "outside it they are data-parallel shards, not vocabulary shards."
             )
 
     def log_softmax(self, x: Tensor, temperature: float, out: Tensor) -> Tensor:

@@ -8,6 +8,7 @@
 from lightning_kd.models.contract import (
     CausalLM,
     SupportsFSDP,
+    SupportsPackedSequences,
     SupportsTensorParallel,
     SupportsUntiedHead,
     SupportsVocabulary,
@@ -17,6 +18,7 @@ from lightning_kd.models.tiny_llama import TinyLlama
 __all__ = [
     "CausalLM",
     "SupportsFSDP",
+    "SupportsPackedSequences",
     "SupportsTensorParallel",
     "SupportsUntiedHead",
     "SupportsVocabulary",

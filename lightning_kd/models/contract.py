@@ -16,16 +16,27 @@ scattering ``getattr`` probes:
 - :class:`SupportsFusedHead`: ``hidden_states(input_ids)`` stops before the lm_head and
   ``output_head()`` returns that head, for ``DistillationModule(fused_head=True)``, which
   computes the loss from hidden states and head weights without building the logits.
+- :class:`SupportsPackedSequences`: ``forward`` and ``hidden_states`` take ``position_ids``
+  [B, S] and keep the documents packed in one row apart (no attention across documents), for
+  batches that carry ``position_ids``.
 
 :class:`~lightning_kd.models.hf.HFCausalLM` implements all of them; :class:`~lightning_kd.TinyLlama`
 all but :class:`SupportsUntiedHead` (a tied TinyLlama is refused under tensor parallelism).
+
+Packed batches: ``position_ids`` [B, S] int64 restart at 0 at the first token of every document
+and count up by one within it; the trailing padding of a row is a document of its own. A
+document starts where ``position_ids == 0`` (or at the row start). :func:`check_position_ids`
+checks that form, :func:`document_ids` numbers the documents and :func:`packed_causal_mask`
+builds the block-diagonal causal attention mask.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
 
+import torch
 from torch import Tensor, nn
 from torch.distributed.tensor.parallel import ParallelStyle
 
@@ -87,6 +98,103 @@ class SupportsFusedHead(Protocol):
     def hidden_states(self, input_ids: Tensor) -> Tensor: ...
 
     def output_head(self) -> nn.Module: ...
+
+
+@runtime_checkable
+class SupportsPackedSequences(Protocol):
+    """A model that runs packed sequences with the documents isolated from each other.
+
+    ``forward(input_ids, output_hidden=False, position_ids=None)`` and
+    ``hidden_states(input_ids, position_ids=None)`` take ``position_ids`` [B, S] int64 (see the
+    module docstring for the form): every token is embedded at its own position (RoPE or
+    whatever the model uses) and attends only to earlier tokens of its own document, so each
+    document's outputs equal those of the document run alone from position 0.
+    ``position_ids=None`` means one sequence per row at positions ``0..S-1``.
+
+    ``isinstance`` checks only that the methods exist; :func:`accepts_position_ids` also
+    checks that the method the caller needs has a ``position_ids`` parameter.
+    """
+
+    def forward(
+        self, input_ids: Tensor, output_hidden: bool = False, position_ids: Tensor | None = None
+    ) -> Any: ...
+
+    def hidden_states(self, input_ids: Tensor, position_ids: Tensor | None = None) -> Tensor: ...
+
+
+def accepts_position_ids(model: nn.Module, method: str = "forward") -> bool:
+    """Whether ``model.<method>`` (``"forward"`` or ``"hidden_states"``) declares a
+    ``position_ids`` parameter (a bare ``**kwargs`` does not count: it may drop it silently)."""
+    fn = getattr(model, method, None)
+    if fn is None:
+        return False
+    try:
+        parameters = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return "position_ids" in parameters
+
+
+def document_ids(position_ids: Tensor) -> Tensor:
+    """position_ids [B, S] -> [B, S] int64 document index within each row: it goes up by one
+    at every ``position_ids == 0`` (tokens before a row's first 0 form document 0)."""
+    return torch.cumsum(position_ids == 0, dim=1)
+
+
+def packed_causal_mask(position_ids: Tensor) -> Tensor:
+    """position_ids [B, S] -> boolean attention mask [B, 1, S, S] (True: may attend): query t
+    sees key u iff ``u <= t`` and both are in the same document. The head dimension is 1 so
+    that it broadcasts over any number of (tensor-parallel local) heads, as
+    ``F.scaled_dot_product_attention(attn_mask=...)`` expects."""
+    doc = document_ids(position_ids)
+    seq = position_ids.shape[1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=position_ids.device).tril()
+    return ((doc[:, :, None] == doc[:, None, :]) & causal).unsqueeze(1)
+
+
+def check_position_ids(
+    position_ids: Tensor, input_ids: Tensor, max_position: int | None = None
+) -> None:
+    """Check packed-sequence ``position_ids`` against ``input_ids`` [B, S].
+
+    Requires an integer tensor of ``input_ids``'s shape, non-negative, counting up by one
+    within every document (each value is 0, starting a document, or the previous value plus
+    one), and below ``max_position`` when given. One host synchronisation.
+
+    Raises:
+        ValueError: naming the first violation.
+    """
+    if not isinstance(position_ids, Tensor):
+        raise ValueError(f"position_ids must be a tensor, got {type(position_ids).__name__}.")
+    if position_ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"position_ids must be int64 (or int32), got {position_ids.dtype}.")
+    if position_ids.shape != input_ids.shape or position_ids.ndim != 2:
+        raise ValueError(
+            f"position_ids must have input_ids' shape [B, S] = {tuple(input_ids.shape)}, got "
+            f"{tuple(position_ids.shape)}."
+        )
+    if position_ids.numel() == 0:
+        return
+    prev, cur = position_ids[:, :-1], position_ids[:, 1:]
+    broken = (cur != 0) & (cur != prev + 1)
+    flags = [(position_ids < 0).any(), broken.any()]
+    if max_position is not None:
+        flags.append((position_ids >= max_position).any())
+    negative, discontinuous, *beyond = torch.stack(flags).tolist()
+    if negative:
+        raise ValueError("position_ids must be non-negative.")
+    if discontinuous:
+        row, col = (int(i) for i in broken.nonzero()[0])
+        raise ValueError(
+            "position_ids must restart at 0 at each document and count up by one within it; "
+            f"row {row} goes from {int(prev[row, col])} to {int(cur[row, col])} at column "
+            f"{col + 1}."
+        )
+    if any(beyond):
+        raise ValueError(
+            f"position_ids reach {int(position_ids.max())}, beyond the model's max_seq_len "
+            f"{max_position} (positions must be < {max_position})."
+        )
 
 
 def fsdp_units(model: nn.Module) -> list[nn.Module]:

@@ -7,7 +7,10 @@ builds one. :meth:`TinyLlama.tensor_parallel_plan` is the explicit Megatron-styl
 (attention and MLP projections column/row-parallel, lm_head column-parallel with
 vocabulary-sharded DTensor output) that :class:`~lightning_kd.DistillationModule` applies.
 
-Inputs: ``input_ids`` [B, S] int64. Output: logits [B, S, V] (a DTensor sharded on V under TP).
+Inputs: ``input_ids`` [B, S] int64 and optionally ``position_ids`` [B, S] int64 for packed
+sequences (several documents per row, isolated from each other: see
+:class:`~lightning_kd.models.contract.SupportsPackedSequences`). Output: logits [B, S, V] (a
+DTensor sharded on V under TP).
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.tensor import Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel
+
+from lightning_kd.models.contract import check_position_ids, packed_causal_mask
 
 
 class RMSNorm(nn.Module):
@@ -40,7 +45,8 @@ def _rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[Tensor,
 
 
 def _apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x: [B, H, S, D]; cos/sin: [S, D/2]. Rotates pairs (first half, second half)."""
+    """x: [B, H, S, D]; cos/sin: [S, D/2] (positions 0..S-1) or [B, 1, S, D/2] (per-token
+    positions of packed sequences), fp32. Rotates pairs (first half, second half)."""
     x1, x2 = x.float().chunk(2, dim=-1)
     out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
     return out.to(x.dtype)
@@ -48,7 +54,11 @@ def _apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 class Attention(nn.Module):
     """Causal grouped-query self-attention. Head counts are inferred from the projections'
-    output widths, so the same code runs on a tensor-parallel shard with fewer local heads."""
+    output widths, so the same code runs on a tensor-parallel shard with fewer local heads.
+
+    ``mask`` (optional): a boolean ``[B, 1, S, S]`` mask, True where a query may attend to a
+    key (block-diagonal causal for packed sequences); it broadcasts over the (local) heads.
+    Without it attention is plainly causal (SDPA's ``is_causal`` fast path)."""
 
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int) -> None:
         super().__init__()
@@ -58,7 +68,7 @@ class Attention(nn.Module):
         self.wv = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None) -> Tensor:
         bsz, seq, _ = x.shape
         q = self.wq(x).view(bsz, seq, -1, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(bsz, seq, -1, self.head_dim).transpose(1, 2)
@@ -67,7 +77,10 @@ class Attention(nn.Module):
         groups = q.shape[1] // k.shape[1]
         if groups > 1:
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.wo(out.transpose(1, 2).reshape(bsz, seq, -1))
 
 
@@ -94,8 +107,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(dim, eps)
         self.mlp = SwiGLU(dim, hidden_dim)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -158,30 +171,54 @@ class TinyLlama(nn.Module):
         if tie_embeddings:
             self.lm_head.weight = self.embed.weight
 
-    def forward(self, input_ids: Tensor, output_hidden: bool = False) -> Tensor | dict[str, Tensor]:
+    def forward(
+        self, input_ids: Tensor, output_hidden: bool = False, position_ids: Tensor | None = None
+    ) -> Tensor | dict[str, Tensor]:
         """input_ids: [B, S] int64 -> logits [B, S, V] (vocab-sharded DTensor under TP).
 
-        With ``output_hidden=True`` returns ``{"logits": ..., "hidden": [B, S, dim]}``, the
-        final normalised hidden states (replicated under TP), e.g. for hidden-state losses.
+        Args:
+            input_ids: [B, S] int64 token ids.
+            output_hidden: also return the final normalised hidden states: the result is then
+                ``{"logits": ..., "hidden": [B, S, dim]}`` (hidden replicated under TP), e.g.
+                for hidden-state losses.
+            position_ids: optional [B, S] integer positions of packed sequences: each document
+                starts at 0 and counts up by one; a token attends only to earlier tokens of its
+                own document (block-diagonal causal mask) and is rotated at its own position.
+                Positions must be below ``max_seq_len``; the row itself may be longer.
+                None: one sequence per row at positions 0..S-1 (needs S <= ``max_seq_len``).
+
+        Raises:
+            ValueError: for a sequence or positions beyond ``max_seq_len``, or malformed
+                ``position_ids`` (see :func:`~lightning_kd.models.contract.check_position_ids`).
         """
-        hidden = self._final_hidden(input_ids)
+        hidden = self._final_hidden(input_ids, position_ids)
         logits = self.lm_head(hidden)
         return {"logits": logits, "hidden": hidden} if output_hidden else logits
 
-    def hidden_states(self, input_ids: Tensor) -> Tensor:
+    def hidden_states(self, input_ids: Tensor, position_ids: Tensor | None = None) -> Tensor:
         """input_ids: [B, S] int64 -> the final normalised hidden states [B, S, dim], what
-        ``lm_head`` turns into logits (replicated under TP)."""
+        ``lm_head`` turns into logits (replicated under TP). ``position_ids`` [B, S] as in
+        :meth:`forward` (packed sequences, documents isolated)."""
         # forward does not call this method: FSDP2 may register it as a forward of its own.
-        return self._final_hidden(input_ids)
+        return self._final_hidden(input_ids, position_ids)
 
-    def _final_hidden(self, input_ids: Tensor) -> Tensor:
-        seq = input_ids.shape[1]
-        if seq > self.rope_cos.shape[0]:
-            raise ValueError(f"sequence length {seq} exceeds max_seq_len {self.rope_cos.shape[0]}")
-        cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
+    def _final_hidden(self, input_ids: Tensor, position_ids: Tensor | None = None) -> Tensor:
+        max_len = self.rope_cos.shape[0]
+        mask: Tensor | None = None
+        if position_ids is None:
+            seq = input_ids.shape[1]
+            if seq > max_len:
+                raise ValueError(f"sequence length {seq} exceeds max_seq_len {max_len}")
+            cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
+        else:
+            check_position_ids(position_ids, input_ids, max_position=max_len)
+            # [B, S, D/2] tables gathered by position, [B, 1, S, D/2] to broadcast over heads.
+            cos = self.rope_cos[position_ids].unsqueeze(1)
+            sin = self.rope_sin[position_ids].unsqueeze(1)
+            mask = packed_causal_mask(position_ids)
         x = self.embed(input_ids)
         for layer in self.layers:
-            x = layer(x, cos, sin)
+            x = layer(x, cos, sin, mask)
         return self.norm(x)
 
     def output_head(self) -> nn.Linear:

@@ -36,6 +36,7 @@ from typing_extensions import override
 
 from lightning_kd.checks import check_bool, check_unit_interval
 from lightning_kd.losses.kd_loss import KDLoss
+from lightning_kd.models.contract import accepts_position_ids
 from lightning_kd.parallel.fsdp import apply_fsdp, mixed_precision_policy
 from lightning_kd.parallel.grad_clip import clip_grad_norm
 from lightning_kd.parallel.mesh import (
@@ -305,11 +306,16 @@ class DistillationModule(LightningModule):
         return self._run("teacher", batch)
 
     def _run(self, role: str, batch: Mapping[str, Tensor]) -> Any:
+        """Run the ``role`` model on ``batch``: ``input_ids`` [B, S], and ``position_ids``
+        [B, S] when the batch carries them (packed sequences; both models get the same)."""
         model = getattr(self, role)
+        method = "hidden_states" if self.fused_head else "forward"
+        kwargs = _packing_kwargs(model, role, method, batch)
         if not self.fused_head:
-            return model(batch["input_ids"])
+            return model(batch["input_ids"], **kwargs)
         head = model.output_head()
-        return FusedHeadOutput(model.hidden_states(batch["input_ids"]), head, self._owners[role])
+        hidden = model.hidden_states(batch["input_ids"], **kwargs)
+        return FusedHeadOutput(hidden, head, self._owners[role])
 
     def compute_loss(
         self, student_output: Any, teacher_output: Any, batch: Mapping[str, Tensor]
@@ -487,6 +493,29 @@ def _resolve_loss(loss: KDLoss | None, kd_ratio: float | None) -> KDLoss:
             "(KDLoss(kd_ratio=...), in YAML `model.init_args.loss.init_args.kd_ratio`)."
         )
     return loss
+
+
+def _packing_kwargs(
+    model: nn.Module, role: str, method: str, batch: Mapping[str, Tensor]
+) -> dict[str, Tensor]:
+    """``{"position_ids": ...}`` for a packed batch (one with ``position_ids``), else ``{}``.
+
+    Raises:
+        ValueError: when the batch is packed and ``model.<method>`` takes no ``position_ids``:
+            its documents would attend to each other silently.
+    """
+    position_ids = batch.get("position_ids")
+    if position_ids is None:
+        return {}
+    if not accepts_position_ids(model, method):
+        raise ValueError(
+            f"the batch carries position_ids (packed sequences) but the {role} "
+            f"({type(model).__name__}) has no position_ids parameter in {method}(): its "
+            "documents would attend to each other. Implement position_ids in forward and "
+            "hidden_states (lightning_kd.models.contract.SupportsPackedSequences; TinyLlama "
+            "and HFCausalLM do), or use a data module that yields no position_ids."
+        )
+    return {"position_ids": position_ids}
 
 
 def _plain(value: Tensor) -> Tensor:

@@ -236,6 +236,28 @@ def _bad_inputs_refused_on_every_rank(mesh, rank):
         LinearKDLoss()(hs, weight, ht, t_weight, labels, distribute_tensor(b, mesh, [Replicate()]))
 
 
+def check_fsdp_shards_are_not_vocabulary_shards(rank: int, world: int) -> None:
+    """PITFALLS 20: an FSDP2 head's weight read outside the head's forward is a ``Shard(0)``
+    DTensor over the data-parallel mesh. Data-parallel ranks hold different batches, so taking
+    it for a vocabulary shard must be refused (labels differ), never a silently wrong loss."""
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("data_parallel",))
+    torch.manual_seed(0)
+    head, teacher_head = nn.Linear(8, 40, bias=False), nn.Linear(8, 40, bias=False)
+    fully_shard(head, mesh=mesh)
+    fully_shard(teacher_head, mesh=mesh)
+    gen = torch.Generator().manual_seed(10 + rank)  # data parallel: each rank its own batch
+    hs = torch.randn(2, 5, 8, generator=gen, requires_grad=True)
+    ht = torch.randn(2, 5, 8, generator=gen)
+    labels = torch.randint(0, 40, (2, 5), generator=gen)
+    for kd_ratio in (1.0, 0.5):
+        with pytest.raises(ValueError, match=r"labels differ.*FSDP2"):
+            LinearKDLoss(chunk_size=4, kd_ratio=kd_ratio)(
+                hs, head.weight, ht, teacher_head.weight, labels
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--world", type=int, default=2, help="processes = TP size")

@@ -7,7 +7,8 @@ returns plain logits (or ``{"logits", "hidden"}``), derives its tensor-parallel 
 config's own ``base_model_tp_plan`` (:func:`~lightning_kd.models.hf.tp_plan.plan_from_config`),
 and exposes what ``DistillationModule`` needs to reconcile teacher and student vocabularies:
 the lm_head width, the tokenizer's vocabulary, and :meth:`HFCausalLM.restrict_vocab` to drop
-padded rows no token id reaches.
+padded rows no token id reaches. It runs packed sequences with the documents isolated
+(:class:`~lightning_kd.models.contract.SupportsPackedSequences`, see :meth:`HFCausalLM.forward`).
 
 ``transformers`` is an optional extra (``pip install lightning_kd[hf]``) imported only here,
 and only when an HFCausalLM is built.
@@ -24,10 +25,14 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.tensor.parallel import ParallelStyle
 
+from lightning_kd.models.contract import check_position_ids
 from lightning_kd.models.hf.loading import local_directory, require_transformers
 from lightning_kd.models.hf.tp_plan import plan_from_config
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: Attention backends whose mask transformers (5.x) builds from packed ``position_ids`` alone
+#: (``masking_utils.find_packed_sequence_indices``), checked against one-by-one runs in tests.
+PACKED_ATTENTION = ("sdpa", "eager", "flex_attention")
 
 
 class HFCausalLM(nn.Module):
@@ -39,7 +44,9 @@ class HFCausalLM(nn.Module):
         config: HF config fields including ``model_type`` (e.g. ``{"model_type": "qwen2",
             "hidden_size": 512, ...}``) for a randomly initialised model.
         dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``: the dtype weights load in.
-        attn_implementation: HF attention backend (``"sdpa"`` or ``"eager"``).
+        attn_implementation: HF attention backend (``"sdpa"`` or ``"eager"``;
+            ``"flex_attention"`` works too). Packed ``position_ids`` need one of
+            :data:`PACKED_ATTENTION`, or a ``flash_attention_*`` backend with batch size 1.
 
     Raises:
         ValueError: when neither or both sources are given, the path is missing, the dtype is
@@ -61,6 +68,7 @@ class HFCausalLM(nn.Module):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         transformers = require_transformers()
         self.pretrained_path = pretrained_path
+        self.attn_implementation = attn_implementation
         if pretrained_path is not None:
             directory = local_directory(pretrained_path, "pretrained_path")
             self.model = transformers.AutoModelForCausalLM.from_pretrained(
@@ -86,19 +94,60 @@ class HFCausalLM(nn.Module):
         """Width of the lm_head (may exceed the tokenizer's vocabulary when padded)."""
         return self.model.get_output_embeddings().weight.shape[0]
 
-    def forward(self, input_ids: Tensor, output_hidden: bool = False) -> Tensor | dict:
+    def forward(
+        self, input_ids: Tensor, output_hidden: bool = False, position_ids: Tensor | None = None
+    ) -> Tensor | dict:
         """input_ids [B, S] -> logits [B, S, V] (a vocab-sharded DTensor under TP), or
-        ``{"logits", "hidden"}`` with the last hidden states when ``output_hidden``."""
-        out = self.model(input_ids=input_ids, use_cache=False, output_hidden_states=output_hidden)
+        ``{"logits", "hidden"}`` with the last hidden states [B, S, d] when ``output_hidden``.
+
+        Args:
+            input_ids: [B, S] int64 token ids.
+            output_hidden: also return the last hidden states.
+            position_ids: optional [B, S] int64 positions of packed sequences: 0 at the first
+                token of every document, counting up by one within it. They go to the HF
+                model with no ``attention_mask`` and no cache, which is what transformers 5.x
+                needs to isolate the documents: its mask builder (``masking_utils.
+                create_causal_mask``) then splits each row wherever a position is not the
+                previous one plus one and builds a block-diagonal causal mask for ``sdpa``,
+                ``eager`` and ``flex_attention``; flash-attention backends use the positions
+                for variable-length attention only at batch size 1. Each document's logits
+                then equal those of the document run alone. None: plain causal attention.
+
+        Raises:
+            ValueError: malformed ``position_ids`` (see :func:`~lightning_kd.models.contract.
+                check_position_ids`), or an attention backend that would not isolate them.
+        """
+        self._check_packed(input_ids, position_ids)
+        out = self.model(
+            input_ids=input_ids, position_ids=position_ids, use_cache=False,
+            output_hidden_states=output_hidden,
+        )  # fmt: skip
         if output_hidden:
             return {"logits": out.logits, "hidden": out.hidden_states[-1]}
         return out.logits
 
-    def hidden_states(self, input_ids: Tensor) -> Tensor:
+    def hidden_states(self, input_ids: Tensor, position_ids: Tensor | None = None) -> Tensor:
         """input_ids [B, S] -> the last hidden states [B, S, d] of the base model (after its
-        final norm), which the lm_head turns into logits."""
-        out = self.model.base_model(input_ids=input_ids, use_cache=False)
+        final norm), which the lm_head turns into logits. ``position_ids`` [B, S] as in
+        :meth:`forward` (packed sequences, documents isolated)."""
+        self._check_packed(input_ids, position_ids)
+        out = self.model.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False)
         return out.last_hidden_state
+
+    def _check_packed(self, input_ids: Tensor, position_ids: Tensor | None) -> None:
+        if position_ids is None:
+            return
+        check_position_ids(position_ids, input_ids)
+        backend = self.attn_implementation
+        if backend in PACKED_ATTENTION:
+            return
+        if backend.startswith("flash_attention") and input_ids.shape[0] == 1:
+            return
+        raise ValueError(
+            f"packed sequences (position_ids) with attn_implementation={backend!r} and batch "
+            f"size {input_ids.shape[0]}: transformers would not keep the documents apart. Use "
+            f"one of {PACKED_ATTENTION} (or a flash-attention backend with batch size 1)."
+        )
 
     def output_head(self) -> nn.Module:
         """The lm_head (``get_output_embeddings()``), for ``fused_head=True``.

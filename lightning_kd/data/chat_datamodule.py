@@ -1,0 +1,314 @@
+"""``ChatDataModule``: chat and instruction data to packed, completion-only next-token batches.
+
+The pipeline: records (:func:`~lightning_kd.data.chat_records.read_chat_records`, or the
+generated instruction set of :mod:`lightning_kd.data.instructions`) -> rendered with a chat
+template and tokenised once with offsets, a target flag per token
+(:class:`~lightning_kd.data.chat_template.ChatEncoder`), cached under ``cache_dir``
+(``prepare_data``) -> a train/val split by conversation (``setup``) -> the ``overlong`` rule
+and rows of whole conversations (:mod:`lightning_kd.data.packing`) -> batches.
+
+Batches are dicts of int64 tensors [B, S]: ``input_ids``, ``labels`` (the next token where it
+is a target, else ``ignore_index``) and ``position_ids`` (restarting at 0 at every packed
+conversation and at the padding block, so models isolate the documents of a row).
+
+The token cache stores each token as its id when it is a target and as ``~id`` (``-1 - id``)
+when it is context, in the ``tokens`` tensor of :class:`~lightning_kd.data.token_cache.TokenCache`
+(int16, or int32 for vocabularies over 32768), with the conversation boundaries as ``offsets``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from array import array
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch import Tensor
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from lightning_kd.checks import check_bool, check_int
+from lightning_kd.data.chat_records import (
+    CHAT_EXTENSIONS,
+    Messages,
+    ReadStats,
+    RecordError,
+    RecordFields,
+    read_chat_records,
+)
+from lightning_kd.data.chat_template import ChatEncoder
+from lightning_kd.data.datamodule import TextDataModule
+from lightning_kd.data.instructions import INSTRUCTIONS_VERSION, generate_instructions
+from lightning_kd.data.packing import OVERLONG, PackedRows, fit_documents, pack_rows
+from lightning_kd.data.text_files import expand_paths
+from lightning_kd.data.token_cache import TokenCache
+from lightning_kd.data.tokenizer import ByteTokenizer, HFTokenizer
+
+log = logging.getLogger(__name__)
+
+#: Bump when the cached tokens of the same inputs change (template rules, mask encoding).
+CHAT_CACHE_VERSION = 1
+#: Seconds of tokenising before a progress bar appears.
+_PROGRESS_DELAY_S = 2.0
+
+
+class ChatDataModule(LightningDataModule):
+    """Completion-only batches from chat/instruction files or the generated instruction set.
+
+    Args:
+        paths: ``.jsonl``, ``.json`` or ``.parquet`` files, directories or globs (see
+            :mod:`lightning_kd.data.chat_records`); None uses the generated instruction set.
+        tokenizer: ``"byte"`` or a local directory with a fast Hugging Face tokenizer.
+        seq_len: positions per row, S. A conversation of ``n`` tokens takes ``n - 1``.
+        batch_size: rows per batch on each data-parallel rank, B.
+        val_fraction: the fraction of conversations held out for validation, in [0, 1).
+        packing: pack several whole conversations per row; False: one per row, padded.
+        train_on_all_tokens: every token is a target, not only the assistant's.
+        overlong: conversations over ``seq_len + 1`` tokens: ``"truncate"`` (keep the start)
+            or ``"drop"``. The counts are logged; one left without targets is dropped.
+        format: ``"auto"`` (per record), ``"messages"`` or ``"prompt_completion"``.
+        messages_field: the key of the message list in conversation records.
+        prompt_field: the key of the prompt in prompt/completion records.
+        completion_field: the key of the completion in prompt/completion records.
+        chat_template: a Jinja chat template overriding the tokenizer's (or the byte one's).
+        strict: a malformed, empty or unrenderable record is a ``ValueError`` naming its file
+            and line (or index) instead of being skipped and counted.
+        synthetic_conversations: the size of the generated set when ``paths`` is None.
+        seed: seeds the generated set, the train/val split and the per-epoch shuffle.
+        cache_dir: where the tokenised conversations are cached.
+        num_workers: DataLoader worker processes.
+        ignore_index: the label of non-targets and padding; must not be a token id.
+
+    Raises:
+        ValueError: for an argument of the wrong type or range, ``paths`` that match no file,
+            or a tokenizer without offsets or chat template; the message says what was expected.
+    """
+
+    def __init__(
+        self,
+        paths: list[str] | None = None,
+        tokenizer: str = "byte",
+        seq_len: int = 512,
+        batch_size: int = 8,
+        val_fraction: float = 0.05,
+        packing: bool = True,
+        train_on_all_tokens: bool = False,
+        overlong: Literal["truncate", "drop"] = "truncate",
+        format: Literal["auto", "messages", "prompt_completion"] = "auto",
+        messages_field: str = "messages",
+        prompt_field: str = "prompt",
+        completion_field: str = "completion",
+        chat_template: str | None = None,
+        strict: bool = False,
+        synthetic_conversations: int = 4000,
+        seed: int = 0,
+        cache_dir: str = ".cache/lightning_kd",
+        num_workers: int = 0,
+        ignore_index: int = -100,
+    ) -> None:
+        super().__init__()
+        if not isinstance(tokenizer, str) or not tokenizer:
+            raise ValueError(f"tokenizer must be 'byte' or a local directory, got {tokenizer!r}.")
+        self._tokenizer = ByteTokenizer() if tokenizer == "byte" else HFTokenizer(tokenizer)
+        self._encoder = ChatEncoder(self._tokenizer, chat_template)
+        if paths is not None:
+            if isinstance(paths, str) or not isinstance(paths, (list, tuple)):
+                raise ValueError(f"paths must be a list of paths or globs or None, got {paths!r}.")
+            paths = [str(p) for p in paths]
+            expand_paths(paths, extensions=CHAT_EXTENSIONS)  # fail now, naming the path
+        self.fields = RecordFields(format, messages_field, prompt_field, completion_field)
+        check_int("seq_len", seq_len, 1)
+        check_int("batch_size", batch_size, 1)
+        if (
+            isinstance(val_fraction, bool)
+            or not isinstance(val_fraction, (int, float))
+            or not 0.0 <= val_fraction < 1.0
+        ):
+            raise ValueError(f"val_fraction must be a float in [0, 1), got {val_fraction!r}.")
+        for name, value in (("packing", packing), ("train_on_all_tokens", train_on_all_tokens),
+                            ("strict", strict)):  # fmt: skip
+            check_bool(name, value)
+        if overlong not in OVERLONG:
+            raise ValueError(f"overlong must be one of {OVERLONG}, got {overlong!r}.")
+        check_int("synthetic_conversations", synthetic_conversations, 1)
+        check_int("seed", seed)
+        if not isinstance(cache_dir, (str, os.PathLike)) or not str(cache_dir):
+            raise ValueError(f"cache_dir must be a non-empty path, got {cache_dir!r}.")
+        check_int("num_workers", num_workers, 0)
+        vocab = self._tokenizer.vocab_size
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+            raise ValueError(f"ignore_index must be an int, got {ignore_index!r}.")
+        if 0 <= ignore_index < vocab:
+            raise ValueError(
+                f"ignore_index={ignore_index} is a token id; expected a value outside "
+                f"[0, {vocab}), e.g. -100."
+            )
+        self.paths = paths
+        self.seq_len, self.batch_size = seq_len, batch_size
+        self.val_fraction = float(val_fraction)
+        self.packing, self.train_on_all_tokens = packing, train_on_all_tokens
+        self.overlong, self.strict = overlong, strict
+        self.synthetic_conversations = synthetic_conversations
+        self.seed, self.cache_dir = seed, str(cache_dir)
+        self.num_workers, self.ignore_index = num_workers, ignore_index
+        self.save_hyperparameters()
+        self.read_stats: ReadStats | None = None  # set when this process tokenised the records
+        self._train: Dataset | None = None
+        self._val: Dataset | None = None
+
+    # ------------------------------------------------------------------ tokenizer
+    @property
+    def tokenizer(self) -> ByteTokenizer | HFTokenizer:
+        """The tokenizer of the batches (available before ``setup``)."""
+        return self._tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        """The number of token ids (258 for the byte tokenizer), for sizing the embeddings."""
+        return self._tokenizer.vocab_size
+
+    @property
+    def encoder(self) -> ChatEncoder:
+        """Renders and tokenises conversations (``encoder.render(messages)`` shows the text)."""
+        return self._encoder
+
+    # ------------------------------------------------------------------ cache
+    @property
+    def token_cache(self) -> TokenCache:
+        """The cache of the tokenised conversations: keyed on the files (path, size,
+        modification time) or the generator's settings, the tokenizer, the effective chat
+        template, the record format and fields and ``strict``. ``seq_len``, ``packing``,
+        ``overlong``, ``train_on_all_tokens`` and the split do not change it."""
+        source: dict[str, Any] = {"chat": CHAT_CACHE_VERSION, "tokenizer": repr(self._tokenizer),
+                                  "template": self._encoder.effective_template}  # fmt: skip
+        content: dict[str, Any] = {}
+        if self.paths is None:
+            source["instructions"] = {"generator": INSTRUCTIONS_VERSION, "seed": self.seed,
+                                      "conversations": self.synthetic_conversations}  # fmt: skip
+        else:
+            files = [p.resolve() for p in expand_paths(self.paths, extensions=CHAT_EXTENSIONS)]
+            source.update(files=[str(p) for p in files], fields=vars(self.fields),
+                          strict=self.strict)  # fmt: skip
+            content["stat"] = [[p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+        return TokenCache(self.cache_dir, source, content)
+
+    @property
+    def cache_path(self) -> Path:
+        """The cache file of the tokenised conversations."""
+        return self.token_cache.path
+
+    def _records(self) -> Iterable[tuple[str, Messages | RecordError]]:
+        if self.paths is None:
+            generated = generate_instructions(self.synthetic_conversations, seed=self.seed)
+            return [(f"generated[{i}]", messages) for i, messages in enumerate(generated)]
+        return read_chat_records(self.paths, self.fields, strict=self.strict)
+
+    def _tokenize(self, records: Iterable[tuple[str, Messages | RecordError]]) -> dict[str, Tensor]:
+        wide = self._tokenizer.vocab_size > 2**15
+        tokens = array("i" if wide else "h")
+        offsets = [0]
+        stats = ReadStats()
+        total = len(records) if isinstance(records, list) else None
+        for where, messages in tqdm(records, total=total, desc="Tokenising", unit=" convs",
+                                    delay=_PROGRESS_DELAY_S):  # fmt: skip
+            try:
+                if isinstance(messages, RecordError):
+                    raise messages
+                ids, targets = self._encoder.encode(messages)
+            except RecordError as error:
+                if self.strict:
+                    raise ValueError(f"{where}: {error} ({error.kind} record).") from None
+                stats.skip(where, error)
+                continue
+            tokens.extend(i if t else ~i for i, t in zip(ids, targets, strict=True))
+            offsets.append(len(tokens))
+            stats.kept += 1
+        self.read_stats = stats
+        report = log.warning if stats.skipped else log.info
+        report("chat data %s: %s", self.paths or "generated", stats.summary())
+        if stats.kept == 0:
+            raise ValueError(f"no usable conversation in {self.paths!r}: {stats.summary()}.")
+        return {
+            "tokens": torch.frombuffer(tokens, dtype=torch.int32 if wide else torch.int16).clone(),
+            "offsets": torch.tensor(offsets, dtype=torch.long),
+        }
+
+    def prepare_data(self) -> None:
+        """Tokenise the conversations and cache them under ``cache_dir``, unless a verified
+        cache exists (see :class:`~lightning_kd.data.token_cache.TokenCache`); the counts of
+        skipped records are logged then. Lightning calls this on one process per node."""
+        self.token_cache.load_or_build(lambda: self._tokenize(self._records()))
+
+    # ------------------------------------------------------------------ split
+    def _held_out(self, num_documents: int) -> Tensor:
+        """[D] bool, True for the held-out conversations: a seeded random subset."""
+        is_val = torch.zeros(num_documents, dtype=torch.bool)
+        if self.val_fraction == 0.0 or num_documents < 2:
+            return is_val
+        count = min(max(round(num_documents * self.val_fraction), 1), num_documents - 1)
+        order = torch.randperm(num_documents, generator=torch.Generator().manual_seed(self.seed))
+        is_val[order[:count]] = True
+        return is_val
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load the cached tokens (tokenising first if needed), split the conversations and
+        pack the rows; logs how many conversations ``overlong`` truncated or dropped.
+        Deterministic: every rank and every run gets the same rows."""
+        if self._train is not None:
+            return
+        data = self.token_cache.load_or_build(lambda: self._tokenize(self._records()))
+        stored, offsets = data["tokens"], data["offsets"]
+        targets = stored >= 0
+        tokens = torch.where(targets, stored, torch.bitwise_not(stored))
+        if self.train_on_all_tokens:
+            targets = torch.ones_like(targets)
+        is_val = self._held_out(len(offsets) - 1)
+        splits = []
+        for name, mask in (("train", ~is_val), ("val", is_val)):
+            fit = fit_documents(offsets, targets, torch.nonzero(mask).flatten(),
+                                self.seq_len, self.overlong)  # fmt: skip
+            bounds = pack_rows(fit.positions, self.seq_len, self.packing)
+            affected = fit.truncated + fit.dropped + fit.no_targets
+            (log.warning if affected else log.info)(
+                "chat %s split: %d conversations in %d rows of %d positions; over seq_len + 1 "
+                "tokens: %d truncated, %d dropped; %d dropped without targets after truncation.",
+                name, len(fit.documents), len(bounds) - 1, self.seq_len,
+                fit.truncated, fit.dropped, fit.no_targets,
+            )  # fmt: skip
+            splits.append(PackedRows(tokens, targets, offsets, fit, bounds, self.seq_len,
+                                     self._tokenizer.pad_id, self.ignore_index))  # fmt: skip
+        self._train, self._val = splits
+
+    @property
+    def train_dataset(self) -> Dataset:
+        """The training rows (after ``setup``)."""
+        if self._train is None:
+            self.setup("fit")
+        return self._train  # type: ignore[return-value]
+
+    @property
+    def val_dataset(self) -> Dataset:
+        """The validation rows (after ``setup``)."""
+        if self._val is None:
+            self.setup("fit")
+        return self._val  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------ loaders
+    def _data_parallel(self) -> tuple[int, int]:
+        """(size, rank) of data parallelism: from the trainer's strategy in distributed runs
+        (for ``ModelParallelStrategy`` the data-parallel mesh dimension), else (1, 0)."""
+        kwargs = getattr(self.trainer, "distributed_sampler_kwargs", None)
+        if kwargs:
+            return int(kwargs["num_replicas"]), int(kwargs["rank"])
+        return 1, 0
+
+    # The same as TextDataModule's (they use only the datasets, _data_parallel, batch_size,
+    # seed and num_workers): DP-sharded resumable training batches, sequential evaluation
+    # shards of equal length on every data-parallel rank.
+    train_dataloader = TextDataModule.train_dataloader
+    val_dataloader = TextDataModule.val_dataloader
+    test_dataloader = TextDataModule.test_dataloader
