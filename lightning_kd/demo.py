@@ -9,6 +9,11 @@
    ``--divergence`` picks another, for both students). The table reports what was measured,
    whichever student comes out ahead.
 
+``--chat`` runs the same three stages on instruction data instead: the generated question-answer
+conversations of :class:`~lightning_kd.data.ChatDataModule` (packed, each attending only to
+itself), with the loss on the assistant's answers only (``configs/chat_teacher.yaml``,
+``configs/chat_quickstart.yaml``; runs in ``runs/chat_*``).
+
 Every stage runs through the ``lightning-kd`` CLI with the shipped configs, so the demo also
 proves them. The configs ship inside the package (``lightning_kd/configs``, which the repository's
 ``configs/`` links to) and are found with :mod:`importlib.resources`, so the demo runs from any
@@ -26,6 +31,7 @@ import sys
 import time
 from importlib import resources
 from pathlib import Path
+from typing import NamedTuple
 
 from lightning_kd.cli import KDLightningCLI
 from lightning_kd.losses.divergences import DIVERGENCES, resolve_divergence
@@ -33,12 +39,37 @@ from lightning_kd.losses.divergences import DIVERGENCES, resolve_divergence
 #: The shipped configs, inside the installed package (a real directory: the configs include
 #: each other by relative path, so they are read in place, not extracted one by one).
 CONFIGS = resources.files("lightning_kd") / "configs"
-TEACHER_CONFIG = "teacher.yaml"
-STUDENT_CONFIG = "quickstart.yaml"
-#: Everything that defines the teacher: a cached checkpoint is reused only if none changed.
-TEACHER_FILES = (TEACHER_CONFIG, "models/demo_teacher.yaml")
-TEACHER_CKPT = Path("runs/teacher/checkpoints/last.ckpt")
-TEACHER_STAMP = TEACHER_CKPT.with_suffix(".config-sha256")
+
+
+class DemoSetup(NamedTuple):
+    """One demo: its configs, where the teacher's checkpoint lands, where the students run.
+
+    ``teacher_files`` is everything that defines the teacher: a cached checkpoint is reused
+    only if none of them changed."""
+
+    teacher_config: str
+    teacher_files: tuple[str, ...]
+    teacher_ckpt: Path
+    student_config: str
+    runs: str  # prefix of the students' run directories: <runs>_kd, <runs>_baseline
+    what: str  # what the loss is on, for the table
+
+    @property
+    def teacher_stamp(self) -> Path:
+        return self.teacher_ckpt.with_suffix(".config-sha256")
+
+
+#: The story demo (``make demo``): plain text, loss on every token.
+STORIES = DemoSetup(
+    "teacher.yaml", ("teacher.yaml", "models/demo_teacher.yaml"),
+    Path("runs/teacher/checkpoints/last.ckpt"), "quickstart.yaml", "runs/demo", "every token",
+)  # fmt: skip
+#: The chat demo (``--chat``): the generated instruction set, loss on the answers only.
+CHAT = DemoSetup(
+    "chat_teacher.yaml", ("chat_teacher.yaml", "models/chat_teacher.yaml"),
+    Path("runs/chat_teacher/checkpoints/last.ckpt"), "chat_quickstart.yaml", "runs/chat",
+    "the assistant's answers only",
+)  # fmt: skip
 
 
 def config_path(name: str) -> str:
@@ -52,19 +83,19 @@ def config_path(name: str) -> str:
     return str(path)
 
 
-def _config_digest() -> str:
+def _config_digest(setup: DemoSetup) -> str:
     digest = hashlib.sha256()
-    for name in TEACHER_FILES:
+    for name in setup.teacher_files:
         digest.update(name.encode() + b"\0" + Path(config_path(name)).read_bytes() + b"\0")
     return digest.hexdigest()
 
 
-def _cached_teacher_ok() -> bool:
+def _cached_teacher_ok(setup: DemoSetup) -> bool:
     """A cached teacher is reused only if it was trained by the current teacher config."""
     return (
-        TEACHER_CKPT.is_file()
-        and TEACHER_STAMP.is_file()
-        and TEACHER_STAMP.read_text().strip() == _config_digest()
+        setup.teacher_ckpt.is_file()
+        and setup.teacher_stamp.is_file()
+        and setup.teacher_stamp.read_text().strip() == _config_digest(setup)
     )
 
 
@@ -99,6 +130,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--retrain-teacher", action="store_true", help="ignore a cached teacher")
     parser.add_argument("--fast", action="store_true", help="few steps (smoke run, not a result)")
     parser.add_argument(
+        "--chat",
+        action="store_true",
+        help="the chat demo: the generated instruction set, loss on the answers only "
+        "(configs/chat_teacher.yaml, configs/chat_quickstart.yaml)",
+    )
+    parser.add_argument(
         "--divergence",
         choices=list(DIVERGENCES),
         default=None,
@@ -112,33 +149,37 @@ def main(argv: list[str] | None = None) -> int:
     if args.divergence is not None:
         student += [loss_args + "divergence", args.divergence]
     label = resolve_divergence(args.divergence or "forward_kl").label
+    setup = CHAT if args.chat else STORIES
     start = time.time()
 
-    if args.fast or args.retrain_teacher or not _cached_teacher_ok():
-        print("== 1/3 training the teacher (configs/teacher.yaml)", flush=True)
-        if TEACHER_CKPT.parent.exists():
-            shutil.rmtree(TEACHER_CKPT.parent)
-        _fit_and_validate(config_path(TEACHER_CONFIG), *short)  # its last.ckpt is TEACHER_CKPT
+    teacher_ckpt = setup.teacher_ckpt
+    if args.fast or args.retrain_teacher or not _cached_teacher_ok(setup):
+        print(f"== 1/3 training the teacher (configs/{setup.teacher_config})", flush=True)
+        if teacher_ckpt.parent.exists():
+            shutil.rmtree(teacher_ckpt.parent)
+        _fit_and_validate(config_path(setup.teacher_config), *short)  # writes teacher_ckpt
         if not args.fast:  # a smoke-run teacher is never reused
-            TEACHER_STAMP.write_text(_config_digest())
+            setup.teacher_stamp.write_text(_config_digest(setup))
     else:
-        print(f"== 1/3 reusing the cached teacher {TEACHER_CKPT}", flush=True)
+        print(f"== 1/3 reusing the cached teacher {teacher_ckpt}", flush=True)
 
-    print(f"== 2/3 distilling into the student (configs/quickstart.yaml, {label})", flush=True)
-    kd = _fit_and_validate(config_path(STUDENT_CONFIG), *student, run_dir="runs/demo_kd")
+    config = config_path(setup.student_config)
+    print(f"== 2/3 distilling into the student (configs/{setup.student_config}, {label})",
+          flush=True)  # fmt: skip
+    kd = _fit_and_validate(config, *student, run_dir=f"{setup.runs}_kd")
     print("== 3/3 training the same student on labels only (kd_ratio=0)", flush=True)
     baseline = _fit_and_validate(
-        config_path(STUDENT_CONFIG),
+        config,
         loss_args + "kd_ratio",
         "0.0",
         "--trainer.callbacks",
         "[]",
         *student,
-        run_dir="runs/demo_baseline",
+        run_dir=f"{setup.runs}_baseline",
     )
 
     print(f"\nValidation on held-out data (after {time.time() - start:.0f} s)\n")
-    print(f"Divergence: {label}, per token (nats)\n")
+    print(f"Loss on {setup.what}; divergence: {label}, per token\n")
     print("| model                        | loss (CE/tok) | perplexity | divergence to teacher |")
     print("|------------------------------|---------------|------------|-----------------------|")
     print(_row("teacher", kd["val/teacher_ce"], None))
@@ -148,9 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\nThe distilled student is {'closer to' if better else 'NOT closer to'} the teacher "
         f"than the labels-only baseline ({label} {kd['val/kd_loss']:.4f} vs "
-        f"{baseline['val/kd_loss']:.4f} nats/token)."
+        f"{baseline['val/kd_loss']:.4f} per token)."
     )
-    plots = sorted(Path("runs/demo_kd").glob("**/divergence_per_token.png"))
+    plots = sorted(Path(f"{setup.runs}_kd").glob("**/divergence_per_token.png"))
     if plots:
         print(f"Per-token divergence plot: {plots[-1]}")
     return 0

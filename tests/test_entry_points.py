@@ -191,7 +191,7 @@ def test_demo_runs_outside_the_repository(tmp_path):
     out = proc.stdout
     assert "| model " in out and "| teacher " in out, _tail(proc)
     assert "| student, distilled (KD)" in out and "| student, labels only" in out, _tail(proc)
-    assert "closer to" in out and "Divergence: JSD(β=0.5)" in out, _tail(proc)
+    assert "closer to" in out and "divergence: JSD(β=0.5)" in out, _tail(proc)
     for run in ("demo_kd", "demo_baseline"):
         config = next((tmp_path / "runs" / run).glob("logs/*/config.yaml")).read_text()
         assert "divergence: jsd" in config, run
@@ -202,3 +202,17 @@ def test_demo_runs_outside_the_repository(tmp_path):
     # `lightning-kd fit --config configs/quickstart.yaml --ckpt_path last` would resume.
     assert list((tmp_path / "runs/demo_baseline/checkpoints").glob("*.ckpt"))
     assert not (tmp_path / "runs" / "quickstart").exists()
+
+
+@pytest.mark.slow
+def test_chat_demo_runs_outside_the_repository(tmp_path):
+    """`python -m lightning_kd.demo --fast --chat`: the chat configs train a teacher and two
+    students on the generated instruction set, with the loss on the answers only."""
+    proc = _run([sys.executable, "-m", "lightning_kd.demo", "--fast", "--chat"], tmp_path)
+    assert proc.returncode == 0, _tail(proc)
+    out = proc.stdout
+    assert "Loss on the assistant's answers only" in out, _tail(proc)
+    assert "| student, distilled (KD)" in out and "| student, labels only" in out, _tail(proc)
+    assert (tmp_path / "runs/chat_teacher/checkpoints/last.ckpt").is_file()
+    for run in ("chat_kd", "chat_baseline"):
+        assert (tmp_path / "runs" / run / "checkpoints" / "last.ckpt").is_file(), run

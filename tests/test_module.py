@@ -450,3 +450,32 @@ def test_fused_head_needs_models_that_expose_hidden_states_and_head():
         module.configure_model()
     with pytest.raises(ValueError, match="fused_head must be a bool"):
         DistillationModule(LogitsOnly(), teacher, fused_head="yes")
+
+
+def test_kd_ratio_can_be_set_on_the_module_and_0_1_configs_still_load():
+    student, teacher = make_models()
+    module = DistillationModule(student, teacher, loss=KDLoss(kd_ratio=0.4))
+    module.kd_ratio = 0.25  # e.g. a callback annealing the mix
+    assert module.kd_loss.kd_ratio == 0.25
+    for bad in (2, -0.5, True):
+        with pytest.raises(ValueError, match="kd_ratio must be"):
+            module.kd_ratio = bad
+        with pytest.raises(ValueError, match="kd_ratio must be"):
+            module.kd_loss.kd_ratio = bad
+    # 0.1 configs set kd_ratio on the module next to a loss left at its default: still taken,
+    # with a DeprecationWarning, on a copy of the loss.
+    loss = KDLoss(temperature=2.0)
+    with pytest.warns(DeprecationWarning, match=r"kd_ratio=0\.5.*belongs to the loss"):
+        module = DistillationModule(student, teacher, loss=loss, kd_ratio=0.5)
+    assert module.kd_ratio == 0.5 and module.kd_loss.temperature == 2.0
+    assert loss.kd_ratio == 1.0 and module.kd_loss is not loss
+
+
+def test_fused_head_warns_when_run_student_is_overridden():
+    class OwnStudent(DistillationModule):
+        def run_student(self, batch):
+            return self.student(batch["input_ids"])
+
+    student, teacher = make_models()
+    with pytest.warns(UserWarning, match=r"OwnStudent\.run_student is overridden"):
+        OwnStudent(student, teacher, fused_head=True).configure_model()

@@ -105,6 +105,15 @@ def test_fused_head_under_tp_and_fsdp2_matches_the_unfused_runs(tmp_path, single
     assert_same_trajectory(fused, unfused, rel=1e-5)
 
 
+def test_fused_head_tied_to_the_embedding_under_fsdp2(tmp_path):
+    """A tied head cannot be an FSDP2 unit of its own: the fused loss then runs as a forward
+    of the root's unit, and must still follow the unfused run."""
+    args = ["--devices", "2", "--dp", "2", "--batch-size", "2", "--tie-student"]
+    fused = fit(tmp_path, "tied_fused", *args, "--fused-head")
+    unfused = fit(tmp_path, "tied_unfused", *args)
+    assert_same_trajectory(fused, unfused, rel=1e-5)
+
+
 def test_gradient_clipping_under_tensor_parallelism(tmp_path, single):
     # The clip is active: it moves the trajectory by far more than the comparison tolerance
     # (observed: 1.3 % at step 6), so an unclipped TP run could not pass for a clipped one.

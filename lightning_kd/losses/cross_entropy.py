@@ -1,14 +1,15 @@
 """Hard-label cross-entropy summed over valid tokens, also on vocabulary-sharded logits.
 
 ``KDLoss`` computes the cross-entropy term of the loss (``kd_ratio < 1``) in its own chunked
-pass; this function is the stand-alone form, for validation perplexities (of the student or
-the teacher) and label-only training. On plain logits it is ``F.cross_entropy``. On
-vocab-sharded logits (DTensor ``Shard(-1)``, or local shards with a group) it is computed here
-from the local shard, like KDLoss: the global log-normaliser from
-:class:`~lightning_kd.losses.vocab_parallel.VocabParallelSoftmax`, the label's logit from the rank
-that owns it (an all-reduce of per-token values), and an analytic backward
-``softmax(s) − onehot(label)`` on the local shard with no communication. ``loss_parallel()`` is
-not used: its backward must run inside the context, which Lightning's training loop does not do.
+pass (and ``DistillationModule`` uses that pass for its validation perplexities too); this
+function is the stand-alone form, e.g. for ``CausalLMModule``'s label-only training. On plain
+logits it is ``F.cross_entropy``. On vocab-sharded logits (DTensor ``Shard(-1)``, or local
+shards with a group) it is computed here from the local shard, like KDLoss: the global
+log-normaliser from :class:`~lightning_kd.losses.vocab_parallel.VocabParallelSoftmax`, the
+label's logit from the rank that owns it (an all-reduce of per-token values), and an analytic
+backward ``softmax(s) − onehot(label)`` on the local shard with no communication.
+``loss_parallel()`` is not used: its backward must run inside the context, which Lightning's
+training loop does not do.
 """
 
 from __future__ import annotations

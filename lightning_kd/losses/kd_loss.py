@@ -30,30 +30,30 @@ class KDLossOutput(NamedTuple):
     Attributes:
         loss: 0-dim tensor, the same value the plain call returns (connected to the student):
             ``kd_ratio · div_loss + (1 − kd_ratio) · ce_loss``.
-        per_token_kl: [*] detached ``T² · divergence`` per token (labels' shape, the loss's
-            dtype), 0 where the label is ignored. It holds the *chosen* divergence (the name is
-            kept from when forward KL was the only one); :attr:`per_token_div` is an alias.
+        per_token_div: [*] detached ``T² · divergence`` per token of the chosen divergence
+            (labels' shape, the loss's dtype), 0 where the label is ignored. Read-only alias:
+            :attr:`per_token_kl`, its 0.1 name.
         valid_mask: [*] bool, True where ``labels != ignore_index``.
         per_token_ce: [*] detached cross-entropy ``−log softmax(student)[label]`` at
             temperature 1, 0 where ignored, NaN for a valid token whose label is not a
             vocabulary id.
-        div_loss: 0-dim detached divergence term, ``Σ per_token_kl / normaliser``.
+        div_loss: 0-dim detached divergence term, ``Σ per_token_div / normaliser``.
         ce_loss: 0-dim detached cross-entropy term, ``Σ per_token_ce / normaliser``.
 
     All fields come from the same pass as the loss.
     """
 
     loss: Tensor
-    per_token_kl: Tensor
+    per_token_div: Tensor
     valid_mask: Tensor
     per_token_ce: Tensor
     div_loss: Tensor
     ce_loss: Tensor
 
     @property
-    def per_token_div(self) -> Tensor:
-        """Alias of :attr:`per_token_kl`: the per-token value of the chosen divergence."""
-        return self.per_token_kl
+    def per_token_kl(self) -> Tensor:
+        """0.1 name of :attr:`per_token_div` (read-only alias)."""
+        return self.per_token_div
 
 
 def _check_temperature(temperature: float) -> float:
@@ -131,7 +131,17 @@ class KDLoss(nn.Module):
         self.tp_group = tp_group
         self.chunk_size = chunk_size
         self.divergence = resolve_divergence(divergence)
-        self.kd_ratio = check_unit_interval("kd_ratio", kd_ratio)
+        self.kd_ratio = kd_ratio
+
+    @property
+    def kd_ratio(self) -> float:
+        """Weight of the divergence in [0, 1] (the rest weighs the cross-entropy); assigning
+        it is checked like the constructor argument."""
+        return self._kd_ratio
+
+    @kd_ratio.setter
+    def kd_ratio(self, value: float) -> None:
+        self._kd_ratio = check_unit_interval("kd_ratio", value)
 
     def extra_repr(self) -> str:
         return (
@@ -175,6 +185,7 @@ class KDLoss(nn.Module):
                 a non-positive ``num_batch_labels``, or (with ``kd_ratio < 1``) a valid label
                 outside ``[0, V)``; raised before any heavy work.
         """
+        check_bool("return_per_token", return_per_token)
         student, teacher, labels, vocab = resolve_vocab_parallel(
             student_logits, teacher_logits, labels, self.tp_group
         )

@@ -21,7 +21,7 @@ parallelism each rank holds a vocabulary slice of the weights: its chunk logits 
 :class:`~lightning_kd.losses.vocab_parallel.VocabParallelSoftmax` exactly as in ``KDLoss``
 (O(tokens) all-reduces), the weight and bias gradients are the rank's slice and need no
 communication, and the hidden-state gradient, a sum over the vocabulary, is all-reduced over
-the group once at the end of the forward pass (``n_valid × d`` values in the compute dtype).
+the group once at the end of the forward pass (``n_valid × d`` values in fp32, or fp64).
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ class _LinearDistillOverRows(torch.autograd.Function):
         cast_g = need_h and need_grad and s_mm != dtype
         g_cast = torch.empty((widest, vsize), dtype=s_mm, device=device) if cast_g else None
 
-        # Gradients, in the compute dtype: the hidden states' for the valid rows only (compact,
+        # Gradients: the hidden states' in the compute dtype for the valid rows only (compact,
         # row order; all-reduced under TP), the weight's and bias's accumulated over chunks.
         grad_h = torch.empty((n, d_s), dtype=dtype, device=device) if need_h else None
         # Sums over every token: kept in fp32 at least (in fp16 they would overflow, in bf16

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
+from lightning_kd.checks import check_bool
 from lightning_kd.losses.divergences import Divergence
 from lightning_kd.losses.engine import PassSpec
 from lightning_kd.losses.input_checks import check_label_range, check_normaliser, local_labels
@@ -43,9 +44,9 @@ class LinearKDLoss(nn.Module):
 
     Dtypes: each model's chunk logits are computed in ``promote(hidden.dtype, weight.dtype)``,
     or in the autocast dtype when autocast is enabled (what ``F.linear`` does); softmaxes,
-    ``G`` and the weight/bias gradient accumulators are in the compute dtype (as in
-    ``KDLoss``: fp32 for half-precision logits with ``fp32_upcast``); each gradient is returned
-    in its input's dtype.
+    and ``G`` are in the compute dtype (as in ``KDLoss``: fp32 for half-precision logits with
+    ``fp32_upcast``), the weight/bias gradient sums over tokens in fp32 at least; each gradient
+    is returned in its input's dtype.
 
     The teacher's tensors are used detached: they never receive a gradient, even if they
     require one.
@@ -57,7 +58,7 @@ class LinearKDLoss(nn.Module):
     of the group (plain tensors, or ``Replicate`` DTensors). The softmaxes communicate
     O(tokens) values, as in ``KDLoss``; the hidden-state gradient (a sum over the vocabulary)
     is all-reduced once per call at the end of the forward pass, ``n_valid × d_s`` values in
-    the compute dtype (fp32: ``4 · d_s`` bytes per valid token); each rank's weight and bias
+    fp32 (fp64 for fp64 inputs): ``4 · d_s`` bytes per valid token; each rank's weight and bias
     gradient is its own slice and needs no communication (a DTensor weight gets a DTensor
     gradient with its placements). Gradients reach the weight through autograd, so a leaf
     parameter, a view of one and a DTensor parameter (e.g. unsharded by FSDP2 in its module's
@@ -156,6 +157,7 @@ class LinearKDLoss(nn.Module):
                 missing teacher tensors when the divergence is needed, or (with
                 ``kd_ratio < 1``) a valid label outside ``[0, V)``; before any heavy work.
         """
+        check_bool("return_per_token", return_per_token)
         with_ce = self.kd_ratio < 1.0 or return_per_token
         with_div = self.kd_ratio > 0.0 or return_per_token
         if (teacher_hidden is None) != (teacher_weight is None):

@@ -211,3 +211,27 @@ def lm_head_width(model: nn.Module) -> int | None:
 def tokenizer_vocab(model: nn.Module) -> Mapping[str, int] | None:
     """The token → id map of the tokenizer the model carries, or None."""
     return model.tokenizer_vocab() if isinstance(model, SupportsVocabulary) else None
+
+
+def packing_kwargs(
+    model: nn.Module, role: str, method: str, batch: Mapping[str, Tensor]
+) -> dict[str, Tensor]:
+    """``{"position_ids": ...}`` to pass to ``model.<method>`` for a packed batch (one with
+    ``position_ids``), else ``{}``; ``role`` names the model in the error.
+
+    Raises:
+        ValueError: when the batch is packed and ``model.<method>`` takes no ``position_ids``:
+            its documents would attend to each other silently.
+    """
+    position_ids = batch.get("position_ids")
+    if position_ids is None:
+        return {}
+    if not accepts_position_ids(model, method):
+        raise ValueError(
+            f"the batch carries position_ids (packed sequences) but the {role} "
+            f"({type(model).__name__}) has no position_ids parameter in {method}(): its "
+            "documents would attend to each other. Implement position_ids in forward and "
+            "hidden_states (lightning_kd.models.contract.SupportsPackedSequences; TinyLlama "
+            "and HFCausalLM do), or use a data module that yields no position_ids."
+        )
+    return {"position_ids": position_ids}

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_kd.losses.cross_entropy import token_cross_entropy
+from lightning_kd.models.contract import packing_kwargs
 from lightning_kd.training.loss_terms import logits_of
 from lightning_kd.training.optim import build_optimizers, default_optimizer
 
@@ -28,7 +29,9 @@ from lightning_kd.training.optim import build_optimizers, default_optimizer
 class CausalLMModule(LightningModule):
     """Train ``model`` on next-token cross-entropy (per-token mean over valid labels).
 
-    Batches are dicts with ``input_ids`` [B, S] and already-shifted ``labels`` [B, S].
+    Batches are dicts with ``input_ids`` [B, S] and already-shifted ``labels`` [B, S], and
+    ``position_ids`` [B, S] for packed documents (passed to the model, which must isolate
+    them: see :class:`~lightning_kd.models.contract.SupportsPackedSequences`).
 
     Args:
         model: the language model, or a zero-argument factory built in ``configure_model``.
@@ -57,7 +60,8 @@ class CausalLMModule(LightningModule):
             self.model = self._factory()
 
     def _loss(self, batch: Mapping[str, Tensor]) -> Tensor:
-        logits = logits_of(self.model(batch["input_ids"]))
+        kwargs = packing_kwargs(self.model, "model", "forward", batch)
+        logits = logits_of(self.model(batch["input_ids"], **kwargs))
         tokens = max(int((batch["labels"] != self.ignore_index).sum()), 1)
         return token_cross_entropy(logits, batch["labels"], self.ignore_index) / tokens
 

@@ -20,7 +20,9 @@ Override points for subclasses: :meth:`run_student`, :meth:`run_teacher`,
 
 from __future__ import annotations
 
+import copy
 import time
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,6 +30,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import ParallelStyle
@@ -36,7 +39,7 @@ from typing_extensions import override
 
 from lightning_kd.checks import check_bool, check_unit_interval
 from lightning_kd.losses.kd_loss import KDLoss
-from lightning_kd.models.contract import accepts_position_ids
+from lightning_kd.models.contract import packing_kwargs
 from lightning_kd.parallel.fsdp import apply_fsdp, mixed_precision_policy
 from lightning_kd.parallel.grad_clip import clip_grad_norm
 from lightning_kd.parallel.mesh import (
@@ -78,7 +81,10 @@ class DistillationModule(LightningModule):
     """Distil a frozen teacher into a trainable student.
 
     Batches are dicts with ``input_ids`` [B, S] int64 and ``labels`` [B, S] int64, where
-    ``labels[b, t]`` is the target for position t (already shifted) or ``ignore_index``.
+    ``labels[b, t]`` is the target for position t (already shifted) or ``ignore_index``, and
+    optionally ``position_ids`` [B, S] int64 for several documents packed in a row (restarting
+    at 0 at each document; passed to both models, which must keep the documents apart, see
+    :class:`~lightning_kd.models.contract.SupportsPackedSequences`).
 
     Args:
         student: the model to train, or a zero-argument factory that builds it (called in
@@ -92,7 +98,9 @@ class DistillationModule(LightningModule):
         kd_ratio: a shortcut for the loss's ``kd_ratio`` (weight of the divergence; 1.0 is pure
             distillation, 0.0 trains on labels alone, the baseline). With ``loss`` unset it
             builds ``KDLoss(kd_ratio=kd_ratio)``; with ``loss`` set it must be unset (None) or
-            equal to ``loss.kd_ratio``: the loss is the one source of truth for the mix.
+            equal to ``loss.kd_ratio``: the loss is the one source of truth for the mix. (A
+            0.1-style module value with a loss left at 1.0 is still taken, with a
+            DeprecationWarning.)
         optimizer: builds the optimizer from :meth:`trainable_parameters`, in
             ``configure_optimizers`` (after parallelisation); default AdamW(lr=1e-3).
         lr_scheduler: optional, builds a scheduler from the optimizer (stepped per step).
@@ -172,8 +180,13 @@ class DistillationModule(LightningModule):
 
     @property
     def kd_ratio(self) -> float:
-        """The loss's ``kd_ratio`` (weight of the divergence in the objective)."""
+        """The loss's ``kd_ratio`` (weight of the divergence in the objective); assigning it
+        sets the loss's (checked to be in [0, 1]), e.g. from a callback that anneals it."""
         return float(getattr(self.kd_loss, "kd_ratio", 1.0))
+
+    @kd_ratio.setter
+    def kd_ratio(self, value: float) -> None:
+        self.kd_loss.kd_ratio = check_unit_interval("kd_ratio", value)
 
     @property
     def teacher_checkpoint(self) -> str | None:
@@ -209,12 +222,19 @@ class DistillationModule(LightningModule):
             self._prepared = True
         freeze(self.teacher)  # also covers modules restrict_vocab created
         if self.fused_head and not self._owners:
-            for role in ("student", "teacher"):
-                model = getattr(self, role)
-                head = fused_head_of(model, role)
-                self._owners[role] = model if head_is_tied(model, head) else head
+            for name in ("run_student", "run_teacher"):
+                if getattr(type(self), name) is not getattr(DistillationModule, name):
+                    rank_zero_warn(
+                        f"fused_head=True but {type(self).__name__}.{name} is overridden: the "
+                        "loss is fused only if it returns a FusedHeadOutput (e.g. "
+                        f"super().{name}(batch)); outputs with logits run unfused."
+                    )
+            for role in ("student", "teacher"):  # fail early, before any parallelisation
+                fused_head_of(getattr(self, role), role)
         mesh = self.device_mesh
         if mesh is None or self._parallelized:
+            for role in ("student", "teacher"):
+                self._find_head_owner(role)
             return
         tp_mesh, dp_mesh = mesh[TP_DIM], mesh[DP_DIM]
         precision = self.trainer.precision
@@ -223,6 +243,7 @@ class DistillationModule(LightningModule):
             if tp_mesh.size() > 1:
                 plan = self.tensor_parallel_plan(model, role, tp_mesh.size())
                 apply_tensor_parallel(model, tp_mesh, plan)
+            self._find_head_owner(role)  # after TP, which may untie a head
             if dp_mesh.size() > 1:
                 policy = mixed_precision_policy(precision, trainable=role == "student")
                 owner = self._owners.get(role, model)
@@ -238,6 +259,15 @@ class DistillationModule(LightningModule):
                 apply_fsdp(extra, dp_mesh, mp_policy=policy)
         freeze(self.teacher)
         self._parallelized = True
+
+    def _find_head_owner(self, role: str) -> None:
+        """With ``fused_head``: the module whose FSDP2 unit will hold the ``role`` model's head
+        parameters: the head itself, or the model when the head is tied to a parameter
+        outside it (see :mod:`lightning_kd.training.fused_head`). Once per role."""
+        if self.fused_head and role not in self._owners:
+            model = getattr(self, role)
+            head = fused_head_of(model, role)
+            self._owners[role] = model if head_is_tied(model, head) else head
 
     @override
     def train(self, mode: bool = True) -> DistillationModule:
@@ -276,7 +306,6 @@ class DistillationModule(LightningModule):
             "shared_vocab_size": self.shared_vocab_size,
             "temperature": getattr(self.kd_loss, "temperature", None),
             "divergence": repr(getattr(self.kd_loss, "divergence", None)),
-            "fused_head": self.fused_head,
             "ignore_index": getattr(self.kd_loss, "ignore_index", None),
         }
 
@@ -310,7 +339,7 @@ class DistillationModule(LightningModule):
         [B, S] when the batch carries them (packed sequences; both models get the same)."""
         model = getattr(self, role)
         method = "hidden_states" if self.fused_head else "forward"
-        kwargs = _packing_kwargs(model, role, method, batch)
+        kwargs = packing_kwargs(model, role, method, batch)
         if not self.fused_head:
             return model(batch["input_ids"], **kwargs)
         head = model.output_head()
@@ -480,12 +509,25 @@ class DistillationModule(LightningModule):
 
 
 def _resolve_loss(loss: KDLoss | None, kd_ratio: float | None) -> KDLoss:
-    """The module's loss: ``loss``, or ``KDLoss(kd_ratio=kd_ratio)``; a ``kd_ratio`` that
-    contradicts the given loss's is an error (one source of truth for the mix)."""
+    """The module's loss: ``loss``, or ``KDLoss(kd_ratio=kd_ratio)``. The loss is the one
+    source of truth for the mix: a ``kd_ratio`` that contradicts a given loss's is an error,
+    except against a loss at the default 1.0, where a copy of the loss takes it with a
+    DeprecationWarning (0.1 configs set ``kd_ratio`` on the module)."""
     if kd_ratio is not None:
         kd_ratio = check_unit_interval("kd_ratio", kd_ratio)
     if loss is None:
         return KDLoss() if kd_ratio is None else KDLoss(kd_ratio=kd_ratio)
+    if kd_ratio is not None and kd_ratio != 1.0 and getattr(loss, "kd_ratio", None) == 1.0:
+        warnings.warn(
+            f"DistillationModule(kd_ratio={kd_ratio}) with a loss at kd_ratio=1.0: the mix "
+            "belongs to the loss since 0.2; set KDLoss(kd_ratio=...) (YAML "
+            "`model.init_args.loss.init_args.kd_ratio`). Using the module's value.",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        loss = copy.copy(loss)
+        loss.kd_ratio = kd_ratio
+        return loss
     if kd_ratio is not None and kd_ratio != getattr(loss, "kd_ratio", 1.0):
         raise ValueError(
             f"kd_ratio={kd_ratio} contradicts the loss's kd_ratio="
@@ -493,29 +535,6 @@ def _resolve_loss(loss: KDLoss | None, kd_ratio: float | None) -> KDLoss:
             "(KDLoss(kd_ratio=...), in YAML `model.init_args.loss.init_args.kd_ratio`)."
         )
     return loss
-
-
-def _packing_kwargs(
-    model: nn.Module, role: str, method: str, batch: Mapping[str, Tensor]
-) -> dict[str, Tensor]:
-    """``{"position_ids": ...}`` for a packed batch (one with ``position_ids``), else ``{}``.
-
-    Raises:
-        ValueError: when the batch is packed and ``model.<method>`` takes no ``position_ids``:
-            its documents would attend to each other silently.
-    """
-    position_ids = batch.get("position_ids")
-    if position_ids is None:
-        return {}
-    if not accepts_position_ids(model, method):
-        raise ValueError(
-            f"the batch carries position_ids (packed sequences) but the {role} "
-            f"({type(model).__name__}) has no position_ids parameter in {method}(): its "
-            "documents would attend to each other. Implement position_ids in forward and "
-            "hidden_states (lightning_kd.models.contract.SupportsPackedSequences; TinyLlama "
-            "and HFCausalLM do), or use a data module that yields no position_ids."
-        )
-    return {"position_ids": position_ids}
 
 
 def _plain(value: Tensor) -> Tensor:

@@ -114,11 +114,16 @@ def main() -> None:
     parser.add_argument("--teacher-vocab", type=int, default=VOCAB, help="HF teacher lm_head")
     parser.add_argument("--fused-head", action="store_true", help="DistillationModule(fused_head)")
     parser.add_argument("--divergence", default="forward_kl")
+    parser.add_argument("--tie-student", action="store_true", help="tied student lm_head")
     args = parser.parse_args()
 
     L.seed_everything(0, verbose=False)
     if args.family == "tiny":
         student, teacher = make_models()
+        if args.tie_student:  # the lm_head shares the embedding (FSDP2: one unit with the root)
+            torch.manual_seed(0)
+            student = TinyLlama(vocab_size=VOCAB, dim=16, n_layers=1, n_heads=2, n_kv_heads=2,
+                                hidden_dim=32, init_std=0.1, tie_embeddings=True)  # fmt: skip
     else:
         student, teacher = make_hf_models(args.family, args.teacher_vocab)
     teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
