@@ -425,3 +425,42 @@ def test_instantiates_from_yaml(tmp_path, hf, request):
 def test_validates_arguments(tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):
         chat_dm(tmp_path, **kwargs)
+
+
+# --------------------------------------------------------------------------------- end to end
+def test_distils_hf_models_on_chat_data_with_a_local_tokenizer(tmp_path, bpe_dir):
+    """ChatDataModule with a local HF tokenizer and its chat template, packed rows, two tiny
+    HF models: a few real distillation steps, with the loss counted on the answers only."""
+    import lightning as L
+
+    from lightning_kd import DistillationModule, KDLoss
+    from lightning_kd.models.hf import HFCausalLM
+
+    path = write_jsonl(tmp_path / "chats.jsonl", [{"messages": CONVERSATION}] * 24)
+    dm = ChatDataModule(paths=[str(path)], tokenizer=bpe_dir, seq_len=96, batch_size=2,
+                        val_fraction=0.0, cache_dir=str(tmp_path / "cache"))  # fmt: skip
+
+    def config(hidden: int) -> dict:
+        return dict(model_type="qwen2", vocab_size=dm.vocab_size, hidden_size=hidden,
+                    intermediate_size=2 * hidden, num_hidden_layers=1, num_attention_heads=2,
+                    num_key_value_heads=1, max_position_embeddings=128,
+                    tie_word_embeddings=False)  # fmt: skip
+
+    tokens = []
+
+    class Count(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            assert "position_ids" in batch and outputs["valid_mask"].shape == batch["labels"].shape
+            tokens.append(int(outputs["valid_mask"].sum()))
+
+    module = DistillationModule(HFCausalLM(config=config(16)), HFCausalLM(config=config(32)),
+                                loss=KDLoss(kd_ratio=0.5), fused_head=True)  # fmt: skip
+    trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[Count()])  # fmt: skip
+    trainer.fit(module, datamodule=dm)
+    assert trainer.global_step == 3 and torch.isfinite(trainer.callback_metrics["train/loss"])
+    batch = next(iter(dm.train_dataloader()))
+    answers = (batch["labels"] != IGNORE).sum()
+    assert 0 < answers < (batch["position_ids"] > 0).sum()  # answers only, not every token
+    assert all(0 < t <= 2 * 96 for t in tokens)
