@@ -37,6 +37,7 @@ _LAZY = {
     "DistillationModule": "lightning_kd.training.distillation",
     "LinearKDLoss": "lightning_kd.losses.linear_kd_loss",
     "LossTerms": "lightning_kd.training.loss_terms",
+    "TopKKDLoss": "lightning_kd.losses.topk_kd_loss",
 }
 
 #: Module paths of version 0.1 and where they live now; importing an old path still works
@@ -67,6 +68,7 @@ __all__ = [
     "LinearKDLoss",
     "LossTerms",
     "TinyLlama",
+    "TopKKDLoss",
 ]
 __version__ = "0.2.0.dev0"
 

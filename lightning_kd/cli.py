@@ -144,6 +144,55 @@ def _own_value_error(error: BaseException) -> ValueError | None:
     return None
 
 
+CACHE_TEACHER = "cache-teacher"
+
+
+def cache_teacher(args: list[str]) -> None:
+    """``lightning-kd cache-teacher --config CONFIG --output_dir DIR --top_k K [--splits
+    train,val] [--shard_size N] [--batch_size B] [config overrides ...]``: write the config's
+    teacher distribution over its data (see :mod:`lightning_kd.teacher_cache`).
+
+    The config is instantiated without running (``KDLightningCLI(..., run=False)``); every
+    argument the options above do not take (``--model.init_args.teacher_checkpoint X``,
+    ``--trainer.devices 2``, ...) goes to it. The teacher runs under the config's trainer and
+    strategy (TP/DP as configured); the temperature and ``ignore_index`` are the loss's.
+    """
+    import argparse
+
+    from lightning_kd.teacher_cache import describe_teacher, write_teacher_cache
+
+    parser = argparse.ArgumentParser(
+        prog=f"lightning-kd {CACHE_TEACHER}",
+        description="Cache the config's teacher distribution (top-k, or exact with --top_k 0).",
+    )
+    parser.add_argument("--config", action="append", required=True, help="a config file")
+    parser.add_argument("--output_dir", required=True, help="the cache directory")
+    parser.add_argument("--top_k", type=int, required=True, help="entries per token; 0: exact")
+    parser.add_argument("--splits", default="train,val", help="comma-separated: train,val")
+    parser.add_argument("--shard_size", type=int, default=64, help="sequences per shard file")
+    parser.add_argument(
+        "--batch_size",
+        type=int,
+        default=None,
+        help="sequences per teacher forward (default: the data's batch_size)",
+    )
+    ours, rest = parser.parse_known_args(args)
+    configs = [arg for path in ours.config for arg in ("--config", path)]
+    cli = KDLightningCLI(args=[*configs, *rest], run=False)
+    teacher_config = cli.config.get("model", {}).get("init_args", {}).get("teacher")
+    write_teacher_cache(
+        cli.model,
+        cli.datamodule,
+        cli.trainer,
+        ours.output_dir,
+        ours.top_k,
+        [s.strip() for s in ours.splits.split(",") if s.strip()],
+        shard_size=ours.shard_size,
+        batch_size=ours.batch_size,
+        teacher=describe_teacher(cli.model, teacher_config),
+    )
+
+
 def main(args: list[str] | None = None) -> int:
     """Entry point of ``lightning-kd`` and ``python -m lightning_kd``: the exit status.
 
@@ -155,6 +204,9 @@ def main(args: list[str] | None = None) -> int:
       ...``, without the traceback (set ``LIGHTNING_KD_TRACEBACK=1`` to see it); any other
       error propagates with its traceback.
     - 2: the command line itself was wrong (jsonargparse's usage error).
+
+    ``lightning-kd cache-teacher ...`` writes an offline teacher cache instead (see
+    :func:`cache_teacher`), with the same exit statuses.
     - 143 / 130: the run was stopped by SIGTERM / SIGINT (preemption, ``timeout``, Ctrl-C),
       after saving ``last.ckpt`` when training had started (see
       :class:`~lightning_kd.callbacks.CheckpointOnStop`).
@@ -163,8 +215,12 @@ def main(args: list[str] | None = None) -> int:
     exit status. For the trainer, model and datamodule, build the CLI yourself:
     ``KDLightningCLI(args=[...], run=False)``.
     """
+    argv = list(sys.argv[1:] if args is None else args)
     try:
-        KDLightningCLI(args=args)
+        if argv[:1] == [CACHE_TEACHER]:
+            cache_teacher(argv[1:])
+        else:
+            KDLightningCLI(args=args)
     except Stopped as stop:  # every rank stopped at the same step: leave together
         shutdown_distributed()
         return int(stop.code)

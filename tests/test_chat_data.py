@@ -279,8 +279,12 @@ def test_rows_hold_whole_documents_and_every_target_once(tmp_path, packing):
     rows = len(dm.train_dataset) + len(dm.val_dataset)
     assert (rows < len(found)) if packing else (rows == len(found))
     batch = next(iter(dm.train_dataloader()))
-    assert set(batch) == {"input_ids", "labels", "position_ids"}
-    assert all(v.shape == (4, 1100) and v.dtype == torch.int64 for v in batch.values())
+    assert set(batch) == {"input_ids", "labels", "position_ids", "index"}
+    assert all(batch[k].shape == (4, 1100) and batch[k].dtype == torch.int64
+               for k in ("input_ids", "labels", "position_ids"))  # fmt: skip
+    assert batch["index"].shape == (4,) and batch["index"].dtype == torch.int64
+    for i, index in enumerate(batch["index"].tolist()):  # the row's index in its split
+        assert torch.equal(dm.train_dataset[index]["labels"], batch["labels"][i])
 
 
 def test_truncate_keeps_the_start_and_drop_counts(tmp_path, caplog):
@@ -464,3 +468,145 @@ def test_distils_hf_models_on_chat_data_with_a_local_tokenizer(tmp_path, bpe_dir
     answers = (batch["labels"] != IGNORE).sum()
     assert 0 < answers < (batch["position_ids"] > 0).sum()  # answers only, not every token
     assert all(0 < t <= 2 * 96 for t in tokens)
+
+
+# --------------------------------------------------------------------------------- review fixes
+def test_cache_key_follows_tokenizer_settings_that_change_tokens(tmp_path, bpe_dir):
+    import shutil
+
+    path = write_jsonl(tmp_path / "c.jsonl", conversations(2))
+
+    def key(directory) -> Path:
+        return chat_dm(tmp_path, paths=[str(path)], tokenizer=str(directory)).cache_path
+
+    base = key(bpe_dir)
+    assert key(bpe_dir) == base  # the same files, the same key
+    edited = shutil.copytree(bpe_dir, tmp_path / "edited")
+    config = json.loads((edited / "tokenizer_config.json").read_text())
+    config["eos_token"] = "<|endoftext|>"  # what templates render as {{ eos_token }}
+    (edited / "tokenizer_config.json").write_text(json.dumps(config))
+    assert key(edited) != base
+    serialised = tmp_path / "serialised"  # the vocabulary stays, the pipeline changes
+    shutil.copytree(bpe_dir, serialised)
+    backend = json.loads((serialised / "tokenizer.json").read_text())
+    backend["normalizer"] = {"type": "Lowercase"}
+    (serialised / "tokenizer.json").write_text(json.dumps(backend))
+    assert (
+        HFTokenizer(str(serialised)).hf_tokenizer.get_vocab()
+        == HFTokenizer(bpe_dir).hf_tokenizer.get_vocab()
+    )
+    assert key(serialised) != base
+
+
+def test_chat_source_holds_the_end_of_turn_texts(tmp_path, monkeypatch):
+    base = chat_dm(tmp_path).cache_path
+    monkeypatch.setattr(ChatEncoder, "special_texts", ["<|eos|>", "<|end|>"])
+    assert chat_dm(tmp_path).cache_path != base
+
+
+RAISES_ON_SYSTEM = (
+    "{% for m in messages %}{% if m['role'] == 'system' %}"
+    "{{ raise_exception('System role not supported') }}{% endif %}"
+    "<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}{% endfor %}"
+)
+
+
+@pytest.mark.parametrize("hf", [False, True], ids=["byte", "bpe"])
+def test_template_errors_are_unrenderable_records(tmp_path, hf, request, caplog):
+    template = RAISES_ON_SYSTEM
+    kwargs = {"chat_template": template}
+    if hf:
+        kwargs["tokenizer"] = request.getfixturevalue("bpe_dir")
+    records = conversations(3)
+    records.insert(1, {"messages": [{"role": "system", "content": "S."}, *CONVERSATION[1:3]]})
+    path = write_jsonl(tmp_path / "c.jsonl", records)
+    with caplog.at_level(logging.INFO, logger="lightning_kd.data"):
+        dm = chat_dm(tmp_path, paths=[str(path)], val_fraction=0.0, **kwargs)
+        dm.setup()
+    assert dm.read_stats.kept == 3 and dm.read_stats.skipped == {"unrenderable": 1}
+    assert "c.jsonl:2: System role not supported" in caplog.text
+    with pytest.raises(ValueError, match=r"c\.jsonl:2: System role not supported"):
+        chat_dm(tmp_path / "strict", paths=[str(path)], strict=True, **kwargs).prepare_data()
+
+
+TRIMMING_CHATML = CHATML.replace("{{ message['content'] }}", "{{ message['content'] | trim }}")
+
+
+def test_assistant_span_is_searched_in_its_own_turn(bpe_dir):
+    encoder = ChatEncoder(HFTokenizer(bpe_dir), TRIMMING_CHATML)
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Sure. "},
+                {"role": "user", "content": "Sure. I want more"},
+                {"role": "assistant", "content": "OK."}]  # fmt: skip
+    text = encoder.render(messages)
+    answer = text.index("assistant\nSure.<|im_end|>") + len("assistant\n")
+    last = text.index("assistant\nOK.") + len("assistant\n")
+    assert encoder.assistant_spans(text, messages) == [
+        (answer, answer + len("Sure.<|im_end|>")), (last, last + len("OK.<|im_end|>"))
+    ]  # fmt: skip
+    _ids, targets = encoder.encode(messages)
+    _, offsets = encoder.tokenize(text)
+    user = text.index("Sure. I want more")
+    covered = [(a, b) for (a, b), t in zip(offsets, targets, strict=True) if t]
+    assert not any(a < user + len("Sure. I want more") and b > user for a, b in covered)
+    assert any(a < answer + len("Sure.") and b > answer for a, b in covered)  # the real answer
+
+
+def test_skipped_counts_are_logged_from_a_warm_cache(tmp_path, caplog, monkeypatch):
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join([json.dumps(r) for r in conversations(2)] + ["{oops"]) + "\n")
+    chat_dm(tmp_path, paths=[str(path)], val_fraction=0.0).setup()
+    monkeypatch.setattr(ChatDataModule, "_tokenize", lambda *a: pytest.fail("tokenised again"))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="lightning_kd.data"):
+        warm = chat_dm(tmp_path, paths=[str(path)], val_fraction=0.0)
+        warm.setup()
+    assert "2 conversations kept, skipped: 1 malformed" in caplog.text
+    assert "bad.jsonl:3: invalid JSON" in caplog.text
+    assert warm.read_stats.kept == 2 and warm.read_stats.skipped == {"malformed": 1}
+    stats = warm.cache_path.with_suffix(".stats.json")
+    assert stats.is_file() and len(list(stats.parent.glob("*.stats.json"))) == 1
+    stats.unlink()  # a cache without its counts says so instead of staying silent
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="lightning_kd.data"):
+        chat_dm(tmp_path, paths=[str(path)], val_fraction=0.0).setup()
+    assert "counts of skipped records are unknown" in caplog.text
+
+
+def test_documents_too_short_for_a_label_are_counted(tmp_path, caplog):
+    only_answers = ("{% for m in messages %}{% if m['role'] == 'assistant' %}"
+                    "{{ m['content'] }}{% endif %}{% endfor %}")  # fmt: skip
+    records = [{"prompt": "Q?", "completion": "A"}, {"prompt": "Q?", "completion": "Hello"}]
+    path = write_jsonl(tmp_path / "pc.jsonl", records)
+    with caplog.at_level(logging.INFO, logger="lightning_kd.data"):
+        dm = chat_dm(tmp_path, paths=[str(path)], val_fraction=0.0, chat_template=only_answers)
+        dm.setup()
+    assert "1 conversations in 1 rows" in caplog.text
+    assert "1 shorter than 2 tokens" in caplog.text
+
+
+def test_instantiates_messages_format_from_yaml(tmp_path, bpe_dir):
+    from jsonargparse import ArgumentParser
+    from lightning.pytorch import LightningDataModule
+
+    records = [{"turns": CONVERSATION}] + [{"turns": c["messages"]} for c in conversations(5)]
+    data = write_jsonl(tmp_path / "chats.jsonl", [*records, *conversations(1)])
+    init_args = {"paths": [str(data)], "tokenizer": bpe_dir, "format": "messages",
+                 "messages_field": "turns", "seq_len": 96, "batch_size": 2, "packing": False,
+                 "cache_dir": str(tmp_path / "cache"), "val_fraction": 0.0}  # fmt: skip
+    config = tmp_path / "data.yaml"
+    spec = {"class_path": "lightning_kd.data.ChatDataModule", "init_args": init_args}
+    config.write_text(yaml.safe_dump({"data": spec}))
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--config", action="config")
+    parser.add_argument("--data", type=LightningDataModule)
+    parsed = parser.parse_args(["--config", str(config)])
+    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
+    dm = instantiate(parsed).data
+    assert isinstance(dm, ChatDataModule) and dm.fields.format == "messages"
+    assert isinstance(dm.tokenizer, HFTokenizer) and dm.vocab_size < 500
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["labels"].shape == (2, 96)
+    labels = batch["labels"][batch["labels"] != IGNORE]
+    assert len(labels) > 0 and dm.tokenizer.eos_id in labels.tolist()  # answers end with EOS
+    # the last record has no "turns": with format="messages" it is skipped as malformed
+    assert dm.read_stats.kept == 6 and dm.read_stats.skipped == {"malformed": 1}

@@ -284,3 +284,107 @@ def test_two_simulated_nodes_with_torchrun(tmp_path, teacher_ckpt):
         assert proc.returncode == 0, out[-5000:]
     assert "MEMBER: 4/4" in "".join(outputs), "expected one 4-process job across both nodes"
     assert len(_step_losses(tmp_path / "runs/quickstart_tp2")) >= 2
+
+
+# ---------------------------------------------------------------- offline teacher (cache)
+def _cache_teacher(run: Path, teacher: Path, config: str, top_k: int, *extra: str) -> Path:
+    """``lightning-kd cache-teacher`` for ``config`` with the small data of these tests."""
+    out = run / f"cache_k{top_k}"
+    proc = subprocess.run(
+        [sys.executable, "-m", "lightning_kd", "cache-teacher", "--config", str(ROOT / config),
+         "--output_dir", str(out), "--top_k", str(top_k),
+         "--model.init_args.teacher_checkpoint", str(teacher), *SMALL_DATA, *extra],
+        cwd=run, env=_env(), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    return out
+
+
+def _from_cache(cache: Path) -> list[str]:
+    return ["--model.init_args.teacher", "null", "--model.init_args.teacher_checkpoint", "null",
+            "--model.init_args.teacher_cache", str(cache)]  # fmt: skip
+
+
+def _fit_steps(run: Path, teacher: Path, *overrides: str) -> tuple[dict, dict, dict]:
+    """4 steps of the quickstart config in-process: (step losses, val metrics, student)."""
+    run.mkdir()
+    cwd = os.getcwd()
+    os.chdir(run)
+    try:
+        cli = KDLightningCLI(
+            args=["--config", str(ROOT / "configs/quickstart.yaml"), *_quick_args(teacher, 4),
+                  "--trainer.callbacks", "[]", *overrides],
+            run=False,
+        )  # fmt: skip
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    finally:
+        os.chdir(cwd)
+    metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
+    student = {k: v.detach().clone() for k, v in cli.model.student.state_dict().items()}
+    return _step_losses(run / "runs/quickstart"), metrics, student
+
+
+@pytest.mark.slow
+def test_training_from_an_exact_teacher_cache_follows_the_live_teacher(tmp_path, teacher_ckpt):
+    """``--top_k 0`` stores the teacher's whole distribution: 4 steps from the cache match 4
+    steps with the live teacher within 1e-5 (losses, validation, student weights); no teacher
+    is built. A top-k cache trains too (no teacher CE in validation: it is not known)."""
+    cache = _cache_teacher(tmp_path, teacher_ckpt, "configs/quickstart.yaml", 0)
+    live, live_metrics, live_student = _fit_steps(tmp_path / "live", teacher_ckpt)
+    cached, cached_metrics, cached_student = _fit_steps(
+        tmp_path / "cached", teacher_ckpt, *_from_cache(cache)
+    )
+    assert len(live) == 4 and cached.keys() == live.keys()
+    for step, value in live.items():
+        assert cached[step] == pytest.approx(value, rel=1e-5), step
+    for key in ("val/kd_loss", "val/student_ce", "val/teacher_ce"):
+        assert cached_metrics[key] == pytest.approx(live_metrics[key], rel=1e-5), key
+    # Weights relative to their norm: AdamW turns a rounding-level difference of a near-zero
+    # gradient element into an lr-sized step, so element-wise tolerances do not apply.
+    for key, value in live_student.items():
+        diff = float((cached_student[key] - value).norm() / value.norm())
+        assert diff < 1e-5, (key, diff)
+
+    topk = _cache_teacher(tmp_path, teacher_ckpt, "configs/quickstart.yaml", 8)
+    sparse, sparse_metrics, _ = _fit_steps(tmp_path / "topk", teacher_ckpt, *_from_cache(topk))
+    assert sparse.keys() == live.keys() and all(v == v for v in sparse.values())
+    assert "val/kd_loss" in sparse_metrics and "val/teacher_ce" not in sparse_metrics
+    # Same student at step 0: bucketing the vocabulary (8 tokens + the rest) can only lower
+    # the KL (data-processing inequality), and it is a true divergence, so positive.
+    first = min(live)
+    assert 0 < sparse[first] <= live[first] * (1 + 1e-6), (sparse[first], live[first])
+
+
+@pytest.mark.slow
+def test_a_teacher_cache_of_other_data_or_temperature_is_refused(tmp_path, teacher_ckpt):
+    cache = _cache_teacher(tmp_path, teacher_ckpt, "configs/quickstart.yaml", 4)
+    for overrides, message in (
+        (["--model.init_args.loss.init_args.temperature", "2.0"], r"temperature: cache 1\.0"),
+        (["--data.init_args.seq_len", "64"], r"data \((train|val)\): cache"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            _fit_steps(tmp_path / f"bad{len(message)}", teacher_ckpt, *_from_cache(cache),
+                       *overrides)  # fmt: skip
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_exact_teacher_cache_on_two_tensor_parallel_processes(tmp_path, teacher_ckpt):
+    """quickstart_tp2 (TP=2): cache written and read under tensor parallelism; 3 steps from the
+    exact cache follow 3 steps with the live teacher within 1e-5."""
+    config = "configs/quickstart_tp2.yaml"
+    cache = _cache_teacher(tmp_path, teacher_ckpt, config, 0)
+    losses = {}
+    for name, extra in (("live", []), ("cached", _from_cache(cache))):
+        run = tmp_path / name
+        run.mkdir()
+        proc = subprocess.run(
+            [sys.executable, "-m", "lightning_kd", "fit", "--config", str(ROOT / config),
+             *_quick_args(teacher_ckpt, 3), *extra],
+            cwd=run, env=_env(), capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-5000:]
+        losses[name] = _step_losses(run / "runs/quickstart_tp2")
+    assert len(losses["live"]) >= 2 and losses["cached"].keys() == losses["live"].keys()
+    for step, value in losses["live"].items():
+        assert losses["cached"][step] == pytest.approx(value, rel=1e-5), step

@@ -179,9 +179,12 @@ def test_packed_batches_shapes_and_label_shift(tmp_path):
     dm.prepare_data()
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
-    assert set(batch) == {"input_ids", "labels"}
-    for value in batch.values():
-        assert value.shape == (4, 16) and value.dtype == torch.int64
+    assert set(batch) == {"input_ids", "labels", "index"}
+    for key in ("input_ids", "labels"):
+        assert batch[key].shape == (4, 16) and batch[key].dtype == torch.int64
+    assert batch["index"].shape == (4,) and batch["index"].dtype == torch.int64
+    for i, index in enumerate(batch["index"].tolist()):  # the sequence's index in its split
+        assert torch.equal(dm.train_dataset[index]["input_ids"], batch["input_ids"][i])
     assert torch.equal(batch["labels"][:, :-1], batch["input_ids"][:, 1:])
     assert int(batch["input_ids"].max()) < 257 and int(batch["input_ids"].min()) >= 0
     ds = dm.train_dataset

@@ -479,3 +479,16 @@ def test_fused_head_warns_when_run_student_is_overridden():
     student, teacher = make_models()
     with pytest.warns(UserWarning, match=r"OwnStudent\.run_student is overridden"):
         OwnStudent(student, teacher, fused_head=True).configure_model()
+
+
+def test_a_live_teacher_or_a_teacher_cache_exactly_one(tmp_path):
+    student, teacher = make_models()
+    with pytest.raises(ValueError, match=r"exactly one of teacher .* and teacher_cache"):
+        DistillationModule(student)
+    with pytest.raises(ValueError, match=r"exactly one of teacher .* and teacher_cache"):
+        DistillationModule(student, teacher, teacher_cache=str(tmp_path))
+    with pytest.raises(ValueError, match="teacher_checkpoint has no use with teacher_cache"):
+        DistillationModule(student, teacher_cache=str(tmp_path),
+                           teacher_checkpoint=str(tmp_path / "t.pt"))  # fmt: skip
+    with pytest.raises(ValueError, match=r"fused_head=True needs the teacher's lm_head"):
+        DistillationModule(student, teacher_cache=str(tmp_path), fused_head=True)

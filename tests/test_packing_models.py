@@ -244,3 +244,19 @@ def test_a_model_without_position_ids_is_refused_on_a_packed_batch(fused):
     plain = {k: batch[k] for k in ("input_ids", "labels")}
     with pytest.warns(Warning, match="self.log"):
         module.training_step(plain, 0)
+
+
+def test_hf_packing_needs_a_transformers_that_isolates_documents(monkeypatch):
+    """transformers < 4.54 ignores position_ids for the mask: documents would attend to each
+    other silently, so packed batches are refused there."""
+    pytest.importorskip("transformers")
+    from lightning_kd.models.hf import causal_lm
+
+    model = hf_model("llama")
+    ids = torch.randint(0, 16, (1, 6))
+    positions = torch.tensor([[0, 1, 2, 0, 1, 2]])
+    model(ids, position_ids=positions)  # the installed transformers isolates them
+    monkeypatch.setattr(causal_lm, "_transformers_isolates_packed_sequences", lambda: False)
+    with pytest.raises(ValueError, match=r"transformers >= 4\.56"):
+        model(ids, position_ids=positions)
+    model(ids)  # unpacked batches need nothing

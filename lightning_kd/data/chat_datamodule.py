@@ -9,7 +9,8 @@ and rows of whole conversations (:mod:`lightning_kd.data.packing`) -> batches.
 
 Batches are dicts of int64 tensors [B, S]: ``input_ids``, ``labels`` (the next token where it
 is a target, else ``ignore_index``) and ``position_ids`` (restarting at 0 at every packed
-conversation and at the padding block, so models isolate the documents of a row).
+conversation and at the padding block, so models isolate the documents of a row), and
+``index`` [B], each row's index in its split (what an offline teacher cache is keyed on).
 
 The token cache stores each token as its id when it is a target and as ``~id`` (``-1 - id``)
 when it is context, in the ``tokens`` tensor of :class:`~lightning_kd.data.token_cache.TokenCache`
@@ -18,8 +19,10 @@ when it is context, in the ``tokens`` tensor of :class:`~lightning_kd.data.token
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import tempfile
 from array import array
 from collections.abc import Iterable
 from pathlib import Path
@@ -51,7 +54,8 @@ from lightning_kd.data.tokenizer import ByteTokenizer, HFTokenizer
 log = logging.getLogger(__name__)
 
 #: Bump when the cached tokens of the same inputs change (template rules, mask encoding).
-CHAT_CACHE_VERSION = 1
+#: 2: assistant spans searched in their own turn's window; template errors are records.
+CHAT_CACHE_VERSION = 2
 #: Seconds of tokenising before a progress bar appears.
 _PROGRESS_DELAY_S = 2.0
 
@@ -156,7 +160,9 @@ class ChatDataModule(LightningDataModule):
         self.seed, self.cache_dir = seed, str(cache_dir)
         self.num_workers, self.ignore_index = num_workers, ignore_index
         self.save_hyperparameters()
-        self.read_stats: ReadStats | None = None  # set when this process tokenised the records
+        # the counts of kept and skipped records: from tokenising, or from the cache's stats file
+        self.read_stats: ReadStats | None = None
+        self._stats_logged = False
         self._train: Dataset | None = None
         self._val: Dataset | None = None
 
@@ -180,11 +186,14 @@ class ChatDataModule(LightningDataModule):
     @property
     def token_cache(self) -> TokenCache:
         """The cache of the tokenised conversations: keyed on the files (path, size,
-        modification time) or the generator's settings, the tokenizer, the effective chat
-        template, the record format and fields and ``strict``. ``seq_len``, ``packing``,
-        ``overlong``, ``train_on_all_tokens`` and the split do not change it."""
+        modification time) or the generator's settings, the tokenizer (its full serialisation
+        and special tokens, see :class:`~lightning_kd.data.tokenizer.HFTokenizer`), the
+        effective chat template, the special texts that end an assistant turn, the record
+        format and fields and ``strict``. ``seq_len``, ``packing``, ``overlong``,
+        ``train_on_all_tokens`` and the split do not change it."""
         source: dict[str, Any] = {"chat": CHAT_CACHE_VERSION, "tokenizer": repr(self._tokenizer),
-                                  "template": self._encoder.effective_template}  # fmt: skip
+                                  "template": self._encoder.effective_template,
+                                  "end_of_turn": self._encoder.special_texts}  # fmt: skip
         content: dict[str, Any] = {}
         if self.paths is None:
             source["instructions"] = {"generator": INSTRUCTIONS_VERSION, "seed": self.seed,
@@ -200,6 +209,68 @@ class ChatDataModule(LightningDataModule):
     def cache_path(self) -> Path:
         """The cache file of the tokenised conversations."""
         return self.token_cache.path
+
+    @staticmethod
+    def _stats_path(cache: TokenCache) -> Path:
+        """The JSON file next to the cache file with the counts of kept and skipped records."""
+        return cache.path.with_suffix(".stats.json")
+
+    def _write_stats(self, cache: TokenCache, stats: ReadStats) -> None:
+        """Store ``stats`` next to the cache file atomically (temporary file, then rename),
+        removing the stats files of stale caches of the same source."""
+        path = self._stats_path(cache)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as handle:
+                json.dump(stats.to_dict(), handle)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        source = cache.path.name.split("-")[1]  # tokens-{source}-{content}.pt
+        for stale in path.parent.glob(f"tokens-{source}-*.stats.json"):
+            if stale != path:
+                stale.unlink(missing_ok=True)
+
+    def _read_stats(self, cache: TokenCache) -> ReadStats | None:
+        """The counts stored next to the cache file, or None when they cannot be read."""
+        try:
+            return ReadStats.from_dict(json.loads(self._stats_path(cache).read_text()))
+        except (OSError, ValueError):
+            return None
+
+    def _log_stats(self, cache: TokenCache) -> None:
+        """Log the counts of kept and skipped records (once per process)."""
+        if self._stats_logged:
+            return
+        self._stats_logged = True
+        where = self.paths or "generated"
+        if self.read_stats is None:
+            log.warning(
+                "chat data %s: the counts of skipped records are unknown (%s is missing or "
+                "unreadable); delete %s to tokenise again and count them.",
+                where, self._stats_path(cache), cache.path,
+            )  # fmt: skip
+            return
+        report = log.warning if self.read_stats.skipped else log.info
+        report("chat data %s: %s", where, self.read_stats.summary())
+
+    def _load(self) -> dict[str, Tensor]:
+        """The verified cached tokens, tokenising first (and storing the counts of skipped
+        records next to them) when needed; the counts are logged either way."""
+        cache = self.token_cache
+
+        def build() -> dict[str, Tensor]:
+            data = self._tokenize(self._records())
+            self._write_stats(cache, self.read_stats)  # before the tokens: never tokens alone
+            return data
+
+        data = cache.load_or_build(build)
+        if self.read_stats is None:
+            self.read_stats = self._read_stats(cache)
+        self._log_stats(cache)
+        return data
 
     def _records(self) -> Iterable[tuple[str, Messages | RecordError]]:
         if self.paths is None:
@@ -228,8 +299,6 @@ class ChatDataModule(LightningDataModule):
             offsets.append(len(tokens))
             stats.kept += 1
         self.read_stats = stats
-        report = log.warning if stats.skipped else log.info
-        report("chat data %s: %s", self.paths or "generated", stats.summary())
         if stats.kept == 0:
             raise ValueError(f"no usable conversation in {self.paths!r}: {stats.summary()}.")
         return {
@@ -239,9 +308,11 @@ class ChatDataModule(LightningDataModule):
 
     def prepare_data(self) -> None:
         """Tokenise the conversations and cache them under ``cache_dir``, unless a verified
-        cache exists (see :class:`~lightning_kd.data.token_cache.TokenCache`); the counts of
-        skipped records are logged then. Lightning calls this on one process per node."""
-        self.token_cache.load_or_build(lambda: self._tokenize(self._records()))
+        cache exists (see :class:`~lightning_kd.data.token_cache.TokenCache`), with the counts
+        of kept and skipped records in a JSON file next to the cache file; the counts are
+        logged (once per process, from that file when the cache was already there).
+        Lightning calls this on one process per node."""
+        self._load()
 
     # ------------------------------------------------------------------ split
     def _held_out(self, num_documents: int) -> Tensor:
@@ -256,11 +327,12 @@ class ChatDataModule(LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Load the cached tokens (tokenising first if needed), split the conversations and
-        pack the rows; logs how many conversations ``overlong`` truncated or dropped.
-        Deterministic: every rank and every run gets the same rows."""
+        pack the rows; logs the counts of skipped records (also from a warm cache), how many
+        conversations ``overlong`` truncated or dropped and how many were too short for a
+        label. Deterministic: every rank and every run gets the same rows."""
         if self._train is not None:
             return
-        data = self.token_cache.load_or_build(lambda: self._tokenize(self._records()))
+        data = self._load()
         stored, offsets = data["tokens"], data["offsets"]
         targets = stored >= 0
         tokens = torch.where(targets, stored, torch.bitwise_not(stored))
@@ -272,12 +344,13 @@ class ChatDataModule(LightningDataModule):
             fit = fit_documents(offsets, targets, torch.nonzero(mask).flatten(),
                                 self.seq_len, self.overlong)  # fmt: skip
             bounds = pack_rows(fit.positions, self.seq_len, self.packing)
-            affected = fit.truncated + fit.dropped + fit.no_targets
+            affected = fit.truncated + fit.dropped + fit.no_targets + fit.too_short
             (log.warning if affected else log.info)(
                 "chat %s split: %d conversations in %d rows of %d positions; over seq_len + 1 "
-                "tokens: %d truncated, %d dropped; %d dropped without targets after truncation.",
+                "tokens: %d truncated, %d dropped; %d dropped without targets after truncation, "
+                "%d shorter than 2 tokens (no label).",
                 name, len(fit.documents), len(bounds) - 1, self.seq_len,
-                fit.truncated, fit.dropped, fit.no_targets,
+                fit.truncated, fit.dropped, fit.no_targets, fit.too_short,
             )  # fmt: skip
             splits.append(PackedRows(tokens, targets, offsets, fit, bounds, self.seq_len,
                                      self._tokenizer.pad_id, self.ignore_index))  # fmt: skip

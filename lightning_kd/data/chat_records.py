@@ -47,7 +47,8 @@ Messages = list[dict[str, str]]
 
 class RecordError(ValueError):
     """A record that cannot be used; ``kind`` is ``"malformed"``, ``"empty"`` or
-    ``"unrenderable"`` (its chat template does not show an assistant message verbatim)."""
+    ``"unrenderable"`` (its chat template refuses it or does not show an assistant message
+    verbatim)."""
 
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
@@ -68,6 +69,29 @@ class ReadStats:
         self.skipped[error.kind] = self.skipped.get(error.kind, 0) + 1
         if len(self.examples) < 3:
             self.examples.append(f"{where}: {error}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The counts as JSON-serialisable values (see :meth:`from_dict`)."""
+        return {"kept": self.kept, "skipped": dict(self.skipped), "examples": list(self.examples)}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> ReadStats:
+        """The counts :meth:`to_dict` wrote.
+
+        Raises:
+            ValueError: when ``data`` is not such a dict.
+        """
+        if (
+            not isinstance(data, dict)
+            or not isinstance(data.get("kept"), int)
+            or not isinstance(data.get("skipped"), dict)
+            or not all(isinstance(k, str) and isinstance(n, int)
+                       for k, n in data["skipped"].items())
+            or not isinstance(data.get("examples"), list)
+            or not all(isinstance(e, str) for e in data["examples"])
+        ):  # fmt: skip
+            raise ValueError(f"expected read stats (kept, skipped, examples), got {data!r}.")
+        return cls(data["kept"], dict(data["skipped"]), list(data["examples"]))
 
     def summary(self) -> str:
         """One line: kept and skipped counts, and the first problems."""

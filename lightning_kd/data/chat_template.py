@@ -3,7 +3,8 @@
 A conversation is rendered to one string by a Jinja chat template: a local Hugging Face
 tokenizer's own (``apply_chat_template(messages, tokenize=False)``), or for the byte tokenizer
 :data:`BYTE_CHAT_TEMPLATE`; ``chat_template=`` overrides either with a Jinja string of your own
-(variables ``messages``, ``add_generation_prompt``, ``eos_token``, ``bos_token``).
+(variables ``messages``, ``add_generation_prompt``, ``eos_token``, ``bos_token``; the function
+``raise_exception(message)`` refuses a conversation, as in Hugging Face templates).
 
 The byte template writes every turn as ``<|role|>\\n{content}`` followed by EOS::
 
@@ -17,12 +18,17 @@ Face tokenizers; everything else is UTF-8 bytes.
 (character offsets): its content (as written, or stripped, as templates that ``trim`` write
 it), plus the end-of-turn marker right after it: a special token (e.g. ``<|im_end|>``,
 ``<|eot_id|>``, ``</s>``, the byte EOS), possibly after whitespace, so the student learns to
-stop. The content is searched from the end of the conversation rendered up to that message with
-the generation prompt when the full text starts with that prefix, else after the previous
-message found. The text is then tokenised once, with offsets (``return_offsets_mapping`` of a
-fast HF tokenizer, byte offsets for the byte tokenizer), and a token is a target when its
-characters overlap an assistant span: a token that BPE merged across the boundary of role
-marker and content counts as an assistant token. Nothing is tokenised piece by piece, so
+stop. The content is searched only in the message's own window: from the end of the messages
+before it rendered alone with the generation prompt when the full text starts with that prefix
+(else after the previous message found) to the end of the messages up to it rendered alone when
+the full text starts with that (else the end of the text); the earliest match of the content as
+written or stripped wins, so an answer is never located in a later turn. A conversation the
+template refuses (its ``raise_exception(...)``, e.g. "System role not supported", or a Jinja
+error) is an ``"unrenderable"`` record, as is one whose answer is not found. The text is then
+tokenised once, with offsets (``return_offsets_mapping`` of a fast HF tokenizer, byte offsets
+for the byte tokenizer), and a token is a target when its characters overlap an assistant span:
+a token that BPE merged across the boundary of role marker and content counts as an assistant
+token. Nothing is tokenised piece by piece, so
 merges are exactly those of the full text. System and user turns, role markers and the
 generation prompt are context. With the models' next-token convention the *label* of position
 ``t`` is token ``t + 1`` when that token is a target (see :mod:`lightning_kd.data.packing`).
@@ -92,6 +98,7 @@ class ChatEncoder:
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = _raise_exception  # as in Hugging Face templates
         return env.from_string(self.template)
 
     @property
@@ -120,22 +127,40 @@ class ChatEncoder:
             chat_template=self.template,
         )  # fmt: skip
 
+    def _prefix_end(self, text: str, messages: Messages, add_generation_prompt: bool) -> int:
+        """The length of ``messages`` rendered alone when ``text`` starts with that rendering,
+        else -1 (also when the template refuses to render them alone)."""
+        try:
+            prefix = self.render(messages, add_generation_prompt=add_generation_prompt)
+        except _RENDER_ERRORS:
+            return -1
+        return len(prefix) if text.startswith(prefix) else -1
+
     def assistant_spans(self, text: str, messages: Messages) -> list[tuple[int, int]]:
         """[start, end) character spans of the assistant messages in ``text``, each with its
         end-of-turn marker (see the module docstring).
+
+        Each message is searched in its own window of ``text``: from the end of the messages
+        before it rendered alone (with the generation prompt before an assistant message) when
+        ``text`` starts with that rendering, else from the end of the previous message found;
+        up to the end of the messages up to it rendered alone when ``text`` starts with that,
+        else the end of ``text``. So an answer is never located in a later turn.
 
         Raises:
             RecordError: ("unrenderable") when an assistant message is not in ``text``.
         """
         spans = []
         cursor = 0
+        last = len(messages) - 1
         for i, message in enumerate(messages):
             role, content = message["role"], message["content"]
-            if role == "assistant" and i > 0:
-                prefix = self.render(messages[:i], add_generation_prompt=True)
-                if text.startswith(prefix):
-                    cursor = max(cursor, len(prefix))
-            start, end = _find(text, content, cursor)
+            if i > 0:
+                begin = self._prefix_end(text, messages[:i], role == "assistant")
+                cursor = max(cursor, begin)
+            stop = len(text) if i == last else self._prefix_end(text, messages[: i + 1], False)
+            if stop < cursor:
+                stop = len(text)
+            start, end = _find(text, content, cursor, stop)
             if start < 0:
                 if role != "assistant":
                     continue  # some templates move or drop system/user text
@@ -187,22 +212,54 @@ class ChatEncoder:
             ``(ids, targets)``, two lists of the conversation's length.
 
         Raises:
-            RecordError: ("unrenderable") when an assistant message cannot be located.
+            RecordError: ("unrenderable") when the chat template refuses the conversation
+                (e.g. its ``raise_exception("System role not supported")``) or an assistant
+                message cannot be located.
         """
-        text = self.render(messages)
+        try:
+            text = self.render(messages)
+        except _RENDER_ERRORS as error:
+            raise RecordError("unrenderable", _render_error_text(error)) from None
         spans = self.assistant_spans(text, messages)
         ids, offsets = self.tokenize(text)
         return ids, targets_from_offsets(offsets, spans)
 
 
-def _find(text: str, content: str, cursor: int) -> tuple[int, int]:
-    """[start, end) of ``content`` (else its stripped form) in ``text`` from ``cursor``;
-    start -1 when absent."""
+def _raise_exception(message: str) -> None:
+    """``raise_exception`` of chat templates, as Hugging Face defines it."""
+    from jinja2.exceptions import TemplateError
+
+    raise TemplateError(message)
+
+
+def _render_error_text(error: Exception) -> str:
+    """The message of a template error; the exception type when it has none."""
+    text = str(error).strip()
+    return text if text else f"the chat template raised {type(error).__name__}"
+
+
+def _template_errors() -> tuple[type[Exception], ...]:
+    from jinja2.exceptions import TemplateError
+
+    # what rendering a record can raise: the template's own raise_exception and undefined
+    # variables (TemplateError), and transformers' or Jinja's checks of the messages
+    return (TemplateError, ValueError, TypeError, KeyError, IndexError)
+
+
+_RENDER_ERRORS = _template_errors()
+
+
+def _find(text: str, content: str, begin: int, stop: int) -> tuple[int, int]:
+    """[start, end) of the earliest occurrence of ``content`` or its stripped form (the longer
+    one on a tie) inside ``text[begin:stop]``; (-1, -1) when neither is there."""
+    best = (-1, -1)
     for needle in (content, content.strip()):
-        start = text.find(needle, cursor)
-        if start >= 0:
-            return start, start + len(needle)
-    return -1, -1
+        if not needle:
+            continue
+        start = text.find(needle, begin, stop)
+        if start >= 0 and (best[0] < 0 or start < best[0]):
+            best = (start, start + len(needle))
+    return best
 
 
 def targets_from_offsets(

@@ -3,9 +3,10 @@
 The pipeline: documents (``read_documents`` or ``generate_corpus``) -> byte tokens with an EOS
 after each document, cached once as a tensor under ``cache_dir`` (``prepare_data``) -> a
 document-level train/val split (``setup``) -> fixed-length sequences -> batches of
-``{"input_ids": [B, S], "labels": [B, S]}`` (int64), the format ``DistillationModule`` takes:
-``labels[:, t]`` is the token after ``input_ids[:, t]``, or ``ignore_index`` where that token
-is padding.
+``{"input_ids": [B, S], "labels": [B, S], "index": [B]}`` (int64), the format
+``DistillationModule`` takes: ``labels[:, t]`` is the token after ``input_ids[:, t]``, or
+``ignore_index`` where that token is padding; ``index`` is each sequence's index in its split
+(what an offline teacher cache is keyed on).
 
 With ``packing=True`` (the default) the documents are concatenated, EOS-separated, and cut
 into consecutive sequences, so there is no padding. With ``packing=False`` each sequence is one
@@ -65,7 +66,7 @@ class PackedSequences(Dataset):
             raise IndexError(f"sequence {index} out of range [0, {len(self)}).")
         begin = index * self.seq_len
         window = self.stream[begin : begin + self.seq_len + 1].long()
-        return {"input_ids": window[:-1], "labels": window[1:]}
+        return {"input_ids": window[:-1], "labels": window[1:], "index": torch.tensor(index)}
 
 
 class DocumentSequences(Dataset):
@@ -110,7 +111,7 @@ class DocumentSequences(Dataset):
         window[: end - begin] = self.tokens[begin:end]
         labels = window[1:].clone()
         labels[end - begin - 1 :] = self.ignore_index  # targets past the document's last token
-        return {"input_ids": window[:-1], "labels": labels}
+        return {"input_ids": window[:-1], "labels": labels, "index": torch.tensor(index)}
 
 
 class TextDataModule(LightningDataModule):

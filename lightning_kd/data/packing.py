@@ -6,7 +6,8 @@ row: inputs ``doc[:-1]``, labels ``doc[1:]`` (the label of a token that is not a
 a document boundary. A document longer than ``seq_len + 1`` tokens is *overlong*:
 ``"truncate"`` keeps its first ``seq_len + 1`` tokens (the start of the conversation),
 ``"drop"`` leaves it out; a document left without any target (all its answers cut off) is left
-out too. :func:`fit_documents` counts both.
+out too, and so is a document of fewer than 2 tokens (it has no position, so no label).
+:func:`fit_documents` counts all three.
 
 Rows are filled greedily in document order (:func:`pack_rows`): a document goes into the current
 row if its positions fit, else it starts the next row; with ``packing=False`` every row holds
@@ -43,6 +44,7 @@ class FitResult:
         truncated: kept documents that were cut to ``seq_len + 1`` tokens.
         dropped: overlong documents left out (``overlong="drop"``).
         no_targets: documents left out because no target remained after truncation.
+        too_short: documents left out because they have fewer than 2 tokens (no label).
     """
 
     documents: Tensor
@@ -50,6 +52,7 @@ class FitResult:
     truncated: int = 0
     dropped: int = 0
     no_targets: int = 0
+    too_short: int = 0
 
 
 def fit_documents(
@@ -87,6 +90,7 @@ def fit_documents(
         truncated=int((keep & too_long).sum()),
         dropped=int(too_long.sum()) if overlong == "drop" else 0,
         no_targets=no_targets,
+        too_short=int((lengths < 2).sum()),
     )
 
 
@@ -165,4 +169,5 @@ class PackedRows(Dataset):
             position_ids[fill : fill + length] = torch.arange(length)
             fill += length
         position_ids[fill:] = torch.arange(size - fill)  # padding: its own document
-        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
+                "index": torch.tensor(index)}  # fmt: skip

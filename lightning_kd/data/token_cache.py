@@ -2,8 +2,11 @@
 
 A cache file holds ``tokens`` ([T] int16/int32), ``offsets`` ([D + 1] int64 document
 boundaries) and the SHA-256 of both. Its name carries two digests: one of the *source* (the
-input paths or the generator's settings, the text field, the encoding and the tokenizer) and
-one of the *content key* (the source plus each file's size and modification time). So:
+input paths or the generator's settings, the text field, the encoding and the tokenizer: for a
+Hugging Face one its full serialisation, so vocabulary, merges, normalizer, pre-tokenizer, added
+tokens and their ``special`` flags, and its special tokens such as ``eos_token``; for chat data
+also the chat template and the end-of-turn texts) and one of the *content key* (the source plus
+each file's size and modification time). So:
 
 - a changed input file gets a new cache file, and writing it removes the stale files of the
   same source (they would never be read again);

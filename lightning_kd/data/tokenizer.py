@@ -9,6 +9,7 @@ its 258-entry vocabulary keeps the demo's embedding and lm_head tiny.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterable
 from typing import Any
 
@@ -102,8 +103,7 @@ class HFTokenizer:
         )
         if self._tok.eos_token_id is None:
             raise ValueError(f"the tokenizer at {path!r} has no EOS token; set eos_token.")
-        vocab = sorted(self._tok.get_vocab().items())
-        self._fingerprint = hashlib.sha256(repr(vocab).encode()).hexdigest()[:16]
+        self._fingerprint = hashlib.sha256(_serialise(self._tok).encode()).hexdigest()[:16]
 
     @property
     def hf_tokenizer(self) -> Any:
@@ -131,3 +131,29 @@ class HFTokenizer:
 
     def __repr__(self) -> str:  # part of the data cache key
         return f"HFTokenizer(vocab={self.vocab_size}, sha={self._fingerprint})"
+
+
+def _serialise(tok: Any) -> str:
+    """Everything of a ``transformers`` tokenizer that decides its tokens, as one string: the
+    backend's full serialisation (vocabulary, merges, normalizer, pre-tokenizer, added tokens
+    with their ``special`` flags, ...; without the per-call truncation and padding state), the
+    special tokens (``eos_token``, ``bos_token``, ... that chat templates render) and the
+    added tokens' flags. A slow tokenizer without a backend contributes its vocabulary."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None:
+        pipeline = json.loads(backend.to_str())
+        pipeline.pop("truncation", None)
+        pipeline.pop("padding", None)
+    else:
+        pipeline = sorted(tok.get_vocab().items())
+    added = sorted(
+        (int(i), str(t.content), bool(t.special), bool(t.lstrip), bool(t.rstrip),
+         bool(t.normalized), bool(t.single_word))
+        for i, t in tok.added_tokens_decoder.items()
+    )  # fmt: skip
+    special = {str(k): str(v) for k, v in tok.special_tokens_map.items()}
+    return json.dumps(
+        {"pipeline": pipeline, "special": special, "all_special": sorted(tok.all_special_tokens),
+         "added": added},
+        sort_keys=True, default=str,
+    )  # fmt: skip

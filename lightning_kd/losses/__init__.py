@@ -3,6 +3,8 @@
 - :class:`KDLoss`: the public loss module (input checks, valid-token selection, dispatch).
 - :class:`LinearKDLoss`: ``KDLoss`` with the lm_heads fused in (hidden states and head weights
   in, no ``[N, V]`` logits; :mod:`~lightning_kd.losses.linear_engine` is its chunked pass).
+- :class:`TopKKDLoss`: ``KDLoss`` against a teacher's stored top-k distribution plus a tail
+  bucket (offline teacher caches; :mod:`~lightning_kd.losses.topk_buckets` is its math).
 - :mod:`~lightning_kd.losses.engine`: the chunked, memory-bounded pass with analytic backward
   (the divergence and the hard-label cross-entropy term in one pass).
 - :mod:`~lightning_kd.losses.divergences`: one file per divergence, only its chunk math:
@@ -27,6 +29,7 @@ from lightning_kd.losses.divergences import (
 )
 from lightning_kd.losses.kd_loss import KDLoss, KDLossOutput
 from lightning_kd.losses.linear_kd_loss import LinearKDLoss
+from lightning_kd.losses.topk_kd_loss import TopKKDLoss
 from lightning_kd.losses.vocab_parallel import find_vocab_tp_group
 
 __all__ = [
@@ -41,6 +44,7 @@ __all__ = [
     "ReverseKL",
     "SkewKL",
     "SkewReverseKL",
+    "TopKKDLoss",
     "find_vocab_tp_group",
     "resolve_divergence",
     "token_cross_entropy",

@@ -39,7 +39,7 @@ from typing_extensions import override
 
 from lightning_kd.checks import check_bool, check_unit_interval
 from lightning_kd.losses.kd_loss import KDLoss
-from lightning_kd.models.contract import packing_kwargs
+from lightning_kd.models.contract import lm_head_width, packing_kwargs
 from lightning_kd.parallel.fsdp import apply_fsdp, mixed_precision_policy
 from lightning_kd.parallel.grad_clip import clip_grad_norm
 from lightning_kd.parallel.mesh import (
@@ -90,7 +90,8 @@ class DistillationModule(LightningModule):
         student: the model to train, or a zero-argument factory that builds it (called in
             ``configure_model``, so the CLI does not materialise it early).
         teacher: the frozen teacher, or a factory. Its parameters never require grad, it
-            stays in eval mode, runs under no-grad and is never given to the optimizer.
+            stays in eval mode, runs under no-grad and is never given to the optimizer. None
+            with ``teacher_cache``.
         loss: the distillation loss; default ``KDLoss()`` (forward KL). It owns the whole
             objective: the divergence, the temperature and ``kd_ratio``, the mix
             ``kd_ratio·divergence + (1 − kd_ratio)·CE`` computed in one bounded pass (see
@@ -121,6 +122,12 @@ class DistillationModule(LightningModule):
             (:class:`~lightning_kd.models.contract.SupportsFusedHead`; TinyLlama and
             HFCausalLM do). Works with TP, FSDP2 and both; ``run_student``/``run_teacher``
             then return :class:`~lightning_kd.training.fused_head.FusedHeadOutput`.
+        teacher_cache: train from a teacher cache written by ``lightning-kd cache-teacher``
+            instead of a live teacher (then ``teacher=None``): no teacher is built; batches
+            must carry ``index`` (as TextDataModule and ChatDataModule do) and the cache must
+            match the run (vocabulary, temperature, tokenizer, data: checked on first use,
+            ``ValueError`` naming what differs). Exact caches (``top_k=0``) go through the
+            loss itself; top-k caches through :class:`~lightning_kd.losses.TopKKDLoss`.
         shared_vocab_size: distil over the first ``shared_vocab_size`` vocabulary entries
             when the two lm_heads have different widths (padded vocabularies). Default: the
             size of the tokenizer the models carry (``HFCausalLM`` from a local directory
@@ -135,7 +142,7 @@ class DistillationModule(LightningModule):
     def __init__(
         self,
         student: ModelOrFactory,
-        teacher: ModelOrFactory,
+        teacher: ModelOrFactory | None = None,
         loss: KDLoss | None = None,
         kd_ratio: float | None = None,
         optimizer: OptimizerCallable = default_optimizer,
@@ -147,12 +154,21 @@ class DistillationModule(LightningModule):
         teacher_tp_plan: dict[str, ParallelStyle] | None = None,
         shared_vocab_size: int | None = None,
         fused_head: bool = False,
+        teacher_cache: str | None = None,
     ) -> None:
         super().__init__()
         check_bool("fused_head", fused_head)
+        _check_teacher_choice(teacher, teacher_cache, teacher_checkpoint, fused_head)
         if shared_vocab_size is not None and shared_vocab_size < 1:
             raise ValueError(f"shared_vocab_size must be >= 1, got {shared_vocab_size!r}.")
-        self.teacher_source = TeacherSource(teacher, teacher_checkpoint, teacher_checkpoint_prefix)
+        self.teacher_source = (
+            TeacherSource(teacher, teacher_checkpoint, teacher_checkpoint_prefix)
+            if teacher is not None
+            else None
+        )
+        self.teacher_cache = teacher_cache
+        self._cache = None if teacher_cache is None else _open_cache(teacher_cache)
+        self._checked_splits: set[str] = set()
         self.kd_loss = _resolve_loss(loss, kd_ratio)
         if fused_head and not isinstance(self.kd_loss, KDLoss):
             raise ValueError(
@@ -190,11 +206,11 @@ class DistillationModule(LightningModule):
 
     @property
     def teacher_checkpoint(self) -> str | None:
-        return self.teacher_source.checkpoint
+        return self.teacher_source.checkpoint if self.teacher_source is not None else None
 
     @property
     def teacher_checkpoint_prefix(self) -> str:
-        return self.teacher_source.checkpoint_prefix
+        return self.teacher_source.checkpoint_prefix if self.teacher_source is not None else ""
 
     # ------------------------------------------------------------------ model setup
     def tensor_parallel_plan(self, model: nn.Module, role: str, tp_size: int) -> dict:
@@ -217,10 +233,12 @@ class DistillationModule(LightningModule):
         if self.student is None:
             self.student = build_model(self._student_factory, "student")
         if not self._prepared:  # once, mesh or not: a second load would hit a restricted head
-            self.teacher = self.teacher_source.build()
-            reconcile_vocabularies(self.student, self.teacher, self.shared_vocab_size)
+            if self.teacher_source is not None:
+                self.teacher = self.teacher_source.build()
+                reconcile_vocabularies(self.student, self.teacher, self.shared_vocab_size)
             self._prepared = True
-        freeze(self.teacher)  # also covers modules restrict_vocab created
+        if self.teacher is not None:
+            freeze(self.teacher)  # also covers modules restrict_vocab created
         if self.fused_head and not self._owners:
             for name in ("run_student", "run_teacher"):
                 if getattr(type(self), name) is not getattr(DistillationModule, name):
@@ -240,6 +258,8 @@ class DistillationModule(LightningModule):
         precision = self.trainer.precision
         for role in ("teacher", "student"):
             model = getattr(self, role)
+            if model is None:  # trained from a teacher cache
+                continue
             if tp_mesh.size() > 1:
                 plan = self.tensor_parallel_plan(model, role, tp_mesh.size())
                 apply_tensor_parallel(model, tp_mesh, plan)
@@ -257,7 +277,8 @@ class DistillationModule(LightningModule):
             policy = mixed_precision_policy(precision, trainable=True)
             for extra in self._extra_trainable_modules():
                 apply_fsdp(extra, dp_mesh, mp_policy=policy)
-        freeze(self.teacher)
+        if self.teacher is not None:
+            freeze(self.teacher)
         self._parallelized = True
 
     def _find_head_owner(self, role: str) -> None:
@@ -302,7 +323,8 @@ class DistillationModule(LightningModule):
         """The run's configuration that a checkpoint records and a load checks."""
         return {
             "kd_ratio": self.kd_ratio,
-            **self.teacher_source.settings(),
+            **(self.teacher_source.settings() if self.teacher_source is not None else {}),
+            **({"teacher_cache": self.teacher_cache} if self.teacher_cache is not None else {}),
             "shared_vocab_size": self.shared_vocab_size,
             "temperature": getattr(self.kd_loss, "temperature", None),
             "divergence": repr(getattr(self.kd_loss, "divergence", None)),
@@ -331,8 +353,25 @@ class DistillationModule(LightningModule):
         return self._run("student", batch)
 
     def run_teacher(self, batch: Mapping[str, Tensor]) -> Any:
-        """The teacher's output on ``batch``; called under ``torch.no_grad()``."""
+        """The teacher's output on ``batch``; called under ``torch.no_grad()``. With a
+        ``teacher_cache``, the cached rows of the batch (a ``CachedTeacher``)."""
+        if self._cache is not None:
+            return self._read_cache(batch)
         return self._run("teacher", batch)
+
+    def _read_cache(self, batch: Mapping[str, Tensor]) -> Any:
+        from lightning_kd.training.cached_teacher import SPLIT_OF_STAGE
+
+        try:
+            stage = self.trainer.state.stage
+        except RuntimeError:  # not attached to a trainer: read the training split
+            stage = None
+        split = SPLIT_OF_STAGE.get(stage.value if stage is not None else "train", "train")
+        if split not in self._checked_splits:  # once per split, on first use
+            self._cache.check(self.trainer.datamodule, self.kd_loss,
+                              lm_head_width(self.student), (split,))  # fmt: skip
+            self._checked_splits.add(split)
+        return self._cache.read(batch, split, self.kd_loss.ignore_index)
 
     def _run(self, role: str, batch: Mapping[str, Tensor]) -> Any:
         """Run the ``role`` model on ``batch``: ``input_ids`` [B, S], and ``position_ids``
@@ -357,6 +396,13 @@ class DistillationModule(LightningModule):
         Subclasses that add terms should return per-token means too (the module turns them
         into sums over the accumulation window).
         """
+        if self._cache is not None:
+            from lightning_kd.training.cached_teacher import cached_kd_loss
+
+            kd = cached_kd_loss(
+                self.kd_loss, logits_of(student_output), teacher_output, batch["labels"]
+            )
+            return LossTerms(kd.loss, kd.div_loss, kd.ce_loss, kd.per_token_div, kd.valid_mask)
         if isinstance(student_output, FusedHeadOutput):
             kd = fused_kd_loss(self.kd_loss, student_output, teacher_output, batch["labels"])
             return LossTerms(kd.loss, kd.div_loss, kd.ce_loss, kd.per_token_div, kd.valid_mask)
@@ -455,6 +501,19 @@ class DistillationModule(LightningModule):
         student_output, teacher_output = self._forward_both(batch)
         terms = self.compute_loss(student_output, teacher_output, batch)
         tokens = int(terms.valid_mask.sum())
+        if self._cache is not None:
+            from lightning_kd.training.cached_teacher import cached_teacher_ce
+
+            ignore = self.kd_loss.ignore_index
+            teacher_ce = cached_teacher_ce(teacher_output, batch["labels"], ignore)
+            self._eval.add(
+                _plain(terms.loss),
+                _plain(terms.kd_loss),
+                _plain(terms.ce_loss) * tokens,
+                None if teacher_ce is None else _plain(teacher_ce),
+                tokens,
+            )
+            return
         if isinstance(teacher_output, FusedHeadOutput):
             teacher_ce = fused_cross_entropy(self.kd_loss, teacher_output, batch["labels"])
         else:
@@ -506,6 +565,31 @@ class DistillationModule(LightningModule):
     @override
     def on_test_epoch_end(self) -> None:
         self._log_eval_epoch("test")
+
+
+def _check_teacher_choice(
+    teacher: Any, teacher_cache: str | None, teacher_checkpoint: str | None, fused_head: bool
+) -> None:
+    """A live teacher or a teacher cache, exactly one, and nothing that needs the other."""
+    if (teacher is None) == (teacher_cache is None):
+        raise ValueError(
+            "DistillationModule needs exactly one of teacher (a model or factory) and "
+            f"teacher_cache (a directory), got teacher={type(teacher).__name__}, "
+            f"teacher_cache={teacher_cache!r}."
+        )
+    if teacher_cache is not None and teacher_checkpoint is not None:
+        raise ValueError("teacher_checkpoint has no use with teacher_cache (no teacher is built).")
+    if teacher_cache is not None and fused_head:
+        raise ValueError(
+            "fused_head=True needs the teacher's lm_head; a teacher cache has none. Use "
+            "fused_head=False with teacher_cache."
+        )
+
+
+def _open_cache(directory: str) -> Any:
+    from lightning_kd.training.cached_teacher import CachedTeacherSource
+
+    return CachedTeacherSource(directory)
 
 
 def _resolve_loss(loss: KDLoss | None, kd_ratio: float | None) -> KDLoss:

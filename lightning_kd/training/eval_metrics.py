@@ -28,17 +28,27 @@ class EvalSums:
     def __init__(self) -> None:
         self.sums = torch.zeros(len(FIELDS), dtype=torch.float64)
         self.batches = 0
+        self.teacher_known = True
 
     def add(
-        self, loss: Tensor, kd_loss: Tensor, student_ce: Tensor, teacher_ce: Tensor, tokens: int
+        self,
+        loss: Tensor,
+        kd_loss: Tensor,
+        student_ce: Tensor,
+        teacher_ce: Tensor | None,
+        tokens: int,
     ) -> None:
         """Add one batch: per-token means ``loss`` and ``kd_loss``, cross-entropy *sums*
-        ``student_ce`` and ``teacher_ce``, and its number of valid tokens."""
+        ``student_ce`` and ``teacher_ce`` (None when the teacher's is unknown, e.g. from a
+        top-k teacher cache: the teacher's metrics are then left out), and its number of
+        valid tokens."""
+        if teacher_ce is None:
+            self.teacher_known = False
         values = [
             float(loss) * tokens,
             float(kd_loss) * tokens,
             float(student_ce),
-            float(teacher_ce),
+            float(teacher_ce) if teacher_ce is not None else 0.0,
             float(tokens),
         ]
         self.sums += torch.tensor(values, dtype=torch.float64)
@@ -51,10 +61,12 @@ class EvalSums:
 
         Returns:
             ``loss``, ``kd_loss``, ``student_ce``, ``teacher_ce``, ``student_ppl`` and
-            ``teacher_ppl`` (perplexities capped at ``e^50``); empty when no rank saw a token.
+            ``teacher_ppl`` (perplexities capped at ``e^50``; the teacher's left out when a
+            batch did not know it); empty when no rank saw a token.
         """
         # float64 on the wire: gloo and NCCL both reduce it, and sums of many tokens keep bits.
         total = dp_sum(self.sums, group, device).cpu().tolist()
+        teacher_known = self.teacher_known
         self.__init__()
         sums = dict(zip(FIELDS, total, strict=True))
         tokens = sums.pop("tokens")
@@ -63,4 +75,6 @@ class EvalSums:
         means = {name: value / tokens for name, value in sums.items()}
         means["student_ppl"] = math.exp(min(means["student_ce"], 50.0))
         means["teacher_ppl"] = math.exp(min(means["teacher_ce"], 50.0))
+        if not teacher_known:
+            del means["teacher_ce"], means["teacher_ppl"]
         return means

@@ -35,6 +35,16 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 PACKED_ATTENTION = ("sdpa", "eager", "flex_attention")
 
 
+def _transformers_isolates_packed_sequences() -> bool:
+    """Whether the installed transformers derives per-document masks from ``position_ids``
+    (``masking_utils.find_packed_sequence_indices``, transformers >= 4.54)."""
+    try:
+        from transformers import masking_utils
+    except ImportError:
+        return False
+    return hasattr(masking_utils, "find_packed_sequence_indices")
+
+
 class HFCausalLM(nn.Module):
     """A Hugging Face causal language model for :class:`~lightning_kd.DistillationModule`.
 
@@ -138,6 +148,13 @@ class HFCausalLM(nn.Module):
         if position_ids is None:
             return
         check_position_ids(position_ids, input_ids)
+        if not _transformers_isolates_packed_sequences():
+            raise ValueError(
+                "packed sequences (position_ids) need transformers >= 4.56, which builds "
+                "per-document attention masks from position_ids; this transformers would let "
+                "the documents attend to each other. Upgrade transformers, or use a data module "
+                "without packing."
+            )
         backend = self.attn_implementation
         if backend in PACKED_ATTENTION:
             return

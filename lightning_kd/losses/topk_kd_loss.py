@@ -1,0 +1,197 @@
+"""``TopKKDLoss``: distillation from a teacher's stored top-k distribution (an offline cache).
+
+The student is compared with the teacher on k + 1 buckets: the teacher's top-k tokens and one
+bucket for the rest of the vocabulary (see :mod:`lightning_kd.losses.topk_buckets`). The pass
+is :class:`~lightning_kd.KDLoss`'s chunked engine (:mod:`lightning_kd.losses.engine`): bounded
+memory, the gradient written during the forward pass, the hard-label cross-entropy mixed in
+the same pass, and the vocabulary-parallel softmax for sharded student logits. It imports
+nothing from Lightning.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from lightning_kd.checks import check_bool, check_unit_interval
+from lightning_kd.losses.divergences import Divergence
+from lightning_kd.losses.engine import PassSpec, distill_over_rows
+from lightning_kd.losses.input_checks import check_label_range, check_normaliser, local_labels
+from lightning_kd.losses.kd_loss import KDLoss, KDLossOutput
+from lightning_kd.losses.topk_buckets import BUCKETED, pack_topk
+from lightning_kd.losses.topk_checks import check_topk_shapes, check_topk_values
+from lightning_kd.losses.vocab_parallel import VocabParallelSoftmax, resolve_vocab_parallel
+
+
+def _check_bucketed(divergence: Divergence) -> Divergence:
+    if type(divergence) not in BUCKETED:
+        names = ", ".join(repr(cls.name) for cls in BUCKETED)
+        raise ValueError(
+            f"TopKKDLoss supports the divergences {names} on the top-k + tail buckets, got "
+            f"{divergence!r}."
+        )
+    return divergence
+
+
+class TopKKDLoss(nn.Module):
+    """Distillation loss against a teacher known only by its top-k tokens per position.
+
+    For each valid token (``labels != ignore_index``) the teacher gives k distinct vocabulary
+    ids and their log-probabilities ``log P_i`` at temperature ``T``; its distribution is those
+    k entries plus one tail bucket ``P_rest = max(1 − Σ_i P_i, 0)`` (0 when k = V). The
+    student's is ``Q_i = softmax(s / T)[id_i]`` and ``Q_rest = 1 − Σ_i Q_i`` (computed as the
+    tail's own sum, accurate when tiny). The per-token value is ``T² · D`` on these k + 1
+    buckets, with ``D`` one of:
+
+    - ``forward_kl`` (default): KL(P ‖ Q) = ``Σ_i P_i log(P_i / Q_i) + P_rest log(P_rest /
+      Q_rest)``, 0·log 0 = 0
+    - ``reverse_kl``: KL(Q ‖ P) on the same buckets (infinite for a token whose ``P_rest`` is 0
+      while ``Q_rest`` is not, e.g. a top-k mass rounded to ≥ 1 with k < V)
+
+    (the other divergences of :class:`~lightning_kd.KDLoss` are refused). Both are 0 when the
+    student's bucketed distribution equals the teacher's, and equal ``KDLoss``'s full-vocabulary
+    divergence when k = V. The loss is ``kd_ratio · divergence + (1 − kd_ratio) · CE`` with the
+    student's hard-label cross-entropy at temperature 1, each term summed over the valid tokens
+    and divided by their count (or ``num_batch_labels``); one chunked pass, the gradient
+    (student logits only) computed analytically during the forward.
+
+    Args:
+        ignore_index: label value of tokens to leave out (padding, prompt tokens).
+        temperature: ``T`` (finite, > 0); the loss is scaled by ``T²``. The teacher's
+            log-probabilities must already be at this temperature (they are used as given).
+        fp32_upcast: compute in fp32 even for bf16/fp16 logits.
+        tp_group: process group of a vocabulary sharded over plain local-shard student logits
+            (each rank its slice, in rank order); not needed for DTensor logits sharded on the
+            last dim.
+        chunk_size: process the flattened tokens in windows of this many positions (memory
+            O(chunk_size × V) plus the student gradient); 0 processes all at once.
+        divergence: ``"forward_kl"``, ``"reverse_kl"``, or a ``ForwardKL()`` / ``ReverseKL()``
+            object.
+        kd_ratio: weight of the divergence in [0, 1]; with ``kd_ratio < 1`` the labels of valid
+            tokens must be vocabulary ids.
+
+    Raises:
+        ValueError: for the arguments ``KDLoss`` refuses, and for a divergence other than the
+            two above.
+    """
+
+    def __init__(
+        self,
+        ignore_index: int = -100,
+        temperature: float = 1.0,
+        fp32_upcast: bool = True,
+        tp_group: torch.distributed.ProcessGroup | None = None,
+        chunk_size: int = 0,
+        *,
+        divergence: str | Divergence = "forward_kl",
+        kd_ratio: float = 1.0,
+    ) -> None:
+        super().__init__()
+        # KDLoss validates the options (same checks, same messages); keep its normalised values.
+        options = KDLoss(
+            ignore_index, temperature, fp32_upcast, tp_group, chunk_size,
+            divergence=divergence, kd_ratio=kd_ratio,
+        )  # fmt: skip
+        self.ignore_index = options.ignore_index
+        self.temperature = options.temperature
+        self.fp32_upcast = options.fp32_upcast
+        self.tp_group = options.tp_group
+        self.chunk_size = options.chunk_size
+        self.divergence = _check_bucketed(options.divergence)
+        self.kd_ratio = options.kd_ratio
+
+    @property
+    def kd_ratio(self) -> float:
+        """Weight of the divergence in [0, 1]; assigning it is checked like the argument."""
+        return self._kd_ratio
+
+    @kd_ratio.setter
+    def kd_ratio(self, value: float) -> None:
+        self._kd_ratio = check_unit_interval("kd_ratio", value)
+
+    extra_repr = KDLoss.extra_repr
+
+    def forward(
+        self,
+        student_logits: Tensor,
+        teacher_ids: Tensor,
+        teacher_logprobs: Tensor,
+        labels: Tensor,
+        num_batch_labels: int | float | Tensor | None = None,
+        *,
+        return_per_token: bool = False,
+    ) -> Tensor | KDLossOutput:
+        """Compute the loss.
+
+        Args:
+            student_logits: [*, V] floating student logits (any strides): plain, a DTensor
+                sharded on the last dim, or this rank's vocabulary slice with ``tp_group``.
+            teacher_ids: [*, k] integer (int64/int32) global vocabulary ids of the teacher's
+                top-k tokens, distinct within a token, any order; plain tensors, the same on
+                every tensor-parallel rank. Read only where the label is valid.
+            teacher_logprobs: [*, k] floating ``log_softmax(teacher_logits / T)`` at those
+                ids; no gradient.
+            labels: [*] integer labels (the CE targets when that term is computed).
+            num_batch_labels: total valid tokens of the gradient-accumulation window (> 0).
+            return_per_token: also return the per-token values (see
+                :class:`~lightning_kd.KDLossOutput`).
+
+        Returns:
+            A 0-dim tensor (fp32 when ``fp32_upcast`` and the inputs are half precision), or a
+            :class:`~lightning_kd.KDLossOutput`. With no valid token: a finite 0 connected to
+            the student.
+
+        Raises:
+            ValueError: on mismatched shapes, kinds or devices, non-integer ids or labels,
+                non-floating logits or log-probabilities, a non-positive ``num_batch_labels``;
+                for a valid token: ids outside ``[0, V)`` or repeated, NaN or +inf
+                log-probabilities, a top-k mass above 1.1 (not log-probabilities), or (with
+                ``kd_ratio < 1``) a label outside ``[0, V)``. Raised before the pass.
+        """
+        check_bool("return_per_token", return_per_token)
+        student, _, labels, vocab = resolve_vocab_parallel(
+            student_logits, student_logits, labels, self.tp_group
+        )
+        ids, logprobs = local_labels(teacher_ids), local_labels(teacher_logprobs)
+        check_topk_shapes(student, ids, logprobs, labels)
+        normaliser = None if num_batch_labels is None else check_normaliser(num_batch_labels)
+
+        with_ce = self.kd_ratio < 1.0 or return_per_token
+        with_div = self.kd_ratio > 0.0 or return_per_token
+        valid = labels != self.ignore_index
+        if isinstance(vocab, VocabParallelSoftmax):
+            vocab.check_same_rows(valid, labels)
+        offset, vocab_size = vocab.vocab_range(student.shape[-1], student.device)
+        check_topk_values(ids, logprobs, valid, vocab_size)
+        if normaliser is None:
+            normaliser = float(max(int(valid.sum()), 1))
+        compute_dtype = torch.promote_types(student.dtype, logprobs.dtype)
+        if self.fp32_upcast:
+            compute_dtype = torch.promote_types(compute_dtype, torch.float32)
+        bucketed = BUCKETED[type(self.divergence)](offset, vocab_size)
+        spec = PassSpec(
+            bucketed if with_div else None,
+            self.temperature,
+            normaliser,
+            self.chunk_size,
+            compute_dtype,
+            kd_ratio=self.kd_ratio,
+            with_ce=with_ce,
+            label_offset=offset,
+            vocab_size=vocab_size,
+        )
+        targets = None
+        if with_ce:
+            targets = labels.reshape(-1).to(student.device, torch.int64)
+            if self.kd_ratio < 1.0:
+                check_label_range(targets, valid, vocab_size)
+        out = distill_over_rows(student, pack_topk(ids, logprobs), valid, vocab, spec, targets)
+        if not return_per_token:
+            return out.loss
+        flat_valid = valid.reshape(-1).to(out.loss.device)
+        per_token = []
+        for values in (out.per_token_div, out.per_token_ce):
+            full = torch.zeros(valid.shape, dtype=values.dtype, device=values.device)
+            full.view(-1)[flat_valid] = values
+            per_token.append(full)
+        return KDLossOutput(out.loss, per_token[0], valid, per_token[1], out.div_loss, out.ce_loss)

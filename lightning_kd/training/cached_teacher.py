@@ -1,0 +1,117 @@
+"""The offline teacher of ``DistillationModule(teacher=None, teacher_cache=DIR)``.
+
+A cache written once by ``lightning-kd cache-teacher`` (:mod:`lightning_kd.teacher_cache`)
+holds, for every sequence of each split, the teacher's log-probabilities at the run's
+temperature: its top-k tokens, or (``top_k=0``) the whole distribution. Training from it builds
+no teacher. This module opens the cache, checks that it matches the run (vocabulary,
+temperature, tokenizer, the data of every split it is read for), reads the rows of a batch by
+their ``index`` and turns them into the loss:
+
+- exact caches go through the module's own ``KDLoss``, with ``T · log P`` as the teacher's
+  logits (``softmax(T · log P / T) = P``), vocabulary-sharded like the student's under TP;
+- top-k caches go through :class:`~lightning_kd.losses.TopKKDLoss` with the loss's settings
+  (the top-k tokens plus one bucket for the rest of the vocabulary).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from lightning_kd.losses.kd_loss import KDLoss, KDLossOutput
+from lightning_kd.losses.topk_kd_loss import TopKKDLoss
+from lightning_kd.teacher_cache import CachedTeacher, TeacherCache, data_fingerprint
+
+#: The cache split each trainer stage reads (the data modules' test split is their val split).
+SPLIT_OF_STAGE = {"train": "train", "sanity_check": "val", "validate": "val", "test": "val"}
+
+
+class CachedTeacherSource:
+    """Opens a teacher cache and reads batches from it.
+
+    Args:
+        directory: the cache written by ``lightning-kd cache-teacher``.
+    """
+
+    def __init__(self, directory: str) -> None:
+        self.directory = str(directory)
+        self.cache = TeacherCache(self.directory)  # fails now on a missing or malformed cache
+
+    def check(
+        self, datamodule: Any, loss: KDLoss, vocab_size: int | None, splits: tuple[str, ...]
+    ) -> None:
+        """Refuse a cache written for another run: vocabulary, temperature, tokenizer, or the
+        data of ``splits`` (fingerprints of the data module's datasets).
+
+        Raises:
+            ValueError: naming every field that differs, or when the data module does not
+                expose its datasets (``train_dataset`` / ``val_dataset``).
+        """
+        datasets = {}
+        for split in splits:
+            dataset = getattr(datamodule, f"{split}_dataset", None)
+            if dataset is None:
+                raise ValueError(
+                    f"teacher_cache needs a data module with a `{split}_dataset` (as "
+                    "TextDataModule and ChatDataModule have): the cache is keyed on its "
+                    f"sequences, got {type(datamodule).__name__}."
+                )
+            datasets[split] = dataset
+        self.cache.check_compatible(
+            vocab_size=vocab_size if vocab_size is not None else self.cache.metadata.vocab_size,
+            temperature=loss.temperature,
+            tokenizer=repr(getattr(datamodule, "tokenizer", None)),
+            fingerprints={split: data_fingerprint(d) for split, d in datasets.items()},
+        )
+
+    def read(self, batch: Mapping[str, Tensor], split: str, ignore_index: int) -> CachedTeacher:
+        """The cached teacher rows of ``batch`` (by its ``index``), on the batch's device.
+
+        Raises:
+            ValueError: when the batch carries no ``index`` (the data module must provide it).
+        """
+        if "index" not in batch:
+            raise ValueError(
+                "training from a teacher cache needs batches with an `index` (each sequence's "
+                "index in its split), as TextDataModule and ChatDataModule yield."
+            )
+        labels = batch["labels"]
+        cached = self.cache.read(split, batch["index"].cpu(), (labels != ignore_index).cpu())
+        ids = cached.ids.to(labels.device) if cached.ids is not None else None
+        return CachedTeacher(ids, cached.logprobs.to(labels.device))
+
+
+def cached_kd_loss(
+    loss: KDLoss, student_logits: Tensor, cached: CachedTeacher, labels: Tensor
+) -> KDLossOutput:
+    """The distillation loss against a cached teacher (``return_per_token=True``)."""
+    if cached.ids is None:  # exact: the whole distribution, through KDLoss itself
+        teacher_logits = cached.logprobs * loss.temperature
+        if isinstance(student_logits, DTensor):
+            teacher_logits = distribute_tensor(
+                teacher_logits.to(student_logits.device),
+                student_logits.device_mesh,
+                student_logits.placements,
+                src_data_rank=None,  # every rank holds the full rows: no communication
+            )
+        return loss(student_logits, teacher_logits, labels, return_per_token=True)
+    sparse = TopKKDLoss(
+        loss.ignore_index, loss.temperature, loss.fp32_upcast, loss.tp_group, loss.chunk_size,
+        divergence=loss.divergence, kd_ratio=loss.kd_ratio,
+    )  # fmt: skip
+    return sparse(student_logits, cached.ids, cached.logprobs, labels, return_per_token=True)
+
+
+def cached_teacher_ce(cached: CachedTeacher, labels: Tensor, ignore_index: int) -> Tensor | None:
+    """The teacher's summed cross-entropy on ``labels`` from an exact cache (fp32, 0-dim), or
+    None for a top-k cache, which does not know the probability of every label."""
+    if cached.ids is not None:
+        return None
+    valid = labels != ignore_index
+    target = torch.where(valid, labels, 0).unsqueeze(-1)
+    picked = cached.logprobs.gather(-1, target).squeeze(-1)
+    return -torch.where(valid, picked, 0.0).sum(dtype=torch.float32)
