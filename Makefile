@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/kd_loss_tp.py
 	$(PY) benchmarks/linear_kd_loss.py
 	$(PY) benchmarks/module_throughput.py
+	$(PY) benchmarks/teacher_cache.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

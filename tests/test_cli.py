@@ -305,15 +305,18 @@ def _from_cache(cache: Path) -> list[str]:
             "--model.init_args.teacher_cache", str(cache)]  # fmt: skip
 
 
-def _fit_steps(run: Path, teacher: Path, *overrides: str) -> tuple[dict, dict, dict]:
+def _fit_steps(
+    run: Path, teacher: Path, *overrides: str, callbacks: bool = False
+) -> tuple[dict, dict, dict]:
     """4 steps of the quickstart config in-process: (step losses, val metrics, student)."""
     run.mkdir()
     cwd = os.getcwd()
     os.chdir(run)
     try:
+        no_callbacks = [] if callbacks else ["--trainer.callbacks", "[]"]
         cli = KDLightningCLI(
             args=["--config", str(ROOT / "configs/quickstart.yaml"), *_quick_args(teacher, 4),
-                  "--trainer.callbacks", "[]", *overrides],
+                  *no_callbacks, *overrides],
             run=False,
         )  # fmt: skip
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
@@ -346,7 +349,11 @@ def test_training_from_an_exact_teacher_cache_follows_the_live_teacher(tmp_path,
         assert diff < 1e-5, (key, diff)
 
     topk = _cache_teacher(tmp_path, teacher_ckpt, "configs/quickstart.yaml", 8)
-    sparse, sparse_metrics, _ = _fit_steps(tmp_path / "topk", teacher_ckpt, *_from_cache(topk))
+    sparse, sparse_metrics, _ = _fit_steps(
+        tmp_path / "topk", teacher_ckpt, *_from_cache(topk), callbacks=True
+    )
+    # The per-token callbacks work from the cache too.
+    assert list((tmp_path / "topk/runs/quickstart").glob("**/divergence_per_token.png"))
     assert sparse.keys() == live.keys() and all(v == v for v in sparse.values())
     assert "val/kd_loss" in sparse_metrics and "val/teacher_ce" not in sparse_metrics
     # Same student at step 0: bucketing the vocabulary (8 tokens + the rest) can only lower
