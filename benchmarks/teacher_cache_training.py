@@ -107,7 +107,7 @@ def main() -> int:
     }
     for name, ok in bars.items():
         print(f"  [{'PASS' if ok else 'FAIL'}] {name}")
-    return 0
+    return 0 if all(bars.values()) else 1
 
 
 if __name__ == "__main__":

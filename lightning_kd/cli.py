@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import sys
 import traceback
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
@@ -193,6 +194,61 @@ def cache_teacher(args: list[str]) -> None:
     )
 
 
+EXPORT = "export"
+#: Export builds the student on one CPU process, whatever the run's trainer was.
+_EXPORT_TRAINER = ("--trainer.accelerator", "cpu", "--trainer.devices", "1",
+                   "--trainer.num_nodes", "1", "--trainer.strategy", "auto",
+                   "--trainer.logger", "false")  # fmt: skip
+
+
+def export(args: list[str]) -> None:
+    """``lightning-kd export --config CONFIG --ckpt_path CKPT --output_dir DIR
+    [--max_shard_size 5GB] [--overwrite] [config overrides ...]``: write the student of a
+    checkpoint as a Hugging Face directory (see :mod:`lightning_kd.export`).
+
+    ``CKPT`` is a single-file Lightning checkpoint or a distributed checkpoint directory (TP/
+    FSDP2 shards, consolidated here on one process). The config is instantiated without
+    running (``KDLightningCLI(..., run=False)``) on one CPU process (the trainer's accelerator,
+    devices, nodes and strategy are overridden); the student is built from it without the
+    teacher, and the data module's HF tokenizer is saved with it. Every argument the options
+    above do not take goes to the config.
+
+    Raises:
+        ValueError: a missing or unreadable checkpoint, one without student weights, weights
+            that are not the config's student's, or a non-empty output directory without
+            ``--overwrite``.
+    """
+    import argparse
+
+    from lightning_kd.export import export_checkpoint
+    from lightning_kd.export.hf_export import DEFAULT_MAX_SHARD_SIZE
+
+    parser = argparse.ArgumentParser(
+        prog=f"lightning-kd {EXPORT}",
+        description="Write the student of a checkpoint as a Hugging Face model directory.",
+    )
+    parser.add_argument("--config", action="append", required=True, help="a config file")
+    parser.add_argument("--ckpt_path", required=True, help="checkpoint file or directory")
+    parser.add_argument("--output_dir", required=True, help="the Hugging Face directory")
+    parser.add_argument(
+        "--max_shard_size",
+        default=DEFAULT_MAX_SHARD_SIZE,
+        help="largest safetensors file, bytes or e.g. 5GB (default: 5GB)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier export")
+    ours, rest = parser.parse_known_args(args)
+    ckpt = Path(ours.ckpt_path)
+    if not ckpt.exists():
+        raise ValueError(f"--ckpt_path {ours.ckpt_path!r} does not exist.")
+    configs = [arg for path in ours.config for arg in ("--config", path)]
+    cli = KDLightningCLI(args=[*configs, *_EXPORT_TRAINER, *rest], run=False)
+    directory = export_checkpoint(
+        cli.model, ckpt, ours.output_dir, datamodule=cli.datamodule,
+        max_shard_size=ours.max_shard_size, overwrite=ours.overwrite,
+    )  # fmt: skip
+    print(f"lightning-kd: exported the student to {directory}")
+
+
 def main(args: list[str] | None = None) -> int:
     """Entry point of ``lightning-kd`` and ``python -m lightning_kd``: the exit status.
 
@@ -206,7 +262,8 @@ def main(args: list[str] | None = None) -> int:
     - 2: the command line itself was wrong (jsonargparse's usage error).
 
     ``lightning-kd cache-teacher ...`` writes an offline teacher cache instead (see
-    :func:`cache_teacher`), with the same exit statuses.
+    :func:`cache_teacher`), and ``lightning-kd export ...`` writes the student of a
+    checkpoint as a Hugging Face directory (see :func:`export`), with the same exit statuses.
     - 143 / 130: the run was stopped by SIGTERM / SIGINT (preemption, ``timeout``, Ctrl-C),
       after saving ``last.ckpt`` when training had started (see
       :class:`~lightning_kd.callbacks.CheckpointOnStop`).
@@ -219,6 +276,8 @@ def main(args: list[str] | None = None) -> int:
     try:
         if argv[:1] == [CACHE_TEACHER]:
             cache_teacher(argv[1:])
+        elif argv[:1] == [EXPORT]:
+            export(argv[1:])
         else:
             KDLightningCLI(args=args)
     except Stopped as stop:  # every rank stopped at the same step: leave together

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from lightning_kd.cli import KDLightningCLI
+from lightning_kd.export import export_checkpoint
 from lightning_kd.losses.divergences import DIVERGENCES, resolve_divergence
 
 #: The shipped configs, inside the installed package (a real directory: the configs include
@@ -103,7 +104,9 @@ def _cli(config: str, *overrides: str) -> KDLightningCLI:
     return KDLightningCLI(args=["--config", config, *overrides], run=False)
 
 
-def _fit_and_validate(config: str, *overrides: str, run_dir: str | None = None) -> dict:
+def _fit_and_validate(
+    config: str, *overrides: str, run_dir: str | None = None, export_to: str | None = None
+) -> dict:
     """Fit and validate ``config``; ``run_dir`` receives the run's logs and checkpoints (so
     the demo never touches the runs of ``lightning-kd fit --config <config>``). The final
     weights land in ``checkpoints/last.ckpt`` whatever the checkpoint interval: the CLI adds
@@ -117,6 +120,9 @@ def _fit_and_validate(config: str, *overrides: str, run_dir: str | None = None) 
             callback.dirpath = str(Path(run_dir) / "checkpoints")
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     (metrics,) = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
+    if export_to is not None:  # the final student as a Hugging Face directory
+        ckpt = Path(run_dir or ".") / "checkpoints" / "last.ckpt"
+        export_checkpoint(cli.model, ckpt, export_to, datamodule=cli.datamodule, overwrite=True)
     return {k: float(v) for k, v in metrics.items()}
 
 
@@ -166,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     config = config_path(setup.student_config)
     print(f"== 2/3 distilling into the student (configs/{setup.student_config}, {label})",
           flush=True)  # fmt: skip
-    kd = _fit_and_validate(config, *student, run_dir=f"{setup.runs}_kd")
+    exported = f"{setup.runs}_kd/hf"
+    kd = _fit_and_validate(config, *student, run_dir=f"{setup.runs}_kd", export_to=exported)
     print("== 3/3 training the same student on labels only (kd_ratio=0)", flush=True)
     baseline = _fit_and_validate(
         config,
@@ -191,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         f"than the labels-only baseline ({label} {kd['val/kd_loss']:.4f} vs "
         f"{baseline['val/kd_loss']:.4f} per token)."
     )
+    print(f"The distilled student in Hugging Face format (LlamaForCausalLM): {exported}")
     plots = sorted(Path(f"{setup.runs}_kd").glob("**/divergence_per_token.png"))
     if plots:
         print(f"Per-token divergence plot: {plots[-1]}")

@@ -16,6 +16,7 @@ import pytest
 import torch
 import yaml
 
+from lightning_kd import DistillationModule, KDLoss, TinyLlama
 from lightning_kd.cli import KDLightningCLI
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -352,6 +353,12 @@ def test_training_from_an_exact_teacher_cache_follows_the_live_teacher(tmp_path,
     sparse, sparse_metrics, _ = _fit_steps(
         tmp_path / "topk", teacher_ckpt, *_from_cache(topk), callbacks=True
     )
+    # A top-k cache trains forward KL only (its tail is known to fp32: reverse KL would be
+    # infinite where it rounds to 0); refused at construction.
+    student = TinyLlama(vocab_size=258, dim=16, n_layers=1, n_heads=2, hidden_dim=32)
+    with pytest.raises(ValueError, match="top-8: train from it with divergence forward_kl"):
+        DistillationModule(student, teacher_cache=str(topk),
+                           loss=KDLoss(divergence="reverse_kl"))  # fmt: skip
     # The per-token callbacks work from the cache too.
     assert list((tmp_path / "topk/runs/quickstart").glob("**/divergence_per_token.png"))
     assert sparse.keys() == live.keys() and all(v == v for v in sparse.values())
@@ -374,24 +381,56 @@ def test_a_teacher_cache_of_other_data_or_temperature_is_refused(tmp_path, teach
                        *overrides)  # fmt: skip
 
 
+def _student_of(checkpoint: Path, out: Path) -> dict[str, torch.Tensor]:
+    """The student weights of a distributed (DCP directory) checkpoint, consolidated."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(str(checkpoint), str(out))
+    state = torch.load(out, weights_only=False)["state_dict"]
+    return {k: v for k, v in state.items() if k.startswith("student.")}
+
+
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_exact_teacher_cache_on_two_tensor_parallel_processes(tmp_path, teacher_ckpt):
-    """quickstart_tp2 (TP=2): cache written and read under tensor parallelism; 3 steps from the
-    exact cache follow 3 steps with the live teacher within 1e-5."""
+    """quickstart_tp2 (TP=2): cache written and read under tensor parallelism; 4 steps from the
+    exact cache follow 4 steps with the live teacher within 1e-5 (losses, student weights)."""
     config = "configs/quickstart_tp2.yaml"
     cache = _cache_teacher(tmp_path, teacher_ckpt, config, 0)
-    losses = {}
+    losses, students = {}, {}
     for name, extra in (("live", []), ("cached", _from_cache(cache))):
         run = tmp_path / name
         run.mkdir()
         proc = subprocess.run(
             [sys.executable, "-m", "lightning_kd", "fit", "--config", str(ROOT / config),
-             *_quick_args(teacher_ckpt, 3), *extra],
+             *_quick_args(teacher_ckpt, 4), *extra],
             cwd=run, env=_env(), capture_output=True, text=True, timeout=600,
         )  # fmt: skip
         assert proc.returncode == 0, proc.stderr[-5000:]
         losses[name] = _step_losses(run / "runs/quickstart_tp2")
-    assert len(losses["live"]) >= 2 and losses["cached"].keys() == losses["live"].keys()
+        last = run / "runs/quickstart_tp2/checkpoints/last.ckpt"
+        students[name] = _student_of(last, run / "student.pt")
+    assert len(losses["live"]) == 4 and losses["cached"].keys() == losses["live"].keys()
     for step, value in losses["live"].items():
         assert losses["cached"][step] == pytest.approx(value, rel=1e-5), step
+    assert students["live"].keys() == students["cached"].keys() and students["live"]
+    for key, value in students["live"].items():
+        diff = float((students["cached"][key] - value).norm() / value.norm())
+        assert diff < 1e-5, (key, diff)
+
+
+def test_teacher_ce_from_an_exact_cache_is_at_temperature_one():
+    """The cache holds log softmax(z / T); validation reports the teacher's CE at T = 1, as the
+    live path does."""
+    from lightning_kd.teacher_cache import CachedTeacher
+    from lightning_kd.training.cached_teacher import cached_teacher_ce
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 11) * 3
+    labels = torch.randint(0, 11, (2, 5))
+    labels[0, :2] = -100
+    cached = CachedTeacher(None, torch.log_softmax(logits / 2.0, dim=-1))
+    got = cached_teacher_ce(cached, labels, -100, temperature=2.0)
+    want = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(),
+                                             reduction="sum")  # fmt: skip
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -197,6 +197,10 @@ def test_demo_runs_outside_the_repository(tmp_path):
         assert "divergence: jsd" in config, run
     assert (tmp_path / "runs/teacher/checkpoints/last.ckpt").is_file()
     assert (tmp_path / "runs/demo_kd/checkpoints/last.ckpt").is_file()
+    # The distilled student exported for inference stacks, and the demo says where.
+    assert "Hugging Face format (LlamaForCausalLM): runs/demo_kd/hf" in out, _tail(proc)
+    assert (tmp_path / "runs/demo_kd/hf/config.json").is_file()
+    assert list((tmp_path / "runs/demo_kd/hf").glob("*.safetensors"))
     assert (tmp_path / ".cache").is_dir()
     # Its runs stay in runs/demo_*, never in the quickstart run that
     # `lightning-kd fit --config configs/quickstart.yaml --ckpt_path last` would resume.

@@ -1,4 +1,5 @@
-"""Lightning callbacks: the per-token divergence monitors, and a checkpoint when a run stops.
+"""Lightning callbacks: the per-token divergence monitors, a checkpoint when a run stops, and
+an export of the student to Hugging Face format when ``fit`` ends.
 
 The per-token callbacks work for every divergence of :class:`~lightning_kd.KDLoss`: their
 metric keys are ``div/...`` whatever the divergence, and their text and plots name it by its
@@ -16,6 +17,7 @@ from lightning_kd.callbacks.divergence_plot import (
     KLPlot,  # 0.1 name, kept as an alias
     KLSample,  # 0.1 name, kept as an alias
 )
+from lightning_kd.callbacks.export_on_fit_end import ExportOnFitEnd
 from lightning_kd.callbacks.per_token_divergence import (
     PerTokenDivergenceMonitor,
     PerTokenKLMonitor,  # 0.1 name, kept as an alias
@@ -27,6 +29,7 @@ __all__ = [
     "CheckpointOnStop",
     "DivergencePlot",
     "DivergenceSample",
+    "ExportOnFitEnd",
     "KLPlot",
     "KLSample",
     "PerTokenDivergenceMonitor",

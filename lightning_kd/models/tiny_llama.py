@@ -38,7 +38,9 @@ class RMSNorm(nn.Module):
         return normed.to(x.dtype) * self.weight
 
 
-def _rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[Tensor, Tensor]:
+def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos and sin ``[max_seq_len, head_dim / 2]`` (fp32) of the default RoPE with base
+    ``theta`` (float64 angles, then fp32): the tables TinyLlama rotates with."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
     angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
     return angles.cos().float(), angles.sin().float()
@@ -156,13 +158,15 @@ class TinyLlama(nn.Module):
             )
         self.vocab_size, self.n_heads, self.n_kv_heads = vocab_size, n_heads, n_kv_heads
         self.tie_embeddings = tie_embeddings
+        self.rope_theta = float(rope_theta)
+        self.norm_eps = float(norm_eps)
         self.embed = nn.Embedding(vocab_size, dim)
         self.layers = nn.ModuleList(
             Block(dim, n_heads, n_kv_heads, hidden_dim, norm_eps) for _ in range(n_layers)
         )
         self.norm = RMSNorm(dim, norm_eps)
         self.lm_head = nn.Linear(dim, vocab_size, bias=False)
-        cos, sin = _rope_tables(dim // n_heads, max_seq_len, rope_theta)
+        cos, sin = rope_tables(dim // n_heads, max_seq_len, rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         for module in self.modules():

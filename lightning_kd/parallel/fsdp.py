@@ -4,6 +4,12 @@ Without a ``MixedPrecisionPolicy`` FSDP2 all-gathers parameters in their storage
 ``bf16-mixed`` run would move fp32 weights and compute under autocast on them. The policy here
 gathers bf16 (or fp16) parameters and, for trainable models, reduce-scatters gradients in fp32
 (sums of many low-precision gradients lose bits).
+
+``offload=True`` (for the frozen teacher, ``DistillationModule(teacher_offload=True)``) adds
+FSDP2's ``CPUOffloadPolicy``: the sharded parameters live in host memory (pinned on CUDA) and
+each unit's shard is copied to the device and all-gathered just before its forward, then freed.
+Cost: a host-to-device copy of the whole model's weights (its local shard on each rank) per
+forward, on top of the usual all-gather; device memory holds about one unit's weights at a time.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
 from lightning_kd.models.contract import fsdp_units
 
@@ -54,6 +60,7 @@ def apply_fsdp(
     reshard_after_forward: bool = True,
     mp_policy: MixedPrecisionPolicy | None = None,
     extra_units: tuple[nn.Module, ...] = (),
+    offload: bool = False,
 ) -> nn.Module:
     """FSDP2 ``fully_shard`` of the model's ``fsdp_units()`` (if any) and ``extra_units``, then
     of the root.
@@ -66,10 +73,15 @@ def apply_fsdp(
         mp_policy: the precision policy (see :func:`mixed_precision_policy`).
         extra_units: more submodules to shard as their own units (e.g. the lm_head of a fused
             head, gathered on its own when the loss needs it).
+        offload: keep the parameters in host memory (``CPUOffloadPolicy``; pinned when the
+            mesh is on CUDA) and stream each unit to the device for its forward. Meant for a
+            frozen model: an offloaded trainable model would also run its optimizer on CPU.
     """
     kwargs = {"mesh": dp_mesh, "reshard_after_forward": reshard_after_forward}
     if mp_policy is not None:
         kwargs["mp_policy"] = mp_policy
+    if offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=dp_mesh.device_type == "cuda")
     for unit in (*fsdp_units(model), *extra_units):
         fully_shard(unit, **kwargs)
     fully_shard(model, **kwargs)

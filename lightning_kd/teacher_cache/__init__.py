@@ -12,7 +12,11 @@ from lightning_kd.teacher_cache.fingerprint import data_fingerprint
 from lightning_kd.teacher_cache.format import FORMAT_VERSION, CacheMetadata
 from lightning_kd.teacher_cache.reader import CachedTeacher, TeacherCache
 from lightning_kd.teacher_cache.topk import exact_logprobs, topk_logprobs
-from lightning_kd.teacher_cache.writer import describe_teacher, write_teacher_cache
+from lightning_kd.teacher_cache.writer import (
+    describe_teacher,
+    describe_tokenizer,
+    write_teacher_cache,
+)
 
 __all__ = [
     "EXACT_CODEC",
@@ -23,6 +27,7 @@ __all__ = [
     "TeacherCache",
     "data_fingerprint",
     "describe_teacher",
+    "describe_tokenizer",
     "exact_logprobs",
     "topk_logprobs",
     "write_teacher_cache",

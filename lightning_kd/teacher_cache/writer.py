@@ -263,6 +263,13 @@ class _Runner:
         return counts, records
 
 
+def describe_tokenizer(datamodule: Any) -> str:
+    """What ``metadata.tokenizer`` records (and a training run compares): the repr of the data
+    module's ``tokenizer``, or ``"unknown"`` for a data module without one."""
+    tokenizer = getattr(datamodule, "tokenizer", None)
+    return repr(tokenizer) if tokenizer is not None else "unknown"
+
+
 def describe_teacher(module: LightningModule, config: Any = None) -> str:
     """A description of the teacher for ``metadata.teacher``: the SHA-256 of its config (when
     given, e.g. the CLI's ``model.init_args.teacher``) and its checkpoint path and digest."""
@@ -330,6 +337,11 @@ def write_teacher_cache(
     unknown = [s for s in splits if s not in SPLITS]
     if not splits or unknown:
         raise ValueError(f"splits must be a non-empty subset of {SPLITS}, got {splits!r}.")
+    if getattr(module, "teacher_cache", None) is not None:
+        raise ValueError(
+            "the config trains from a teacher cache (model.init_args.teacher_cache); caching "
+            "needs the live teacher: set teacher (and teacher_checkpoint) instead."
+        )
     loss = getattr(module, "kd_loss", None)
     if loss is None or not hasattr(module, "run_teacher"):
         raise ValueError(f"{type(module).__name__} has no teacher and loss to cache (expected a "
@@ -346,12 +358,11 @@ def write_teacher_cache(
     batch_size = batch_size or int(getattr(datamodule, "batch_size", 8))
     first = datasets[nonempty[0]][0]
     seq_len = int(getattr(datamodule, "seq_len", len(first["input_ids"])))
-    tokenizer = getattr(datamodule, "tokenizer", None)
     metadata = CacheMetadata(
         format_version=FORMAT_VERSION,
         teacher=teacher if teacher is not None else describe_teacher(module),
         vocab_size=0,
-        tokenizer=repr(tokenizer) if tokenizer is not None else "unknown",
+        tokenizer=describe_tokenizer(datamodule),
         temperature=float(loss.temperature),
         top_k=top_k,
         splits={split: data_fingerprint(datasets[split]) for split in splits},

@@ -24,7 +24,12 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from lightning_kd.losses.kd_loss import KDLoss, KDLossOutput
 from lightning_kd.losses.topk_kd_loss import TopKKDLoss
-from lightning_kd.teacher_cache import CachedTeacher, TeacherCache, data_fingerprint
+from lightning_kd.teacher_cache import (
+    CachedTeacher,
+    TeacherCache,
+    data_fingerprint,
+    describe_tokenizer,
+)
 
 #: The cache split each trainer stage reads (the data modules' test split is their val split).
 SPLIT_OF_STAGE = {"train": "train", "sanity_check": "val", "validate": "val", "test": "val"}
@@ -40,6 +45,22 @@ class CachedTeacherSource:
     def __init__(self, directory: str) -> None:
         self.directory = str(directory)
         self.cache = TeacherCache(self.directory)  # fails now on a missing or malformed cache
+
+    def check_loss(self, loss: KDLoss) -> None:
+        """A top-k cache supports forward KL only: its tail mass is known to fp32, so a tail
+        below ~1e-7 reads as 0, where reverse KL (and the rest) is infinite or undefined.
+
+        Raises:
+            ValueError: for another divergence with a top-k cache.
+        """
+        top_k = self.cache.metadata.top_k
+        name = getattr(getattr(loss, "divergence", None), "name", "forward_kl")
+        if top_k > 0 and name != "forward_kl":
+            raise ValueError(
+                f"teacher cache {self.directory} holds the teacher's top-{top_k}: train from it "
+                f"with divergence forward_kl (got {name}); the other divergences need the "
+                "whole distribution (a cache written with --top_k 0)."
+            )
 
     def check(
         self, datamodule: Any, loss: KDLoss, vocab_size: int | None, splits: tuple[str, ...]
@@ -63,8 +84,10 @@ class CachedTeacherSource:
             datasets[split] = dataset
         self.cache.check_compatible(
             vocab_size=vocab_size if vocab_size is not None else self.cache.metadata.vocab_size,
+            # (a student that does not declare its lm_head width cannot be checked here; the
+            # loss still refuses logits narrower than the cached ids)
             temperature=loss.temperature,
-            tokenizer=repr(getattr(datamodule, "tokenizer", None)),
+            tokenizer=describe_tokenizer(datamodule),
             fingerprints={split: data_fingerprint(d) for split, d in datasets.items()},
         )
 
@@ -106,12 +129,17 @@ def cached_kd_loss(
     return sparse(student_logits, cached.ids, cached.logprobs, labels, return_per_token=True)
 
 
-def cached_teacher_ce(cached: CachedTeacher, labels: Tensor, ignore_index: int) -> Tensor | None:
-    """The teacher's summed cross-entropy on ``labels`` from an exact cache (fp32, 0-dim), or
-    None for a top-k cache, which does not know the probability of every label."""
+def cached_teacher_ce(
+    cached: CachedTeacher, labels: Tensor, ignore_index: int, temperature: float
+) -> Tensor | None:
+    """The teacher's summed cross-entropy on ``labels`` at temperature 1 from an exact cache
+    written at ``temperature`` (fp32, 0-dim), or None for a top-k cache, which does not know
+    the probability of every label."""
     if cached.ids is not None:
         return None
     valid = labels != ignore_index
     target = torch.where(valid, labels, 0).unsqueeze(-1)
-    picked = cached.logprobs.gather(-1, target).squeeze(-1)
+    # The cache holds log softmax(z / T); the CE is at temperature 1: log softmax(T · that).
+    log_probs = torch.log_softmax(cached.logprobs.float() * temperature, dim=-1)
+    picked = log_probs.gather(-1, target).squeeze(-1)
     return -torch.where(valid, picked, 0.0).sum(dtype=torch.float32)

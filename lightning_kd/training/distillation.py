@@ -20,9 +20,7 @@ Override points for subclasses: :meth:`run_student`, :meth:`run_teacher`,
 
 from __future__ import annotations
 
-import copy
 import time
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,7 +28,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import ParallelStyle
@@ -40,6 +38,7 @@ from typing_extensions import override
 from lightning_kd.checks import check_bool, check_unit_interval
 from lightning_kd.losses.kd_loss import KDLoss
 from lightning_kd.models.contract import lm_head_width, packing_kwargs
+from lightning_kd.parallel.block_wrappers import checkpoint_blocks, compile_blocks
 from lightning_kd.parallel.fsdp import apply_fsdp, mixed_precision_policy
 from lightning_kd.parallel.grad_clip import clip_grad_norm
 from lightning_kd.parallel.mesh import (
@@ -53,6 +52,12 @@ from lightning_kd.parallel.plans import (
     apply_tensor_parallel,
     check_vocab_parallel_logits,
     resolve_tensor_parallel_plan,
+)
+from lightning_kd.training.cached_teacher import (
+    SPLIT_OF_STAGE,
+    CachedTeacherSource,
+    cached_kd_loss,
+    cached_teacher_ce,
 )
 from lightning_kd.training.checkpoint_policy import (
     check_settings,
@@ -69,6 +74,8 @@ from lightning_kd.training.fused_head import (
     register_fused_methods,
 )
 from lightning_kd.training.loss_terms import LossTerms, find_logits, logits_of
+from lightning_kd.training.memory_estimate import estimate_run_memory
+from lightning_kd.training.module_args import check_teacher_choice, resolve_loss
 from lightning_kd.training.optim import build_optimizers, default_optimizer
 from lightning_kd.training.teacher import ModelOrFactory, TeacherSource, build_model, freeze
 from lightning_kd.training.token_window import TokenWindow
@@ -133,6 +140,24 @@ class DistillationModule(LightningModule):
             size of the tokenizer the models carry (``HFCausalLM`` from a local directory
             with a tokenizer; when both carry one they must be the same). Tokenizers that
             differ are refused before training.
+        activation_checkpointing: recompute each of the student's transformer blocks
+            (``fsdp_units()``) in backward instead of keeping its activations
+            (``torch.utils.checkpoint``, non-reentrant; applied after TP, before FSDP2; the
+            teacher runs under no-grad and is left alone). Same loss and gradients, less
+            activation memory, about one more block forward per step. State-dict keys are
+            unchanged: checkpoints load with or without it
+            (:mod:`lightning_kd.parallel.block_wrappers`).
+        compile: ``torch.compile`` each block of both models in place (after TP and
+            activation checkpointing, before FSDP2; keys unchanged). ``ValueError`` at
+            ``configure_model`` when this platform cannot compile (e.g. no C++ compiler).
+        teacher_offload: keep the frozen teacher's parameters in host memory and stream them
+            to the device one block at a time (FSDP2's ``CPUOffloadPolicy``, applied to the
+            teacher on the data-parallel mesh even when its size is 1). Cost: a host-to-device
+            copy of the teacher's weights (its local shard) on every forward. Needs Lightning's
+            ``ModelParallelStrategy`` (a device mesh); ``ValueError`` without one.
+
+    A per-device memory estimate (:mod:`lightning_kd.training.memory_estimate`) is printed on
+    rank 0 before the first training step.
 
     Raises:
         ValueError: for a ``kd_ratio`` outside [0, 1] or one that contradicts the loss's, a
@@ -155,10 +180,19 @@ class DistillationModule(LightningModule):
         shared_vocab_size: int | None = None,
         fused_head: bool = False,
         teacher_cache: str | None = None,
+        activation_checkpointing: bool = False,
+        compile: bool = False,
+        teacher_offload: bool = False,
     ) -> None:
         super().__init__()
         check_bool("fused_head", fused_head)
-        _check_teacher_choice(teacher, teacher_cache, teacher_checkpoint, fused_head)
+        self.activation_checkpointing = check_bool(
+            "activation_checkpointing", activation_checkpointing
+        )
+        self.compile_each_block = check_bool("compile", compile)
+        self.teacher_offload = check_bool("teacher_offload", teacher_offload)
+        self._memory_reported = False
+        check_teacher_choice(teacher, teacher_cache, teacher_checkpoint, fused_head)
         if shared_vocab_size is not None and shared_vocab_size < 1:
             raise ValueError(f"shared_vocab_size must be >= 1, got {shared_vocab_size!r}.")
         self.teacher_source = (
@@ -167,9 +201,11 @@ class DistillationModule(LightningModule):
             else None
         )
         self.teacher_cache = teacher_cache
-        self._cache = None if teacher_cache is None else _open_cache(teacher_cache)
+        self._cache = None if teacher_cache is None else CachedTeacherSource(teacher_cache)
         self._checked_splits: set[str] = set()
-        self.kd_loss = _resolve_loss(loss, kd_ratio)
+        self.kd_loss = resolve_loss(loss, kd_ratio)
+        if self._cache is not None:
+            self._cache.check_loss(self.kd_loss)
         if fused_head and not isinstance(self.kd_loss, KDLoss):
             raise ValueError(
                 "fused_head=True computes the loss with LinearKDLoss from a KDLoss's settings; "
@@ -234,7 +270,8 @@ class DistillationModule(LightningModule):
             self.student = build_model(self._student_factory, "student")
         if not self._prepared:  # once, mesh or not: a second load would hit a restricted head
             if self.teacher_source is not None:
-                self.teacher = self.teacher_source.build()
+                with torch.random.fork_rng(devices=[]):  # the RNG stream is the same without
+                    self.teacher = self.teacher_source.build()  # a teacher (teacher caches)
                 reconcile_vocabularies(self.student, self.teacher, self.shared_vocab_size)
             self._prepared = True
         if self.teacher is not None:
@@ -250,9 +287,17 @@ class DistillationModule(LightningModule):
             for role in ("student", "teacher"):  # fail early, before any parallelisation
                 fused_head_of(getattr(self, role), role)
         mesh = self.device_mesh
+        if mesh is None and self.teacher_offload and self.teacher is not None:
+            raise ValueError(
+                "teacher_offload=True streams the teacher with FSDP2 and needs Lightning's "
+                "ModelParallelStrategy (a device mesh); this run has none."
+            )
         if mesh is None or self._parallelized:
             for role in ("student", "teacher"):
                 self._find_head_owner(role)
+            if mesh is None:  # no parallelisation: the block options apply here (idempotent)
+                for role in ("teacher", "student"):
+                    self._apply_block_options(role)
             return
         tp_mesh, dp_mesh = mesh[TP_DIM], mesh[DP_DIM]
         precision = self.trainer.precision
@@ -264,12 +309,14 @@ class DistillationModule(LightningModule):
                 plan = self.tensor_parallel_plan(model, role, tp_mesh.size())
                 apply_tensor_parallel(model, tp_mesh, plan)
             self._find_head_owner(role)  # after TP, which may untie a head
-            if dp_mesh.size() > 1:
+            self._apply_block_options(role)  # after TP, before FSDP2
+            offload = self.teacher_offload and role == "teacher"
+            if dp_mesh.size() > 1 or offload:
                 policy = mixed_precision_policy(precision, trainable=role == "student")
                 owner = self._owners.get(role, model)
                 extra = (owner,) if owner is not model else ()
                 apply_fsdp(model, dp_mesh, reshard_after_forward=True, mp_policy=policy,
-                           extra_units=extra)  # fmt: skip
+                           extra_units=extra, offload=offload)  # fmt: skip
                 if self.fused_head:
                     register_fused_methods(model, owner)
         if dp_mesh.size() > 1:
@@ -280,6 +327,26 @@ class DistillationModule(LightningModule):
         if self.teacher is not None:
             freeze(self.teacher)
         self._parallelized = True
+
+    def _apply_block_options(self, role: str) -> None:
+        """Activation checkpointing (student) and compile (both) on the ``role`` model's
+        blocks; idempotent."""
+        model = getattr(self, role)
+        if model is None:
+            return
+        if self.activation_checkpointing and role == "student":
+            checkpoint_blocks(model)
+        if self.compile_each_block:
+            compile_blocks(model)
+
+    @override
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Print the per-device memory estimate (rank 0) before the first training step."""
+        if not self._memory_reported:
+            self._memory_reported = True
+            estimate = estimate_run_memory(self, batch)
+            if estimate is not None:
+                rank_zero_info(estimate.table())
 
     def _find_head_owner(self, role: str) -> None:
         """With ``fused_head``: the module whose FSDP2 unit will hold the ``role`` model's head
@@ -324,12 +391,18 @@ class DistillationModule(LightningModule):
         return {
             "kd_ratio": self.kd_ratio,
             **(self.teacher_source.settings() if self.teacher_source is not None else {}),
-            **({"teacher_cache": self.teacher_cache} if self.teacher_cache is not None else {}),
+            **self._cache_settings(),
             "shared_vocab_size": self.shared_vocab_size,
             "temperature": getattr(self.kd_loss, "temperature", None),
             "divergence": repr(getattr(self.kd_loss, "divergence", None)),
             "ignore_index": getattr(self.kd_loss, "ignore_index", None),
         }
+
+    def _cache_settings(self) -> dict[str, Any]:
+        if self._cache is None:
+            return {}
+        teacher = self._cache.cache.metadata.teacher
+        return {"teacher_cache": self.teacher_cache, "teacher_cache_teacher": teacher}
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -360,8 +433,6 @@ class DistillationModule(LightningModule):
         return self._run("teacher", batch)
 
     def _read_cache(self, batch: Mapping[str, Tensor]) -> Any:
-        from lightning_kd.training.cached_teacher import SPLIT_OF_STAGE
-
         try:
             stage = self.trainer.state.stage
         except RuntimeError:  # not attached to a trainer: read the training split
@@ -370,6 +441,9 @@ class DistillationModule(LightningModule):
         if split not in self._checked_splits:  # once per split, on first use
             self._cache.check(self.trainer.datamodule, self.kd_loss,
                               lm_head_width(self.student), (split,))  # fmt: skip
+            if not self._checked_splits:
+                rank_zero_info(f"training from the teacher cache {self.teacher_cache}: "
+                               f"{self._cache.cache.metadata.teacher}")  # fmt: skip
             self._checked_splits.add(split)
         return self._cache.read(batch, split, self.kd_loss.ignore_index)
 
@@ -397,8 +471,6 @@ class DistillationModule(LightningModule):
         into sums over the accumulation window).
         """
         if self._cache is not None:
-            from lightning_kd.training.cached_teacher import cached_kd_loss
-
             kd = cached_kd_loss(
                 self.kd_loss, logits_of(student_output), teacher_output, batch["labels"]
             )
@@ -502,10 +574,9 @@ class DistillationModule(LightningModule):
         terms = self.compute_loss(student_output, teacher_output, batch)
         tokens = int(terms.valid_mask.sum())
         if self._cache is not None:
-            from lightning_kd.training.cached_teacher import cached_teacher_ce
-
             ignore = self.kd_loss.ignore_index
-            teacher_ce = cached_teacher_ce(teacher_output, batch["labels"], ignore)
+            temperature = self.kd_loss.temperature
+            teacher_ce = cached_teacher_ce(teacher_output, batch["labels"], ignore, temperature)
             self._eval.add(
                 _plain(terms.loss),
                 _plain(terms.kd_loss),
@@ -565,60 +636,6 @@ class DistillationModule(LightningModule):
     @override
     def on_test_epoch_end(self) -> None:
         self._log_eval_epoch("test")
-
-
-def _check_teacher_choice(
-    teacher: Any, teacher_cache: str | None, teacher_checkpoint: str | None, fused_head: bool
-) -> None:
-    """A live teacher or a teacher cache, exactly one, and nothing that needs the other."""
-    if (teacher is None) == (teacher_cache is None):
-        raise ValueError(
-            "DistillationModule needs exactly one of teacher (a model or factory) and "
-            f"teacher_cache (a directory), got teacher={type(teacher).__name__}, "
-            f"teacher_cache={teacher_cache!r}."
-        )
-    if teacher_cache is not None and teacher_checkpoint is not None:
-        raise ValueError("teacher_checkpoint has no use with teacher_cache (no teacher is built).")
-    if teacher_cache is not None and fused_head:
-        raise ValueError(
-            "fused_head=True needs the teacher's lm_head; a teacher cache has none. Use "
-            "fused_head=False with teacher_cache."
-        )
-
-
-def _open_cache(directory: str) -> Any:
-    from lightning_kd.training.cached_teacher import CachedTeacherSource
-
-    return CachedTeacherSource(directory)
-
-
-def _resolve_loss(loss: KDLoss | None, kd_ratio: float | None) -> KDLoss:
-    """The module's loss: ``loss``, or ``KDLoss(kd_ratio=kd_ratio)``. The loss is the one
-    source of truth for the mix: a ``kd_ratio`` that contradicts a given loss's is an error,
-    except against a loss at the default 1.0, where a copy of the loss takes it with a
-    DeprecationWarning (0.1 configs set ``kd_ratio`` on the module)."""
-    if kd_ratio is not None:
-        kd_ratio = check_unit_interval("kd_ratio", kd_ratio)
-    if loss is None:
-        return KDLoss() if kd_ratio is None else KDLoss(kd_ratio=kd_ratio)
-    if kd_ratio is not None and kd_ratio != 1.0 and getattr(loss, "kd_ratio", None) == 1.0:
-        warnings.warn(
-            f"DistillationModule(kd_ratio={kd_ratio}) with a loss at kd_ratio=1.0: the mix "
-            "belongs to the loss since 0.2; set KDLoss(kd_ratio=...) (YAML "
-            "`model.init_args.loss.init_args.kd_ratio`). Using the module's value.",
-            DeprecationWarning,
-            stacklevel=3,
-        )
-        loss = copy.copy(loss)
-        loss.kd_ratio = kd_ratio
-        return loss
-    if kd_ratio is not None and kd_ratio != getattr(loss, "kd_ratio", 1.0):
-        raise ValueError(
-            f"kd_ratio={kd_ratio} contradicts the loss's kd_ratio="
-            f"{getattr(loss, 'kd_ratio', 1.0)}; set it in one place, on the loss "
-            "(KDLoss(kd_ratio=...), in YAML `model.init_args.loss.init_args.kd_ratio`)."
-        )
-    return loss
 
 
 def _plain(value: Tensor) -> Tensor:

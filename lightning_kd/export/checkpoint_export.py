@@ -1,0 +1,81 @@
+"""Export the student of a run's Lightning checkpoint (what ``lightning-kd export`` does).
+
+The student's architecture comes from the run's (not yet configured) LightningModule: the
+student of a :class:`~lightning_kd.DistillationModule` (``student.*`` weights) or the model of
+a :class:`~lightning_kd.CausalLMModule` (``model.*``), built on its own, on CPU, without the
+teacher. Its weights come from the checkpoint (a single file or a distributed checkpoint
+directory, consolidated by DCP on this one process).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from lightning_kd.export.hf_export import DEFAULT_MAX_SHARD_SIZE, export_student, run_tokenizer
+from lightning_kd.export.student_state import student_state_from_checkpoint
+from lightning_kd.training.teacher import build_model
+
+#: (module attribute holding the model, attribute holding its factory) per module kind.
+_ROLES = (("student", "_student_factory"), ("model", "_factory"))
+
+
+def student_of(module: nn.Module, build: bool = False) -> tuple[nn.Module | None, str]:
+    """(the model to export, its checkpoint key prefix) of a LightningModule.
+
+    Args:
+        module: a :class:`~lightning_kd.DistillationModule` (its ``student``), a
+            ``CausalLMModule`` (its ``model``), or a subclass of either.
+        build: build the model from its factory when the module has not yet (on CPU; the
+            teacher is not built).
+
+    Raises:
+        ValueError: a module with neither a ``student`` nor a ``model``.
+    """
+    for attribute, factory in _ROLES:
+        if hasattr(module, attribute):
+            model = getattr(module, attribute)
+            if model is None and build:
+                model = build_model(getattr(module, factory, None), attribute)
+            return model, f"{attribute}."
+    raise ValueError(
+        f"{type(module).__name__} has no student (or model) to export; export works for "
+        "DistillationModule and CausalLMModule runs."
+    )
+
+
+def export_checkpoint(
+    module: nn.Module,
+    ckpt_path: str | os.PathLike[str],
+    output_dir: str | os.PathLike[str],
+    *,
+    datamodule: Any | None = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    overwrite: bool = False,
+) -> Path:
+    """Write the student of checkpoint ``ckpt_path`` as a Hugging Face directory.
+
+    Args:
+        module: the run's LightningModule as its config builds it (not configured).
+        ckpt_path: a single-file Lightning checkpoint or a distributed checkpoint directory.
+        output_dir: where to write (see :func:`~lightning_kd.export.hf_export.export_student`).
+        datamodule: the run's data module, whose HF tokenizer is saved with the model.
+        max_shard_size: largest safetensors file, bytes or e.g. ``"5GB"``.
+        overwrite: replace an earlier export in ``output_dir``.
+
+    Returns:
+        The output directory.
+
+    Raises:
+        ValueError: a missing or unreadable checkpoint, one without the student's weights, or
+            weights that are not the config's student's.
+    """
+    student, prefix = student_of(module, build=True)
+    state = student_state_from_checkpoint(ckpt_path, prefix)
+    return export_student(
+        student, state, output_dir, tokenizer=run_tokenizer(student, datamodule),
+        max_shard_size=max_shard_size, overwrite=overwrite,
+    )  # fmt: skip
