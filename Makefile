@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(PY) -m lightning_kd.demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 # The single-process tests under ~5 s each (about a minute on 2 CPU cores); `make test` runs
 # everything, including the multi-process and slow tests.
