@@ -48,6 +48,7 @@ from lightning_kd.parallel.mesh import (
     data_parallel_group,
     tensor_parallel_size,
 )
+from lightning_kd.parallel.meta_init import WeightSource, build_on_meta, materialize
 from lightning_kd.parallel.plans import (
     apply_tensor_parallel,
     check_vocab_parallel_logits,
@@ -155,6 +156,13 @@ class DistillationModule(LightningModule):
             teacher on the data-parallel mesh even when its size is 1). Cost: a host-to-device
             copy of the teacher's weights (its local shard) on every forward. Needs Lightning's
             ``ModelParallelStrategy`` (a device mesh); ``ValueError`` without one.
+        sharded_loading: with a device mesh, build the models that are loaded from weights
+            (the teacher from ``teacher_checkpoint`` or an ``HFCausalLM`` ``pretrained_path``,
+            likewise a student) on the meta device, apply TP and FSDP2 there, then allocate
+            only each rank's shards and read only their slices (Hugging Face directories
+            through DCP's ``HuggingFaceStorageReader``, a ``torch.save`` file memory-mapped);
+            see :mod:`lightning_kd.parallel.meta_init`. Randomly initialised models are built
+            in full as without it (same weights for every layout). No effect without a mesh.
 
     A per-device memory estimate (:mod:`lightning_kd.training.memory_estimate`) is printed on
     rank 0 before the first training step.
@@ -183,6 +191,7 @@ class DistillationModule(LightningModule):
         activation_checkpointing: bool = False,
         compile: bool = False,
         teacher_offload: bool = False,
+        sharded_loading: bool = False,
     ) -> None:
         super().__init__()
         check_bool("fused_head", fused_head)
@@ -191,6 +200,8 @@ class DistillationModule(LightningModule):
         )
         self.compile_each_block = check_bool("compile", compile)
         self.teacher_offload = check_bool("teacher_offload", teacher_offload)
+        self.sharded_loading = check_bool("sharded_loading", sharded_loading)
+        self._weight_sources: dict[str, WeightSource] = {}  # role -> source, until materialised
         self._memory_reported = False
         check_teacher_choice(teacher, teacher_cache, teacher_checkpoint, fused_head)
         if shared_vocab_size is not None and shared_vocab_size < 1:
@@ -267,11 +278,18 @@ class DistillationModule(LightningModule):
         configured module warns (see :meth:`on_load_checkpoint`).
         """
         if self.student is None:
-            self.student = build_model(self._student_factory, "student")
+            self.student = self._build_on_meta("student", self._student_factory)
+            if self.student is None:
+                self.student = build_model(self._student_factory, "student")
         if not self._prepared:  # once, mesh or not: a second load would hit a restricted head
             if self.teacher_source is not None:
+                source = self.teacher_source
+                self.teacher = self._build_on_meta(
+                    "teacher", source.model, source.checkpoint, source.checkpoint_prefix
+                )
                 with torch.random.fork_rng(devices=[]):  # the RNG stream is the same without
-                    self.teacher = self.teacher_source.build()  # a teacher (teacher caches)
+                    if self.teacher is None:  # a teacher (teacher caches)
+                        self.teacher = self.teacher_source.build()
                 reconcile_vocabularies(self.student, self.teacher, self.shared_vocab_size)
             self._prepared = True
         if self.teacher is not None:
@@ -324,9 +342,23 @@ class DistillationModule(LightningModule):
             policy = mixed_precision_policy(precision, trainable=True)
             for extra in self._extra_trainable_modules():
                 apply_fsdp(extra, dp_mesh, mp_policy=policy)
+        for role, weights in self._weight_sources.items():  # sharded loading: local shards
+            materialize(getattr(self, role), self.trainer.strategy.root_device, weights)
+        self._weight_sources.clear()
         if self.teacher is not None:
             freeze(self.teacher)
         self._parallelized = True
+
+    def _build_on_meta(self, role: str, model: ModelOrFactory, *source: Any) -> nn.Module | None:
+        """With ``sharded_loading`` and a mesh: the ``role`` model built on the meta device when
+        it is loaded from weights (its source kept for :func:`materialize`), else None."""
+        if not self.sharded_loading or self.device_mesh is None:
+            return None
+        built = build_on_meta(model, role, *source)
+        if built is None:
+            return None
+        self._weight_sources[role] = built[1]
+        return built[0]
 
     def _apply_block_options(self, role: str) -> None:
         """Activation checkpointing (student) and compile (both) on the ``role`` model's

@@ -50,7 +50,10 @@ class HFCausalLM(nn.Module):
 
     Args:
         pretrained_path: local directory saved with ``save_pretrained`` (weights, config and,
-            ideally, the tokenizer). Mutually exclusive with ``config``.
+            ideally, the tokenizer). Mutually exclusive with ``config``. Built under a
+            ``torch.device("meta")`` context, the model gets the directory's config and no
+            weights (``from_config`` on meta tensors): sharded loading
+            (:mod:`lightning_kd.parallel.meta_init`) then reads each rank's slices itself.
         config: HF config fields including ``model_type`` (e.g. ``{"model_type": "qwen2",
             "hidden_size": 512, ...}``) for a randomly initialised model.
         dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``: the dtype weights load in.
@@ -81,10 +84,18 @@ class HFCausalLM(nn.Module):
         self.attn_implementation = attn_implementation
         if pretrained_path is not None:
             directory = local_directory(pretrained_path, "pretrained_path")
-            self.model = transformers.AutoModelForCausalLM.from_pretrained(
-                directory, dtype=_DTYPES[dtype], local_files_only=True,
-                attn_implementation=attn_implementation,
-            )  # fmt: skip
+            if torch.get_default_device().type == "meta":  # sharded loading: no weights read
+                hf_config = transformers.AutoConfig.from_pretrained(
+                    directory, local_files_only=True
+                )
+                self.model = transformers.AutoModelForCausalLM.from_config(
+                    hf_config, dtype=_DTYPES[dtype], attn_implementation=attn_implementation
+                )
+            else:
+                self.model = transformers.AutoModelForCausalLM.from_pretrained(
+                    directory, dtype=_DTYPES[dtype], local_files_only=True,
+                    attn_implementation=attn_implementation,
+                )  # fmt: skip
         else:
             fields = dict(config)
             model_type = fields.pop("model_type", None)

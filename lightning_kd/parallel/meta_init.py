@@ -1,0 +1,311 @@
+"""Sharded loading: build on the meta device, parallelise there, materialise each rank's shard.
+
+Without it every rank builds the teacher (and a pretrained student) in full on CPU before TP and
+FSDP2 shard it, so a node's host memory, not its devices, bounds the largest teacher a run can
+start. With ``DistillationModule(sharded_loading=True)`` and a device mesh:
+
+1. :func:`build_on_meta` builds a model that is loaded from weights under
+   ``torch.device("meta")`` (no storage; :class:`~lightning_kd.models.hf.HFCausalLM` then takes
+   its directory's config and reads no weights). Models without a weight source are not
+   meta-built: a randomly initialised student is built in full on CPU as before and sharded,
+   which keeps the guarantee that TP=2 and one process start from the same weights (random
+   students are small; build a large one from a checkpoint instead).
+2. The caller reconciles vocabularies (``restrict_vocab`` works on meta tensors) and applies
+   the TP plan and FSDP2 on the meta model.
+3. :func:`materialize` allocates only this rank's shard of every parameter
+   (``to_empty``), restores tied parameters, reads the weights and recomputes the
+   non-persistent buffers (TinyLlama's RoPE tables, Hugging Face rotary ``inv_freq``):
+
+   - a Hugging Face directory (``HFCausalLM(pretrained_path=...)``) is read through PyTorch's
+     distributed checkpoint with its Hugging Face storage reader
+     (``torch.distributed.checkpoint.HuggingFaceStorageReader``): each rank reads only the
+     slices of its local shards from the safetensors files;
+   - a ``teacher_checkpoint`` (one ``torch.save`` file) is memory-mapped
+     (``torch.load(mmap=True)``) and each rank copies its slice of every tensor
+     (``distribute_tensor(..., src_data_rank=None)``: no communication, only the pages of
+     the local slices are read).
+
+   Rows beyond a restricted (padded) vocabulary are never copied: tensors whose first
+   dimension the reconciliation cut are read as their first rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from lightning_kd.models.tiny_llama import TinyLlama, rope_tables
+
+__all__ = [
+    "WeightSource",
+    "build_on_meta",
+    "is_meta",
+    "materialize",
+    "recompute_buffers",
+]
+
+
+@dataclass(frozen=True)
+class WeightSource:
+    """Where a meta-built model's weights come from.
+
+    Attributes:
+        kind: ``"hf"`` (a Hugging Face safetensors directory, read through DCP) or
+            ``"torch"`` (one ``torch.save`` state-dict file, memory-mapped).
+        path: the directory or the file.
+        prefix: for ``"torch"``, a key prefix to strip from the file's keys.
+    """
+
+    kind: str
+    path: str
+    prefix: str = ""
+
+
+def is_meta(model: nn.Module) -> bool:
+    """Whether any parameter or buffer of ``model`` lives on the meta device."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return any(t.device.type == "meta" for t in tensors)
+
+
+def build_on_meta(
+    model: Callable[[], nn.Module] | nn.Module,
+    role: str,
+    checkpoint: str | None = None,
+    checkpoint_prefix: str = "",
+) -> tuple[nn.Module, WeightSource] | None:
+    """Build ``model`` (a zero-argument factory) on the meta device when it has weights to load.
+
+    Args:
+        model: the factory (an already built module is returned as None: it is materialised).
+        role: ``"student"`` or ``"teacher"``, for messages.
+        checkpoint: a ``torch.save`` state-dict file the weights come from; else the model's
+            own ``pretrained_path`` (a Hugging Face directory), if it has one.
+        checkpoint_prefix: key prefix to strip from ``checkpoint``'s keys.
+
+    Returns:
+        The meta model and its :class:`WeightSource`, or None when ``model`` is a module
+        already, or has no weight source (a random init: the caller builds it in full, so
+        that every parallel layout starts from the same weights). The global RNG is left as
+        it was.
+
+    Raises:
+        ValueError: when the factory does not return an nn.Module.
+    """
+    if isinstance(model, nn.Module):
+        return None
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        built = model()
+    if not isinstance(built, nn.Module):
+        raise ValueError(f"the {role} factory must return an nn.Module, got {type(built)}.")
+    if checkpoint is not None:
+        return built, WeightSource("torch", checkpoint, checkpoint_prefix)
+    pretrained = getattr(built, "pretrained_path", None)
+    if pretrained is not None:
+        return built, WeightSource("hf", str(pretrained))
+    return None
+
+
+def materialize(model: nn.Module, device: torch.device, source: WeightSource) -> None:
+    """Allocate the local shards of the (parallelised) meta ``model`` on ``device``, keep its
+    tied parameters tied, load ``source`` and recompute its non-persistent buffers.
+
+    Every rank of the mesh must call this (the Hugging Face reader plans collectively).
+
+    Raises:
+        ValueError: for keys missing from the source, shapes that do not match, or
+            non-persistent buffers this module cannot recompute.
+    """
+    ties = _tied_names(model)
+    model.to_empty(device=device)
+    _retie(model, ties)
+    with torch.no_grad():
+        if source.kind == "hf":
+            load_hf_directory(model, source.path)
+        else:
+            load_torch_file(model, source.path, source.prefix)
+        recompute_buffers(model)
+
+
+# --------------------------------------------------------------------------- tied parameters
+def _tied_names(model: nn.Module) -> list[list[str]]:
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    return [group for group in names.values() if len(group) > 1]
+
+
+def _retie(model: nn.Module, ties: list[list[str]]) -> None:
+    """``to_empty`` gives each module its own new Parameter: share the first again."""
+    for first, *others in ties:
+        param = model.get_parameter(first)
+        for name in others:
+            owner, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(owner), attr, param)
+
+
+def _unique_state(model: nn.Module) -> dict[str, Tensor]:
+    """``model.state_dict()`` without the aliases of tied parameters (the first name stays)."""
+    aliases = {name for group in _tied_names(model) for name in group[1:]}
+    return {k: v for k, v in model.state_dict().items() if k not in aliases}
+
+
+# --------------------------------------------------------------------------- copying slices
+def _fit_rows(name: str, full: Tensor, target: Tensor) -> Tensor:
+    """``full`` cut to ``target``'s global shape: equal, or the first rows of a restricted
+    vocabulary."""
+    shape = tuple(target.shape)
+    if tuple(full.shape) == shape:
+        return full
+    if full.ndim == len(shape) and full.shape[1:] == shape[1:] and full.shape[0] > shape[0]:
+        return full[: shape[0]]
+    raise ValueError(
+        f"weight {name!r} has shape {tuple(full.shape)} in the source but {shape} in the model."
+    )
+
+
+def _copy_local(target: Tensor, full: Tensor) -> None:
+    """Copy this rank's slice of the global tensor ``full`` into ``target`` (a DTensor shard
+    or a plain tensor), without communication."""
+    if isinstance(target, DTensor):
+        local = distribute_tensor(
+            full, target.device_mesh, target.placements, src_data_rank=None
+        ).to_local()
+        target.to_local().copy_(local)
+    else:
+        target.copy_(full)
+
+
+# --------------------------------------------------------------------------- sources
+def load_torch_file(model: nn.Module, path: str, prefix: str = "") -> None:
+    """Load a ``torch.save`` state dict (or a checkpoint dict with a ``state_dict`` entry)
+    into the local shards of ``model``, memory-mapped: each rank touches only its slices.
+
+    Raises:
+        ValueError: for an unreadable file, a prefix that matches nothing, or missing,
+            unexpected or mis-shaped keys (the load is strict).
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # torch raises many types for a file it cannot read
+        raise ValueError(f"{path!r} is not a readable PyTorch checkpoint: {error}") from error
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"{path!r} holds a {type(state).__name__}, not a state dict.")
+    if prefix:
+        state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        if not state:
+            raise ValueError(f"no key of {path!r} starts with the prefix {prefix!r}.")
+    targets = model.state_dict()
+    missing = sorted(set(targets) - set(state))
+    unexpected = sorted(set(state) - set(targets))
+    if missing or unexpected:
+        raise ValueError(
+            f"{path!r} does not match the model: missing keys {missing[:5]}, "
+            f"unexpected keys {unexpected[:5]}."
+        )
+    for name, target in targets.items():
+        _copy_local(target, _fit_rows(name, state[name], target))
+
+
+def load_hf_directory(model: nn.Module, path: str, prefix: str = "model.") -> None:
+    """Load a Hugging Face safetensors directory into the local shards of ``model`` through
+    ``torch.distributed.checkpoint`` and its ``HuggingFaceStorageReader``.
+
+    Args:
+        model: the materialised model; its keys are the directory's with ``prefix`` in front
+            (``HFCausalLM`` holds the transformers model as ``self.model``).
+        path: the directory written by ``save_pretrained``.
+        prefix: the prefix of ``model``'s keys that the directory's keys lack.
+
+    Tensors whose first dimension the vocabulary reconciliation cut (padded embeddings and
+    lm_head) do not match the stored shape, which DCP refuses; their first rows are read from
+    the safetensors file directly (memory-mapped, one tensor at a time).
+
+    Raises:
+        ValueError: for keys the directory lacks or shapes that do not match.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    reader = HuggingFaceStorageReader(path)
+    stored = reader.read_metadata().state_dict_metadata
+    state: dict[str, Tensor] = {}
+    restricted: dict[str, Tensor] = {}
+    for name, target in _unique_state(model).items():
+        if not name.startswith(prefix):
+            raise ValueError(f"model key {name!r} does not start with {prefix!r}.")
+        key = name[len(prefix) :]
+        if key not in stored:
+            raise ValueError(f"{path!r} holds no weight {key!r} (the model's {name!r}).")
+        size = tuple(stored[key].size)
+        if size == tuple(target.shape):
+            state[key] = target
+        else:
+            _fit_rows(key, torch.empty(size, device="meta"), target)  # raises on a mismatch
+            restricted[key] = target
+    dcp.load(state, storage_reader=HuggingFaceStorageReader(path))
+    if restricted:
+        _load_leading_rows(path, restricted)
+
+
+def _load_leading_rows(path: str, targets: dict[str, Tensor]) -> None:
+    """Copy the first rows of the stored tensors ``targets`` names (restricted vocabularies)."""
+    from safetensors import safe_open
+
+    left = dict(targets)
+    for file in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            for key in [k for k in left if k in handle.keys()]:  # noqa: SIM118
+                target = left.pop(key)
+                rows = handle.get_slice(key)[: target.shape[0]]
+                _copy_local(target, _fit_rows(key, rows, target))
+    if left:
+        raise ValueError(f"{path!r} holds no weights {sorted(left)}.")
+
+
+# --------------------------------------------------------------------------- buffers
+def recompute_buffers(model: nn.Module) -> None:
+    """Recompute the non-persistent buffers that ``to_empty`` left uninitialised: TinyLlama's
+    RoPE tables, and those of modules that carry an HF ``config`` (e.g. rotary embeddings'
+    ``inv_freq``), taken from a fresh instance of the module's class built from it.
+
+    Raises:
+        ValueError: for a module with non-persistent buffers neither case covers.
+    """
+    for name, module in _modules_with_transient_buffers(model):
+        if isinstance(module, TinyLlama):
+            head_dim = module.embed.embedding_dim // module.n_heads
+            cos, sin = rope_tables(head_dim, module.rope_cos.shape[0], module.rope_theta)
+            module.rope_cos.copy_(cos)
+            module.rope_sin.copy_(sin)
+        elif hasattr(module, "config"):
+            with torch.device("cpu"):
+                fresh = type(module)(module.config)
+            for buffer in _transient_buffers(module):
+                getattr(module, buffer).copy_(getattr(fresh, buffer))
+        else:
+            raise ValueError(
+                f"cannot recompute the non-persistent buffers "
+                f"{sorted(_transient_buffers(module))} of {name or 'the model'} "
+                f"({type(module).__name__}) after sharded loading."
+            )
+
+
+def _transient_buffers(module: nn.Module) -> list[str]:
+    """Names of ``module``'s own non-persistent buffers (set, not None)."""
+    persistent = {key for key in module.state_dict(keep_vars=True) if "." not in key}
+    return [
+        n for n, b in module.named_buffers(recurse=False) if n not in persistent and b is not None
+    ]
+
+
+def _modules_with_transient_buffers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    for name, module in model.named_modules():
+        if _transient_buffers(module):
+            yield name, module

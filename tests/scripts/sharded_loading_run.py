@@ -1,0 +1,161 @@
+"""A small distillation run with a teacher loaded from weights, with or without sharded loading
+(``DistillationModule(sharded_loading=...)``), for ``tests/test_sharded_loading.py`` and
+``benchmarks/sharded_loading.py``. Run as a script: Lightning's ModelParallelStrategy launches
+the other ranks by re-running it.
+
+``--make-teacher DIR`` writes the teacher's weights instead (a ``torch.save`` file
+``DIR/teacher.pt`` for ``--teacher tiny``, a ``save_pretrained`` directory ``DIR/hf`` for
+``--teacher hf``) and exits. Otherwise rank 0 writes a JSON file with the per-step losses, a
+digest of the teacher's weights after loading and the peak resident memory of every rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch.distributed.tensor import DTensor
+from torch.utils.data import DataLoader, DistributedSampler
+
+from lightning_kd import DistillationModule, KDLoss, TinyLlama
+from lightning_kd.cli import shutdown_distributed
+from lightning_kd.training import distillation
+from tests.distributed import exit_now
+from tests.scripts.fit_run import VOCAB, LossRecorder, RandomTokens
+
+
+def hf_config(hidden: int, layers: int, vocab: int, heads: int = 4) -> dict:
+    """A small Llama config (untied head)."""
+    return dict(model_type="llama", vocab_size=vocab, hidden_size=hidden,
+                intermediate_size=(8 * hidden) // 3 // 16 * 16 or 2 * hidden,
+                num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                max_position_embeddings=64, tie_word_embeddings=False,
+                initializer_range=0.2)  # fmt: skip
+
+
+def tiny_teacher(vocab: int) -> TinyLlama:
+    return TinyLlama(vocab_size=vocab, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                     hidden_dim=64, init_std=0.3)  # fmt: skip
+
+
+def make_teacher(args: argparse.Namespace) -> None:
+    out = Path(args.make_teacher)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(1)
+    if args.teacher == "tiny":
+        torch.save(tiny_teacher(args.teacher_vocab).state_dict(), out / "teacher.pt")
+        return
+    from lightning_kd.models.hf import HFCausalLM
+
+    config = hf_config(args.hf_hidden, args.hf_layers, args.teacher_vocab)
+    HFCausalLM(config=config).model.save_pretrained(out / "hf")
+
+
+def digest(model: torch.nn.Module) -> float:
+    total = 0.0
+    for value in model.state_dict().values():
+        full = value.full_tensor() if isinstance(value, DTensor) else value
+        total += float(full.double().abs().sum())
+    return total
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out")
+    parser.add_argument("--source", help="the directory --make-teacher wrote")
+    parser.add_argument("--make-teacher", default=None)
+    parser.add_argument("--teacher", default="tiny", choices=("tiny", "hf"))
+    parser.add_argument("--teacher-vocab", type=int, default=VOCAB)
+    parser.add_argument("--hf-hidden", type=int, default=32)
+    parser.add_argument("--hf-layers", type=int, default=2)
+    parser.add_argument("--devices", type=int, default=2)
+    parser.add_argument("--tp", type=int, default=2)
+    parser.add_argument("--dp", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--sharded", action="store_true")
+    args = parser.parse_args()
+    if args.make_teacher:
+        make_teacher(args)
+        return
+
+    materialized: list[str] = []  # which models sharded loading materialised
+    real_materialize = distillation.materialize
+
+    def recording_materialize(model, device, weights):
+        materialized.append(type(model).__name__)
+        real_materialize(model, device, weights)
+
+    distillation.materialize = recording_materialize
+    L.seed_everything(0, verbose=False)
+    source = Path(args.source)
+    checkpoint = None
+    if args.teacher == "tiny":
+        checkpoint = str(source / "teacher.pt")
+        vocab = args.teacher_vocab
+
+        def teacher() -> TinyLlama:
+            return tiny_teacher(vocab)
+
+        student = TinyLlama(vocab_size=VOCAB, dim=16, n_layers=1, n_heads=2, n_kv_heads=2,
+                            hidden_dim=32, init_std=0.1)  # fmt: skip
+    else:
+        from lightning_kd.models.hf import HFCausalLM
+
+        def teacher() -> HFCausalLM:
+            return HFCausalLM(pretrained_path=str(source / "hf"))
+
+        student = HFCausalLM(config=hf_config(16, 1, VOCAB, heads=2))
+    module = DistillationModule(
+        student,
+        teacher,
+        loss=KDLoss(chunk_size=5, temperature=2.0, kd_ratio=0.7),
+        optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3),
+        teacher_checkpoint=checkpoint,
+        shared_vocab_size=VOCAB if args.teacher_vocab != VOCAB else None,
+        sharded_loading=args.sharded,
+    )
+    recorder = LossRecorder()
+    strategy = ModelParallelStrategy(data_parallel_size=args.dp, tensor_parallel_size=args.tp)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=args.devices, strategy=strategy, max_steps=args.steps,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0, callbacks=[recorder],
+        deterministic=True,
+    )  # fmt: skip
+    dataset = RandomTokens()
+    sampler = None
+    if args.devices == 1:
+        sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=0)
+    trainer.fit(module, DataLoader(dataset, batch_size=4, sampler=sampler))
+
+    peaks: list[float] = [peak_rss_mib()]
+    if dist.is_initialized():
+        gathered: list[list[float] | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, peaks)
+        peaks = [p for g in gathered for p in g]
+    teacher_digest = digest(module.teacher)
+    if trainer.global_rank == 0:
+        result = {
+            "losses": recorder.losses,
+            "teacher_digest": teacher_digest,
+            "peak_rss_mib": peaks,
+            "materialized": materialized,
+            "teacher_numel": sum(p.numel() for p in module.teacher.parameters()),
+        }
+        Path(args.out).write_text(json.dumps(result))
+    shutdown_distributed()
+
+
+if __name__ == "__main__":
+    main()
+    exit_now(0)  # see tests/distributed.py: no gloo teardown abort after success

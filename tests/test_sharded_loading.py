@@ -1,0 +1,149 @@
+"""Sharded loading (``DistillationModule(sharded_loading=True)``,
+:mod:`lightning_kd.parallel.meta_init`): meta construction, and real multi-process runs (gloo)
+whose losses equal those of the same runs loading the teacher in full on every rank."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_kd import TinyLlama
+from lightning_kd.parallel.meta_init import (
+    WeightSource,
+    build_on_meta,
+    is_meta,
+    materialize,
+    recompute_buffers,
+)
+
+SCRIPT = Path(__file__).parent / "scripts" / "sharded_loading_run.py"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny() -> TinyLlama:
+    return TinyLlama(vocab_size=40, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64)
+
+
+def test_a_random_init_is_not_built_on_meta_and_the_rng_is_untouched():
+    torch.manual_seed(0)
+    assert build_on_meta(tiny, "student") is None  # the caller builds it in full
+    after_meta_build = torch.rand(3)
+    torch.manual_seed(0)
+    torch.testing.assert_close(after_meta_build, torch.rand(3), rtol=0, atol=0)
+    assert build_on_meta(tiny(), "student") is None  # an instance is already materialised
+
+
+def test_a_checkpointed_model_builds_on_meta_and_materialises_equal(tmp_path):
+    torch.manual_seed(0)
+    reference = tiny()
+    reference.restrict_vocab(37)  # the file holds 40 rows; a reconciled model keeps 37
+    full = tiny()
+    full.load_state_dict(
+        {k: v for k, v in reference.state_dict().items()} | _padded(reference, full)
+    )
+    torch.save({"state_dict": {f"model.{k}": v for k, v in full.state_dict().items()}},
+               tmp_path / "w.pt")  # fmt: skip
+    built = build_on_meta(tiny, "teacher", str(tmp_path / "w.pt"), "model.")
+    assert built is not None
+    model, source = built
+    assert is_meta(model) and source == WeightSource("torch", str(tmp_path / "w.pt"), "model.")
+    model.restrict_vocab(37)
+    materialize(model, torch.device("cpu"), source)
+    assert not is_meta(model)
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=0)
+    torch.testing.assert_close(model.rope_cos, reference.rope_cos, rtol=0, atol=0)
+    ids = torch.randint(0, 37, (2, 9))
+    torch.testing.assert_close(model(ids), reference(ids), rtol=0, atol=0)
+
+
+def _padded(reference: nn.Module, full: nn.Module) -> dict[str, torch.Tensor]:
+    """The reference's first rows with ``full``'s extra rows below them."""
+    out = {}
+    for key in ("embed.weight", "lm_head.weight"):
+        rows = reference.state_dict()[key]
+        out[key] = torch.cat([rows, full.state_dict()[key][rows.shape[0] :]])
+    return out
+
+
+def test_tied_weights_survive_and_mismatches_are_refused(tmp_path):
+    torch.manual_seed(0)
+    reference = TinyLlama(vocab_size=37, dim=16, n_layers=1, n_heads=2, n_kv_heads=2,
+                          hidden_dim=32, tie_embeddings=True)  # fmt: skip
+    torch.save(reference.state_dict(), tmp_path / "w.pt")
+    with torch.device("meta"):
+        model = TinyLlama(vocab_size=37, dim=16, n_layers=1, n_heads=2, n_kv_heads=2,
+                          hidden_dim=32, tie_embeddings=True)  # fmt: skip
+    materialize(model, torch.device("cpu"), WeightSource("torch", str(tmp_path / "w.pt")))
+    assert model.lm_head.weight is model.embed.weight
+    torch.testing.assert_close(model.embed.weight, reference.embed.weight, rtol=0, atol=0)
+    with torch.device("meta"):
+        wider = TinyLlama(vocab_size=37, dim=32, n_layers=1, n_heads=2, n_kv_heads=2)
+    with pytest.raises(ValueError, match="shape"):
+        materialize(wider, torch.device("cpu"), WeightSource("torch", str(tmp_path / "w.pt")))
+
+
+def test_unknown_non_persistent_buffers_are_refused():
+    model = nn.Linear(2, 2)
+    model.register_buffer("table", torch.zeros(2), persistent=False)
+    with pytest.raises(ValueError, match="non-persistent"):
+        recompute_buffers(model)
+
+
+def test_hf_model_under_meta_reads_only_the_config(tmp_path):
+    pytest.importorskip("transformers")
+    from lightning_kd.models.hf import HFCausalLM
+
+    config = dict(model_type="llama", vocab_size=40, hidden_size=32, intermediate_size=64,
+                  num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=64, tie_word_embeddings=False)  # fmt: skip
+    torch.manual_seed(0)
+    reference = HFCausalLM(config=config)
+    reference.model.save_pretrained(tmp_path / "hf")
+    with torch.device("meta"):
+        model = HFCausalLM(pretrained_path=str(tmp_path / "hf"))
+    assert is_meta(model)
+    assert model.model.config.hidden_size == 32 and model.vocab_size == 40
+
+
+def run(tmp_path: Path, name: str, *args: str) -> dict:
+    out = tmp_path / f"{name}.json"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(SCRIPT), *args, "--out", str(out)], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return json.loads(out.read_text()) if out.exists() else {}
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("teacher", "vocab", "devices", "dp"),
+    [
+        ("tiny", "40", "2", "1"),  # teacher_checkpoint (torch.save), padded vocabulary
+        ("tiny", "40", "4", "2"),
+        ("hf", "37", "2", "1"),  # save_pretrained directory through DCP
+        ("hf", "37", "4", "2"),
+        ("hf", "40", "4", "2"),  # ... with a padded vocabulary
+    ],
+    ids=["tiny-padded-tp2", "tiny-padded-dp2xtp2", "hf-tp2", "hf-dp2xtp2", "hf-padded-dp2xtp2"],
+)
+def test_sharded_loading_gives_the_same_run(tmp_path, teacher, vocab, devices, dp):
+    common = ("--teacher", teacher, "--teacher-vocab", vocab)
+    run(tmp_path, "make", "--make-teacher", str(tmp_path / "src"), *common)
+    layout = ("--source", str(tmp_path / "src"), "--devices", devices, "--dp", dp, *common)
+    full = run(tmp_path, "full", *layout)
+    sharded = run(tmp_path, "sharded", *layout, "--sharded")
+    assert full["materialized"] == [] and len(sharded["materialized"]) == 1
+    assert len(full["losses"]) == 4
+    torch.testing.assert_close(
+        torch.tensor(sharded["losses"]), torch.tensor(full["losses"]), rtol=1e-5, atol=1e-5
+    )
+    assert sharded["teacher_digest"] == pytest.approx(full["teacher_digest"], rel=1e-6)
