@@ -169,7 +169,10 @@ class DistillationModule(LightningModule):
 
     Raises:
         ValueError: for a ``kd_ratio`` outside [0, 1] or one that contradicts the loss's, a
-            missing teacher checkpoint or a non-positive ``shared_vocab_size``.
+            missing teacher checkpoint, a non-positive ``shared_vocab_size``, both or neither
+            of ``teacher`` and ``teacher_cache``, a missing or malformed teacher cache (or a
+            top-k one with another divergence than forward KL), ``fused_head`` with a teacher
+            cache or a loss that is not a ``KDLoss``, or a flag that is not a bool.
     """
 
     def __init__(
