@@ -35,7 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # ---------------------------------------------------------------------------- layout
 def test_losses_package_imports_no_lightning():
-    """A fresh interpreter in which importing Lightning fails can still use KDLoss."""
+    """A fresh interpreter in which importing Lightning fails can still use KDLoss,
+    LinearKDLoss and TopKKDLoss."""
     code = (
         "import sys\n"
         "class Block:\n"
@@ -49,6 +50,13 @@ def test_losses_package_imports_no_lightning():
         "s = torch.randn(3, 5, requires_grad=True)\n"
         "KDLoss()(s, torch.randn(3, 5), torch.tensor([1, 2, -100])).backward()\n"
         "assert s.grad is not None and losses.ForwardKL\n"
+        "h = torch.randn(3, 4, requires_grad=True)\n"
+        "losses.LinearKDLoss()(h, torch.randn(5, 4), torch.randn(3, 4), torch.randn(5, 4),\n"
+        "                      torch.tensor([1, 2, -100])).backward()\n"
+        "ids, lp = torch.tensor([[0, 1]] * 3), torch.log(torch.full((3, 2), 0.3))\n"
+        "t = torch.randn(3, 5, requires_grad=True)\n"
+        "losses.TopKKDLoss()(t, ids, lp, torch.tensor([1, 2, -100])).backward()\n"
+        "assert h.grad is not None and t.grad is not None\n"
         "assert not any(m.split('.')[0] == 'lightning' for m in sys.modules), 'lightning loaded'\n"
         "print('ok')\n"
     )

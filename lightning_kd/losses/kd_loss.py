@@ -5,66 +5,22 @@ vocabulary-softmax (one process, or a tensor-parallel vocabulary shard) and hand
 the chunked engine in :mod:`lightning_kd.losses.engine`: the divergence (forward KL by default,
 see :mod:`lightning_kd.losses.divergences`) and, when mixed in with ``kd_ratio < 1``, the
 student's hard-label cross-entropy, both in one bounded pass. It imports nothing from
-Lightning so that it can be used in any PyTorch training loop.
+Lightning so that it can be used in any PyTorch training loop. Its options (and those of the
+other losses) are checked in :class:`~lightning_kd.losses.loss_base.KDLossBase`.
 """
 
 from __future__ import annotations
 
-import math
-from numbers import Real
-from typing import NamedTuple
-
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from lightning_kd.checks import check_bool, check_int, check_unit_interval
-from lightning_kd.losses.divergences import Divergence, resolve_divergence
 from lightning_kd.losses.engine import PassSpec, distill_over_rows
 from lightning_kd.losses.input_checks import check_label_range, check_normaliser
-from lightning_kd.losses.vocab_parallel import VocabParallelSoftmax, resolve_vocab_parallel
+from lightning_kd.losses.loss_base import KDLossBase, KDLossOutput
+from lightning_kd.losses.vocab_parallel import resolve_vocab_parallel
 
 
-class KDLossOutput(NamedTuple):
-    """What :meth:`KDLoss.forward` returns with ``return_per_token=True``.
-
-    Attributes:
-        loss: 0-dim tensor, the same value the plain call returns (connected to the student):
-            ``kd_ratio · div_loss + (1 − kd_ratio) · ce_loss``.
-        per_token_div: [*] detached ``T² · divergence`` per token of the chosen divergence
-            (labels' shape, the loss's dtype), 0 where the label is ignored. Read-only alias:
-            :attr:`per_token_kl`, its 0.1 name.
-        valid_mask: [*] bool, True where ``labels != ignore_index``.
-        per_token_ce: [*] detached cross-entropy ``−log softmax(student)[label]`` at
-            temperature 1, 0 where ignored, NaN for a valid token whose label is not a
-            vocabulary id.
-        div_loss: 0-dim detached divergence term, ``Σ per_token_div / normaliser``.
-        ce_loss: 0-dim detached cross-entropy term, ``Σ per_token_ce / normaliser``.
-
-    All fields come from the same pass as the loss.
-    """
-
-    loss: Tensor
-    per_token_div: Tensor
-    valid_mask: Tensor
-    per_token_ce: Tensor
-    div_loss: Tensor
-    ce_loss: Tensor
-
-    @property
-    def per_token_kl(self) -> Tensor:
-        """0.1 name of :attr:`per_token_div` (read-only alias)."""
-        return self.per_token_div
-
-
-def _check_temperature(temperature: float) -> float:
-    if isinstance(temperature, bool) or not isinstance(temperature, Real):
-        raise ValueError(f"temperature must be a real number > 0, got {temperature!r}.")
-    if not math.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"temperature must be finite and > 0, got {temperature!r}.")
-    return float(temperature)
-
-
-class KDLoss(nn.Module):
+class KDLoss(KDLossBase):
     """Distillation loss over the tokens whose label is not ``ignore_index``.
 
     For each valid token, with ``P = softmax(teacher / T)`` and ``Q = softmax(student / T)``,
@@ -110,47 +66,6 @@ class KDLoss(nn.Module):
             ``Divergence``, or arguments of the wrong type.
     """
 
-    def __init__(
-        self,
-        ignore_index: int = -100,
-        temperature: float = 1.0,
-        fp32_upcast: bool = True,
-        tp_group: torch.distributed.ProcessGroup | None = None,
-        chunk_size: int = 0,
-        *,
-        divergence: str | Divergence = "forward_kl",
-        kd_ratio: float = 1.0,
-    ) -> None:
-        super().__init__()
-        check_int("ignore_index", ignore_index)
-        check_int("chunk_size (0 = unchunked)", chunk_size, 0)
-        check_bool("fp32_upcast", fp32_upcast)
-        self.ignore_index = ignore_index
-        self.temperature = _check_temperature(temperature)
-        self.fp32_upcast = fp32_upcast
-        self.tp_group = tp_group
-        self.chunk_size = chunk_size
-        self.divergence = resolve_divergence(divergence)
-        self.kd_ratio = kd_ratio
-
-    @property
-    def kd_ratio(self) -> float:
-        """Weight of the divergence in [0, 1] (the rest weighs the cross-entropy); assigning
-        it is checked like the constructor argument."""
-        return self._kd_ratio
-
-    @kd_ratio.setter
-    def kd_ratio(self, value: float) -> None:
-        self._kd_ratio = check_unit_interval("kd_ratio", value)
-
-    def extra_repr(self) -> str:
-        return (
-            f"divergence={self.divergence!r}, kd_ratio={self.kd_ratio}, "
-            f"ignore_index={self.ignore_index}, temperature={self.temperature}, "
-            f"fp32_upcast={self.fp32_upcast}, chunk_size={self.chunk_size}, "
-            f"tp_group={'set' if self.tp_group is not None else None}"
-        )
-
     def forward(
         self,
         student_logits: Tensor,
@@ -185,23 +100,14 @@ class KDLoss(nn.Module):
                 a non-positive ``num_batch_labels``, or (with ``kd_ratio < 1``) a valid label
                 outside ``[0, V)``; raised before any heavy work.
         """
-        check_bool("return_per_token", return_per_token)
+        with_ce, with_div = self.mixed_terms(return_per_token)
         student, teacher, labels, vocab = resolve_vocab_parallel(
             student_logits, teacher_logits, labels, self.tp_group
         )
         self._check_inputs(student, teacher, labels)
         normaliser = None if num_batch_labels is None else check_normaliser(num_batch_labels)
-
-        with_ce = self.kd_ratio < 1.0 or return_per_token
-        with_div = self.kd_ratio > 0.0 or return_per_token
-        valid = labels != self.ignore_index
-        if isinstance(vocab, VocabParallelSoftmax):
-            vocab.check_same_rows(valid, labels)
-        if normaliser is None:
-            normaliser = float(max(int(valid.sum()), 1))
-        compute_dtype = torch.promote_types(student.dtype, teacher.dtype)
-        if self.fp32_upcast:
-            compute_dtype = torch.promote_types(compute_dtype, torch.float32)
+        valid, normaliser = self.valid_tokens(labels, vocab, normaliser)
+        compute_dtype = self.compute_dtype(student.dtype, teacher.dtype)
         spec = PassSpec(
             self.divergence if with_div else None,
             self.temperature,
@@ -219,15 +125,7 @@ class KDLoss(nn.Module):
             if self.kd_ratio < 1.0:
                 check_label_range(targets, valid, vocab_size)
         out = distill_over_rows(student, teacher, valid, vocab, spec, targets)
-        if not return_per_token:
-            return out.loss
-        flat_valid = valid.reshape(-1).to(out.loss.device)
-        per_token = []
-        for values in (out.per_token_div, out.per_token_ce):
-            full = torch.zeros(valid.shape, dtype=values.dtype, device=values.device)
-            full.view(-1)[flat_valid] = values
-            per_token.append(full)
-        return KDLossOutput(out.loss, per_token[0], valid, per_token[1], out.div_loss, out.ce_loss)
+        return self.output(out, valid, return_per_token)
 
     @staticmethod
     def _check_inputs(student: Tensor, teacher: Tensor, labels: Tensor) -> None:
@@ -257,3 +155,6 @@ class KDLoss(nn.Module):
             )
         if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
             raise ValueError(f"labels must be an integer tensor, got dtype {labels.dtype}.")
+
+
+__all__ = ["KDLoss", "KDLossOutput"]

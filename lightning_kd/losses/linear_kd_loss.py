@@ -13,20 +13,20 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from lightning_kd.checks import check_bool
 from lightning_kd.losses.divergences import Divergence
 from lightning_kd.losses.engine import PassSpec
 from lightning_kd.losses.input_checks import check_label_range, check_normaliser, local_labels
 from lightning_kd.losses.kd_loss import KDLoss, KDLossOutput
 from lightning_kd.losses.linear_engine import Head, linear_distill_over_rows, matmul_dtype
+from lightning_kd.losses.loss_base import KDLossBase
 from lightning_kd.losses.vocab_parallel import VocabParallelSoftmax
 from lightning_kd.losses.vocab_softmax import LocalVocabSoftmax
 
 
-class LinearKDLoss(nn.Module):
+class LinearKDLoss(KDLossBase):
     """``KDLoss`` on ``hidden @ weight.T + bias`` without materialising the logits.
 
     ``LinearKDLoss(**options)(student_hidden, student_weight, teacher_hidden, teacher_weight,
@@ -85,19 +85,10 @@ class LinearKDLoss(nn.Module):
         divergence: str | Divergence = "forward_kl",
         kd_ratio: float = 1.0,
     ) -> None:
-        super().__init__()
-        # KDLoss validates the options (same checks, same messages); keep its normalised values.
-        options = KDLoss(
+        super().__init__(
             ignore_index, temperature, fp32_upcast, tp_group, chunk_size,
             divergence=divergence, kd_ratio=kd_ratio,
         )  # fmt: skip
-        self.ignore_index = options.ignore_index
-        self.temperature = options.temperature
-        self.fp32_upcast = options.fp32_upcast
-        self.tp_group = options.tp_group
-        self.chunk_size = options.chunk_size
-        self.divergence = options.divergence
-        self.kd_ratio = options.kd_ratio
 
     @classmethod
     def from_kd_loss(cls, loss: KDLoss, chunk_size: int | None = None) -> LinearKDLoss:
@@ -111,8 +102,6 @@ class LinearKDLoss(nn.Module):
             loss.ignore_index, loss.temperature, loss.fp32_upcast, loss.tp_group, chunk_size,
             divergence=loss.divergence, kd_ratio=loss.kd_ratio,
         )  # fmt: skip
-
-    extra_repr = KDLoss.extra_repr
 
     def forward(
         self,
@@ -157,9 +146,7 @@ class LinearKDLoss(nn.Module):
                 missing teacher tensors when the divergence is needed, or (with
                 ``kd_ratio < 1``) a valid label outside ``[0, V)``; before any heavy work.
         """
-        check_bool("return_per_token", return_per_token)
-        with_ce = self.kd_ratio < 1.0 or return_per_token
-        with_div = self.kd_ratio > 0.0 or return_per_token
+        with_ce, with_div = self.mixed_terms(return_per_token)
         if (teacher_hidden is None) != (teacher_weight is None):
             raise ValueError("pass both teacher_hidden and teacher_weight, or neither.")
         if teacher_hidden is None:
@@ -177,18 +164,9 @@ class LinearKDLoss(nn.Module):
             self.tp_group,
         )
         normaliser = None if num_batch_labels is None else check_normaliser(num_batch_labels)
-
-        valid = labels != self.ignore_index
-        if isinstance(vocab, VocabParallelSoftmax):
-            vocab.check_same_rows(valid, labels)
-        if normaliser is None:
-            normaliser = float(max(int(valid.sum()), 1))
-        compute_dtype = matmul_dtype(student.hidden, student.weight)
-        if teacher is not None:
-            t_dtype = matmul_dtype(teacher.hidden, teacher.weight)
-            compute_dtype = torch.promote_types(compute_dtype, t_dtype)
-        if self.fp32_upcast:
-            compute_dtype = torch.promote_types(compute_dtype, torch.float32)
+        valid, normaliser = self.valid_tokens(labels, vocab, normaliser)
+        heads = [student] if teacher is None else [student, teacher]
+        compute_dtype = self.compute_dtype(*(matmul_dtype(h.hidden, h.weight) for h in heads))
         spec = PassSpec(
             self.divergence if with_div else None,
             self.temperature,
@@ -207,15 +185,7 @@ class LinearKDLoss(nn.Module):
             if self.kd_ratio < 1.0:
                 check_label_range(targets, valid, vocab_size)
         out = linear_distill_over_rows(student, teacher, valid, vocab, spec, targets, group)
-        if not return_per_token:
-            return out.loss
-        flat_valid = valid.reshape(-1).to(device)
-        per_token = []
-        for values in (out.per_token_div, out.per_token_ce):
-            full = torch.zeros(valid.shape, dtype=values.dtype, device=values.device)
-            full.view(-1)[flat_valid] = values
-            per_token.append(full)
-        return KDLossOutput(out.loss, per_token[0], valid, per_token[1], out.div_loss, out.ce_loss)
+        return self.output(out, valid, return_per_token)
 
 
 def _is_vocab_row_shard(placement: object) -> bool:

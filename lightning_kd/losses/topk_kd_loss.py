@@ -11,16 +11,16 @@ nothing from Lightning.
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from lightning_kd.checks import check_bool, check_unit_interval
 from lightning_kd.losses.divergences import Divergence
 from lightning_kd.losses.engine import PassSpec, distill_over_rows
 from lightning_kd.losses.input_checks import check_label_range, check_normaliser, local_labels
-from lightning_kd.losses.kd_loss import KDLoss, KDLossOutput
+from lightning_kd.losses.kd_loss import KDLossOutput
+from lightning_kd.losses.loss_base import KDLossBase
 from lightning_kd.losses.topk_buckets import BUCKETED, pack_topk
 from lightning_kd.losses.topk_checks import check_topk_shapes, check_topk_values
-from lightning_kd.losses.vocab_parallel import VocabParallelSoftmax, resolve_vocab_parallel
+from lightning_kd.losses.vocab_parallel import resolve_vocab_parallel
 
 
 def _check_bucketed(divergence: Divergence) -> Divergence:
@@ -33,7 +33,7 @@ def _check_bucketed(divergence: Divergence) -> Divergence:
     return divergence
 
 
-class TopKKDLoss(nn.Module):
+class TopKKDLoss(KDLossBase):
     """Distillation loss against a teacher known only by its top-k tokens per position.
 
     For each valid token (``labels != ignore_index``) the teacher gives k distinct vocabulary
@@ -86,30 +86,11 @@ class TopKKDLoss(nn.Module):
         divergence: str | Divergence = "forward_kl",
         kd_ratio: float = 1.0,
     ) -> None:
-        super().__init__()
-        # KDLoss validates the options (same checks, same messages); keep its normalised values.
-        options = KDLoss(
+        super().__init__(
             ignore_index, temperature, fp32_upcast, tp_group, chunk_size,
             divergence=divergence, kd_ratio=kd_ratio,
         )  # fmt: skip
-        self.ignore_index = options.ignore_index
-        self.temperature = options.temperature
-        self.fp32_upcast = options.fp32_upcast
-        self.tp_group = options.tp_group
-        self.chunk_size = options.chunk_size
-        self.divergence = _check_bucketed(options.divergence)
-        self.kd_ratio = options.kd_ratio
-
-    @property
-    def kd_ratio(self) -> float:
-        """Weight of the divergence in [0, 1]; assigning it is checked like the argument."""
-        return self._kd_ratio
-
-    @kd_ratio.setter
-    def kd_ratio(self, value: float) -> None:
-        self._kd_ratio = check_unit_interval("kd_ratio", value)
-
-    extra_repr = KDLoss.extra_repr
+        self.divergence = _check_bucketed(self.divergence)
 
     def forward(
         self,
@@ -148,26 +129,17 @@ class TopKKDLoss(nn.Module):
                 log-probabilities, a top-k mass above 1.1 (not log-probabilities), or (with
                 ``kd_ratio < 1``) a label outside ``[0, V)``. Raised before the pass.
         """
-        check_bool("return_per_token", return_per_token)
+        with_ce, with_div = self.mixed_terms(return_per_token)
         student, _, labels, vocab = resolve_vocab_parallel(
             student_logits, student_logits, labels, self.tp_group
         )
         ids, logprobs = local_labels(teacher_ids), local_labels(teacher_logprobs)
         check_topk_shapes(student, ids, logprobs, labels)
         normaliser = None if num_batch_labels is None else check_normaliser(num_batch_labels)
-
-        with_ce = self.kd_ratio < 1.0 or return_per_token
-        with_div = self.kd_ratio > 0.0 or return_per_token
-        valid = labels != self.ignore_index
-        if isinstance(vocab, VocabParallelSoftmax):
-            vocab.check_same_rows(valid, labels)
+        valid, normaliser = self.valid_tokens(labels, vocab, normaliser)
         offset, vocab_size = vocab.vocab_range(student.shape[-1], student.device)
         check_topk_values(ids, logprobs, valid, vocab_size)
-        if normaliser is None:
-            normaliser = float(max(int(valid.sum()), 1))
-        compute_dtype = torch.promote_types(student.dtype, logprobs.dtype)
-        if self.fp32_upcast:
-            compute_dtype = torch.promote_types(compute_dtype, torch.float32)
+        compute_dtype = self.compute_dtype(student.dtype, logprobs.dtype)
         bucketed = BUCKETED[type(self.divergence)](offset, vocab_size)
         spec = PassSpec(
             bucketed if with_div else None,
@@ -186,12 +158,4 @@ class TopKKDLoss(nn.Module):
             if self.kd_ratio < 1.0:
                 check_label_range(targets, valid, vocab_size)
         out = distill_over_rows(student, pack_topk(ids, logprobs), valid, vocab, spec, targets)
-        if not return_per_token:
-            return out.loss
-        flat_valid = valid.reshape(-1).to(out.loss.device)
-        per_token = []
-        for values in (out.per_token_div, out.per_token_ce):
-            full = torch.zeros(valid.shape, dtype=values.dtype, device=values.device)
-            full.view(-1)[flat_valid] = values
-            per_token.append(full)
-        return KDLossOutput(out.loss, per_token[0], valid, per_token[1], out.div_loss, out.ce_loss)
+        return self.output(out, valid, return_per_token)
