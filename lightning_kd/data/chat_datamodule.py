@@ -29,9 +29,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from lightning.pytorch import LightningDataModule
 from torch import Tensor
-from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from lightning_kd.checks import check_bool, check_int
@@ -44,12 +42,11 @@ from lightning_kd.data.chat_records import (
     read_chat_records,
 )
 from lightning_kd.data.chat_template import ChatEncoder
-from lightning_kd.data.datamodule import TextDataModule
 from lightning_kd.data.instructions import INSTRUCTIONS_VERSION, generate_instructions
 from lightning_kd.data.packing import OVERLONG, PackedRows, fit_documents, pack_rows
+from lightning_kd.data.split_datamodule import SplitDataModule, check_paths
 from lightning_kd.data.text_files import expand_paths
 from lightning_kd.data.token_cache import TokenCache
-from lightning_kd.data.tokenizer import ByteTokenizer, HFTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +57,7 @@ CHAT_CACHE_VERSION = 2
 _PROGRESS_DELAY_S = 2.0
 
 
-class ChatDataModule(LightningDataModule):
+class ChatDataModule(SplitDataModule):
     """Completion-only batches from chat/instruction files or the generated instruction set.
 
     Args:
@@ -114,68 +111,25 @@ class ChatDataModule(LightningDataModule):
         num_workers: int = 0,
         ignore_index: int = -100,
     ) -> None:
-        super().__init__()
-        if not isinstance(tokenizer, str) or not tokenizer:
-            raise ValueError(f"tokenizer must be 'byte' or a local directory, got {tokenizer!r}.")
-        self._tokenizer = ByteTokenizer() if tokenizer == "byte" else HFTokenizer(tokenizer)
+        super().__init__(tokenizer, seq_len, batch_size, val_fraction, seed, cache_dir,
+                         num_workers, ignore_index)  # fmt: skip
         self._encoder = ChatEncoder(self._tokenizer, chat_template)
-        if paths is not None:
-            if isinstance(paths, str) or not isinstance(paths, (list, tuple)):
-                raise ValueError(f"paths must be a list of paths or globs or None, got {paths!r}.")
-            paths = [str(p) for p in paths]
-            expand_paths(paths, extensions=CHAT_EXTENSIONS)  # fail now, naming the path
+        paths = check_paths(paths, CHAT_EXTENSIONS)
         self.fields = RecordFields(format, messages_field, prompt_field, completion_field)
-        check_int("seq_len", seq_len, 1)
-        check_int("batch_size", batch_size, 1)
-        if (
-            isinstance(val_fraction, bool)
-            or not isinstance(val_fraction, (int, float))
-            or not 0.0 <= val_fraction < 1.0
-        ):
-            raise ValueError(f"val_fraction must be a float in [0, 1), got {val_fraction!r}.")
         for name, value in (("packing", packing), ("train_on_all_tokens", train_on_all_tokens),
                             ("strict", strict)):  # fmt: skip
             check_bool(name, value)
         if overlong not in OVERLONG:
             raise ValueError(f"overlong must be one of {OVERLONG}, got {overlong!r}.")
         check_int("synthetic_conversations", synthetic_conversations, 1)
-        check_int("seed", seed)
-        if not isinstance(cache_dir, (str, os.PathLike)) or not str(cache_dir):
-            raise ValueError(f"cache_dir must be a non-empty path, got {cache_dir!r}.")
-        check_int("num_workers", num_workers, 0)
-        vocab = self._tokenizer.vocab_size
-        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-            raise ValueError(f"ignore_index must be an int, got {ignore_index!r}.")
-        if 0 <= ignore_index < vocab:
-            raise ValueError(
-                f"ignore_index={ignore_index} is a token id; expected a value outside "
-                f"[0, {vocab}), e.g. -100."
-            )
         self.paths = paths
-        self.seq_len, self.batch_size = seq_len, batch_size
-        self.val_fraction = float(val_fraction)
         self.packing, self.train_on_all_tokens = packing, train_on_all_tokens
         self.overlong, self.strict = overlong, strict
         self.synthetic_conversations = synthetic_conversations
-        self.seed, self.cache_dir = seed, str(cache_dir)
-        self.num_workers, self.ignore_index = num_workers, ignore_index
         self.save_hyperparameters()
         # the counts of kept and skipped records: from tokenising, or from the cache's stats file
         self.read_stats: ReadStats | None = None
         self._stats_logged = False
-        self._train: Dataset | None = None
-        self._val: Dataset | None = None
-
-    # ------------------------------------------------------------------ tokenizer
-    @property
-    def tokenizer(self) -> ByteTokenizer | HFTokenizer:
-        """The tokenizer of the batches (available before ``setup``)."""
-        return self._tokenizer
-
-    @property
-    def vocab_size(self) -> int:
-        """The number of token ids (258 for the byte tokenizer), for sizing the embeddings."""
-        return self._tokenizer.vocab_size
 
     @property
     def encoder(self) -> ChatEncoder:
@@ -315,16 +269,6 @@ class ChatDataModule(LightningDataModule):
         self._load()
 
     # ------------------------------------------------------------------ split
-    def _held_out(self, num_documents: int) -> Tensor:
-        """[D] bool, True for the held-out conversations: a seeded random subset."""
-        is_val = torch.zeros(num_documents, dtype=torch.bool)
-        if self.val_fraction == 0.0 or num_documents < 2:
-            return is_val
-        count = min(max(round(num_documents * self.val_fraction), 1), num_documents - 1)
-        order = torch.randperm(num_documents, generator=torch.Generator().manual_seed(self.seed))
-        is_val[order[:count]] = True
-        return is_val
-
     def setup(self, stage: str | None = None) -> None:
         """Load the cached tokens (tokenising first if needed), split the conversations and
         pack the rows; logs the counts of skipped records (also from a warm cache), how many
@@ -355,33 +299,3 @@ class ChatDataModule(LightningDataModule):
             splits.append(PackedRows(tokens, targets, offsets, fit, bounds, self.seq_len,
                                      self._tokenizer.pad_id, self.ignore_index))  # fmt: skip
         self._train, self._val = splits
-
-    @property
-    def train_dataset(self) -> Dataset:
-        """The training rows (after ``setup``)."""
-        if self._train is None:
-            self.setup("fit")
-        return self._train  # type: ignore[return-value]
-
-    @property
-    def val_dataset(self) -> Dataset:
-        """The validation rows (after ``setup``)."""
-        if self._val is None:
-            self.setup("fit")
-        return self._val  # type: ignore[return-value]
-
-    # ------------------------------------------------------------------ loaders
-    def _data_parallel(self) -> tuple[int, int]:
-        """(size, rank) of data parallelism: from the trainer's strategy in distributed runs
-        (for ``ModelParallelStrategy`` the data-parallel mesh dimension), else (1, 0)."""
-        kwargs = getattr(self.trainer, "distributed_sampler_kwargs", None)
-        if kwargs:
-            return int(kwargs["num_replicas"]), int(kwargs["rank"])
-        return 1, 0
-
-    # The same as TextDataModule's (they use only the datasets, _data_parallel, batch_size,
-    # seed and num_workers): DP-sharded resumable training batches, sequential evaluation
-    # shards of equal length on every data-parallel rank.
-    train_dataloader = TextDataModule.train_dataloader
-    val_dataloader = TextDataModule.val_dataloader
-    test_dataloader = TextDataModule.test_dataloader

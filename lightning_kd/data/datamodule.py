@@ -21,23 +21,21 @@ mid-epoch with the next batch. Validation is sequential, also sharded over data 
 from __future__ import annotations
 
 import codecs
-import os
 from array import array
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningDataModule
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from lightning_kd.checks import check_bool, check_int
 from lightning_kd.data.corpus import CORPUS_VERSION, expand_paths, generate_corpus, read_documents
-from lightning_kd.data.sampler import ResumableDataLoader, ResumableSampler
+from lightning_kd.data.split_datamodule import SplitDataModule, check_paths
+from lightning_kd.data.text_files import SUPPORTED_EXTENSIONS
 from lightning_kd.data.token_cache import TokenCache
-from lightning_kd.data.tokenizer import ByteTokenizer, HFTokenizer
 
 #: Seconds of tokenising before a progress bar appears.
 _PROGRESS_DELAY_S = 2.0
@@ -114,7 +112,7 @@ class DocumentSequences(Dataset):
         return {"input_ids": window[:-1], "labels": labels, "index": torch.tensor(index)}
 
 
-class TextDataModule(LightningDataModule):
+class TextDataModule(SplitDataModule):
     """Next-token batches from text files or the generated story corpus.
 
     Batches are dicts ``{"input_ids": [B, S] int64, "labels": [B, S] int64}`` with
@@ -165,71 +163,25 @@ class TextDataModule(LightningDataModule):
         tokenizer: str = "byte",
         encoding: str = "utf-8",
     ) -> None:
-        super().__init__()
-        if not isinstance(tokenizer, str) or not tokenizer:
-            raise ValueError(f"tokenizer must be 'byte' or a local directory, got {tokenizer!r}.")
-        self._tokenizer = ByteTokenizer() if tokenizer == "byte" else HFTokenizer(tokenizer)
-        if paths is not None:
-            if isinstance(paths, str) or not isinstance(paths, (list, tuple)):
-                raise ValueError(f"paths must be a list of paths or globs or None, got {paths!r}.")
-            expand_paths(list(paths))  # fail now, naming the path, if one matches nothing
-            paths = [str(p) for p in paths]
+        super().__init__(tokenizer, seq_len, batch_size, val_fraction, seed, cache_dir,
+                         num_workers, ignore_index)  # fmt: skip
+        paths = check_paths(paths, SUPPORTED_EXTENSIONS)
         if not isinstance(text_field, str) or not text_field:
             raise ValueError(f"text_field must be a non-empty string, got {text_field!r}.")
-        check_int("seq_len", seq_len, 1)
-        check_int("batch_size", batch_size, 1)
-        if (
-            isinstance(val_fraction, bool)
-            or not isinstance(val_fraction, (int, float))
-            or not 0.0 <= val_fraction < 1.0
-        ):
-            raise ValueError(f"val_fraction must be a float in [0, 1), got {val_fraction!r}.")
         check_bool("packing", packing)
         check_int("synthetic_chars", synthetic_chars, 1)
-        check_int("seed", seed)
-        if not isinstance(cache_dir, (str, os.PathLike)) or not str(cache_dir):
-            raise ValueError(f"cache_dir must be a non-empty path, got {cache_dir!r}.")
-        check_int("num_workers", num_workers, 0)
         try:
             codecs.lookup(encoding)
         except (LookupError, TypeError):
             raise ValueError(
                 f"encoding must be a Python codec name (e.g. 'utf-8', 'latin-1'), got {encoding!r}."
             ) from None
-        vocab = self._tokenizer.vocab_size
-        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-            raise ValueError(f"ignore_index must be an int, got {ignore_index!r}.")
-        if 0 <= ignore_index < vocab:
-            raise ValueError(
-                f"ignore_index={ignore_index} is a token id; expected a value outside "
-                f"[0, {vocab}), e.g. -100."
-            )
         self.paths = paths
         self.text_field = text_field
-        self.seq_len = seq_len
-        self.batch_size = batch_size
-        self.val_fraction = float(val_fraction)
         self.packing = packing
         self.synthetic_chars = synthetic_chars
-        self.seed = seed
-        self.cache_dir = str(cache_dir)
-        self.num_workers = num_workers
-        self.ignore_index = ignore_index
         self.encoding = encoding
         self.save_hyperparameters()
-        self._train: Dataset | None = None
-        self._val: Dataset | None = None
-
-    # ------------------------------------------------------------------ tokenizer
-    @property
-    def tokenizer(self) -> ByteTokenizer | HFTokenizer:
-        """The tokenizer of the batches (available before ``setup``)."""
-        return self._tokenizer
-
-    @property
-    def vocab_size(self) -> int:
-        """The number of token ids (258 for the byte tokenizer), for sizing the embeddings."""
-        return self._tokenizer.vocab_size
 
     # ------------------------------------------------------------------ cache
     @property
@@ -298,16 +250,6 @@ class TextDataModule(LightningDataModule):
         self.token_cache.load_or_build(lambda: self._tokenize(self._documents()))
 
     # ------------------------------------------------------------------ split
-    def _val_documents(self, num_documents: int) -> Tensor:
-        """[D] bool, True for the held-out documents: a seeded random subset."""
-        is_val = torch.zeros(num_documents, dtype=torch.bool)
-        if self.val_fraction == 0.0 or num_documents < 2:
-            return is_val
-        count = min(max(round(num_documents * self.val_fraction), 1), num_documents - 1)
-        order = torch.randperm(num_documents, generator=torch.Generator().manual_seed(self.seed))
-        is_val[order[:count]] = True
-        return is_val
-
     def setup(self, stage: str | None = None) -> None:
         """Load the cached tokens (tokenising first if needed) and build the train and
         validation sequences. Deterministic: every rank and every run gets the same split."""
@@ -316,7 +258,7 @@ class TextDataModule(LightningDataModule):
         data = self.token_cache.load_or_build(lambda: self._tokenize(self._documents()))
         tokens, offsets = data["tokens"], data["offsets"]
         lengths = offsets.diff()
-        is_val = self._val_documents(len(lengths))
+        is_val = self._held_out(len(lengths))
         single = len(lengths) < 2 and self.val_fraction > 0.0
         if self.packing:
             if single:  # one document: hold out its tail
@@ -340,73 +282,3 @@ class TextDataModule(LightningDataModule):
                 )
                 for mask in (~is_val, is_val)
             )
-
-    @property
-    def train_dataset(self) -> Dataset:
-        """The training sequences (after ``setup``)."""
-        if self._train is None:
-            self.setup("fit")
-        return self._train  # type: ignore[return-value]
-
-    @property
-    def val_dataset(self) -> Dataset:
-        """The validation sequences (after ``setup``)."""
-        if self._val is None:
-            self.setup("fit")
-        return self._val  # type: ignore[return-value]
-
-    # ------------------------------------------------------------------ loaders
-    def _data_parallel(self) -> tuple[int, int]:
-        """(size, rank) of data parallelism: from the trainer's strategy in distributed runs
-        (for ``ModelParallelStrategy`` the data-parallel mesh dimension), else (1, 0)."""
-        kwargs = getattr(self.trainer, "distributed_sampler_kwargs", None)
-        if kwargs:
-            return int(kwargs["num_replicas"]), int(kwargs["rank"])
-        return 1, 0
-
-    def train_dataloader(self) -> ResumableDataLoader:
-        """Shuffled, DP-sharded, resumable batches; the last incomplete batch of each epoch
-        is dropped so every batch is [batch_size, seq_len]."""
-        dataset = self.train_dataset
-        size, rank = self._data_parallel()
-        sampler = ResumableSampler(dataset, num_replicas=size, rank=rank, seed=self.seed)
-        if len(sampler) < self.batch_size:
-            raise ValueError(
-                f"the training set has {len(dataset)} sequences, {len(sampler)} per "
-                f"data-parallel rank ({size} ranks): fewer than batch_size={self.batch_size}. "
-                "Lower batch_size or seq_len, or add data."
-            )
-        return ResumableDataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=sampler,
-            drop_last=True,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-        )
-
-    def val_dataloader(self) -> DataLoader | list:
-        """Sequential batches, sharded over data-parallel ranks (each rank gets the same
-        number of sequences; the < size left over are dropped); ``[]`` without validation
-        data."""
-        dataset = self.val_dataset
-        if len(dataset) == 0:  # type: ignore[arg-type]
-            return []
-        size, rank = self._data_parallel()
-        sampler = DistributedSampler(
-            dataset, num_replicas=size, rank=rank, shuffle=False, drop_last=size > 1
-        )
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=sampler,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-        )
-
-    def test_dataloader(self) -> DataLoader | list:
-        """The held-out split again (there is no separate test split), for ``lightning-kd
-        test``."""
-        return self.val_dataloader()
