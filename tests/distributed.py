@@ -11,6 +11,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def _free_port() -> int:
@@ -45,3 +46,21 @@ def run_workers(fn: Callable[..., Any], world_size: int, *args: Any) -> None:
     """Call ``fn(rank, world_size, *args)`` in ``world_size`` spawned processes; re-raise the
     first worker's exception. ``fn`` must be a module-level function (it is pickled)."""
     mp.spawn(_entry, args=(fn, world_size, _free_port(), args), nprocs=world_size, join=True)
+
+
+class CollectiveRecorder(TorchDispatchMode):
+    """Records every collective (c10d or functional) with the sizes of its tensor arguments
+    (``calls``: ``(op name, [numel of each tensor argument])``), e.g. to check that a loss
+    communicates O(tokens) bytes and nothing in backward."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[str, list[int]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace in ("c10d", "_c10d_functional", "c10d_functional"):
+            leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+            self.calls.append(
+                (str(func), [x.numel() for x in leaves if isinstance(x, torch.Tensor)])
+            )
+        return func(*args, **(kwargs or {}))

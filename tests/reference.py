@@ -6,6 +6,17 @@ import torch
 from torch import Tensor
 
 
+def assert_rel(
+    actual: Tensor, expected: Tensor, rel: float, what: str, scale: float | None = None,
+    atol: float = 0.0,
+) -> None:  # fmt: skip
+    """Max absolute error within ``rel`` times ``scale`` (default: the largest expected
+    magnitude) plus ``atol``, compared in float64."""
+    err = (actual.double() - expected.double()).abs().max().item()
+    scale = expected.double().abs().max().item() if scale is None else float(scale)
+    assert err <= rel * max(scale, 1e-30) + atol, f"{what}: max err {err:.3g}, scale {scale:.3g}"
+
+
 def per_token_forward_kl(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
     """T² · KL(softmax(t/T) ‖ softmax(s/T)) per row, in float64, with 0·log 0 = 0 (NaN inputs
     stay NaN)."""

@@ -33,6 +33,7 @@ from lightning_kd.losses import (
     resolve_divergence,
 )
 from lightning_kd.losses.divergences import row_sum_of_products
+from tests.reference import assert_rel
 
 NAMES = ["forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl", "skew_reverse_kl"]
 
@@ -124,13 +125,6 @@ def _inputs(shape=(3, 13), vocab=97, dtype=torch.float32, ignored=5, scale=3.0, 
     return student, teacher, labels
 
 
-def _assert_rel(actual, expected, rel, what):
-    actual, expected = actual.double(), expected.double()
-    err = (actual - expected).abs().max().item()
-    scale = expected.abs().max().item()
-    assert err <= rel * max(scale, 1e-30), f"{what}: max err {err:.3g} vs scale {scale:.3g}"
-
-
 def _fresh(student):
     return student.detach().clone().requires_grad_()
 
@@ -155,21 +149,21 @@ def test_matches_float64_reference(name, kd_ratio, temperature, chunk_size, num_
     loss = loss_fn(student, teacher, labels, num_batch_labels=num_batch_labels)
     loss.backward()
     assert loss.dtype == torch.float32 and student.grad.dtype == torch.float32
-    _assert_rel(loss, ref, 1e-5, f"loss, {what}")
-    _assert_rel(student.grad, ref_grad, 1e-4, f"grad, {what}")
+    assert_rel(loss, ref, 1e-5, f"loss, {what}")
+    assert_rel(student.grad, ref_grad, 1e-4, f"grad, {what}")
 
     # The per-token outputs come from the same pass and give the same loss and gradient.
     s2 = _fresh(student)
     out = loss_fn(s2, teacher, labels, num_batch_labels=num_batch_labels, return_per_token=True)
     out.loss.backward()
     valid = labels != -100
-    _assert_rel(out.loss, ref, 1e-5, f"loss with per-token outputs, {what}")
-    _assert_rel(s2.grad, ref_grad, 1e-4, f"grad with per-token outputs, {what}")
-    _assert_rel(out.per_token_kl, ref_div, 1e-5, f"per-token divergence, {what}")
-    _assert_rel(out.per_token_ce, ref_ce, 1e-5, f"per-token CE, {what}")
+    assert_rel(out.loss, ref, 1e-5, f"loss with per-token outputs, {what}")
+    assert_rel(s2.grad, ref_grad, 1e-4, f"grad with per-token outputs, {what}")
+    assert_rel(out.per_token_kl, ref_div, 1e-5, f"per-token divergence, {what}")
+    assert_rel(out.per_token_ce, ref_ce, 1e-5, f"per-token CE, {what}")
     denom = num_batch_labels or int(valid.sum())
-    _assert_rel(out.div_loss, ref_div.sum() / denom, 1e-5, f"div_loss, {what}")
-    _assert_rel(out.ce_loss, ref_ce.sum() / denom, 1e-5, f"ce_loss, {what}")
+    assert_rel(out.div_loss, ref_div.sum() / denom, 1e-5, f"div_loss, {what}")
+    assert_rel(out.ce_loss, ref_ce.sum() / denom, 1e-5, f"ce_loss, {what}")
     assert out.per_token_div is out.per_token_kl
     assert not out.per_token_ce.requires_grad and not out.div_loss.requires_grad
     assert out.per_token_kl[~valid].abs().max() == 0 and out.per_token_ce[~valid].abs().max() == 0
@@ -213,8 +207,8 @@ def test_lopsided_mixes_match_float64_reference(name, kd_ratio):
     ref, ref_grad, _, _ = ref_loss(
         loss_fn.divergence, student, teacher, labels, temperature=0.5, kd_ratio=kd_ratio
     )
-    _assert_rel(loss, ref, 1e-5, "loss")
-    _assert_rel(student.grad, ref_grad, 1e-4, "grad")
+    assert_rel(loss, ref, 1e-5, "loss")
+    assert_rel(student.grad, ref_grad, 1e-4, "grad")
 
 
 def test_jsd_endpoints_are_forward_and_reverse_kl():
@@ -262,7 +256,7 @@ def test_jsd_is_trl_generalized_jsd_times_t_squared(beta):
             student, teacher, labels
         )
         trl = _trl_generalized_jsd(student, teacher, labels, beta, temperature)
-        _assert_rel(ours, trl * temperature**2, 1e-5, f"beta={beta} T={temperature}")
+        assert_rel(ours, trl * temperature**2, 1e-5, f"beta={beta} T={temperature}")
 
 
 def test_skew_divergences_follow_distillm():
@@ -278,11 +272,11 @@ def test_skew_divergences_follow_distillm():
     skew_ce = -(p * torch.log(lam * p + (1 - lam) * q)).sum(-1).mean()
     neg_entropy = (p * log_p).sum(-1).mean()
     ours = KDLoss(divergence=SkewKL(lam))(student, teacher, labels)
-    _assert_rel(ours, skew_ce + neg_entropy, 1e-5, "skew KL")
+    assert_rel(ours, skew_ce + neg_entropy, 1e-5, "skew KL")
     mixed = (1 - lam) * p + lam * q
     skew_rkl = -(q * torch.log(mixed) - q * log_q).sum(-1).mean()
     ours = KDLoss(divergence=SkewReverseKL(lam))(student, teacher, labels)
-    _assert_rel(ours, skew_rkl, 1e-5, "skew reverse KL")
+    assert_rel(ours, skew_rkl, 1e-5, "skew reverse KL")
 
 
 @pytest.mark.parametrize("chunk_size", [0, 8])
@@ -298,8 +292,8 @@ def test_bf16_logits_with_upcast(name, kd_ratio, chunk_size):
         loss_fn.divergence, student, teacher, labels, temperature=2.0, kd_ratio=kd_ratio
     )
     assert loss.dtype == torch.float32 and student.grad.dtype == torch.bfloat16
-    _assert_rel(loss, ref, 2e-3, "loss")
-    _assert_rel(student.grad, ref_grad, 2e-3 * 4, "grad")  # bf16 grad storage rounds to 2^-8
+    assert_rel(loss, ref, 2e-3, "loss")
+    assert_rel(student.grad, ref_grad, 2e-3 * 4, "grad")  # bf16 grad storage rounds to 2^-8
 
 
 # ----------------------------------------------------------------------------- -inf, empty
@@ -351,8 +345,8 @@ def test_minus_inf_in_one_of_the_logits(name, side):
         loss_fn.divergence, student, teacher, labels, temperature=2.0, kd_ratio=0.5
     )
     assert torch.isfinite(loss) and torch.isfinite(student.grad).all()
-    _assert_rel(loss, ref, 1e-5, "loss")
-    _assert_rel(student.grad, ref_grad, 1e-4, "grad")
+    assert_rel(loss, ref, 1e-5, "loss")
+    assert_rel(student.grad, ref_grad, 1e-4, "grad")
 
 
 @pytest.mark.parametrize("chunk_size", [0, 4])
@@ -417,8 +411,8 @@ def test_student_logits_may_be_a_shifted_view_with_the_ce_term():
     ref, ref_grad, _, _ = ref_loss(
         loss_fn.divergence, student, teacher[:, :-1], labels, kd_ratio=0.5
     )
-    _assert_rel(loss, ref, 1e-5, "loss")
-    _assert_rel(base.grad[:, :-1], ref_grad, 1e-4, "grad")
+    assert_rel(loss, ref, 1e-5, "loss")
+    assert_rel(base.grad[:, :-1], ref_grad, 1e-4, "grad")
     assert base.grad[:, -1].abs().max() == 0
 
 
@@ -431,8 +425,8 @@ def test_custom_ignore_index_with_the_ce_term():
     ref, ref_grad, _, _ = ref_loss(
         loss_fn.divergence, student, teacher, labels, kd_ratio=0.5, ignore_index=7
     )
-    _assert_rel(loss, ref, 1e-5, "loss")
-    _assert_rel(student.grad, ref_grad, 1e-4, "grad")
+    assert_rel(loss, ref, 1e-5, "loss")
+    assert_rel(student.grad, ref_grad, 1e-4, "grad")
 
 
 def test_labels_outside_the_vocabulary():
@@ -453,7 +447,7 @@ def test_backward_scales_by_the_incoming_gradient_with_the_ce_term():
     _, ref_grad, _, _ = ref_loss(
         loss_fn.divergence, student, teacher, labels, kd_ratio=0.25, temperature=0.5
     )
-    _assert_rel(student.grad, 3.0 * ref_grad, 1e-4, "grad of 3·loss")
+    assert_rel(student.grad, 3.0 * ref_grad, 1e-4, "grad of 3·loss")
 
 
 def test_no_grad_mode_with_the_ce_term():
@@ -462,7 +456,7 @@ def test_no_grad_mode_with_the_ce_term():
         loss = KDLoss(divergence="skew_kl", kd_ratio=0.5, chunk_size=3)(student, teacher, labels)
     assert not loss.requires_grad
     ref, _, _, _ = ref_loss(SkewKL(), student, teacher, labels, kd_ratio=0.5)
-    _assert_rel(loss, ref, 1e-5, "loss")
+    assert_rel(loss, ref, 1e-5, "loss")
 
 
 # ----------------------------------------------------------------------------- API
@@ -537,8 +531,8 @@ def test_user_divergence_with_the_old_chunk_signature():
     loss = KDLoss(divergence=_OldStyleKL(), kd_ratio=0.5, chunk_size=4)(student, teacher, labels)
     loss.backward()
     ref, ref_grad, _, _ = ref_loss(ForwardKL(), student, teacher, labels, kd_ratio=0.5)
-    _assert_rel(loss, ref, 1e-5, "loss")
-    _assert_rel(student.grad, ref_grad, 1e-4, "grad")
+    assert_rel(loss, ref, 1e-5, "loss")
+    assert_rel(student.grad, ref_grad, 1e-4, "grad")
 
 
 def test_built_from_yaml_by_jsonargparse():

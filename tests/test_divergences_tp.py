@@ -19,11 +19,11 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_kd import KDLoss
 from lightning_kd.losses import JSD, SkewKL
-from tests.distributed import run_workers
+from tests.distributed import CollectiveRecorder, run_workers
+from tests.reference import assert_rel
 
 LEAD = (2, 6)  # [batch, seq]; 12 tokens
 DIVERGENCES = [
@@ -54,13 +54,6 @@ def _single_process(student, teacher, labels, nbl=None, **kwargs):
     return out, s.grad
 
 
-def _assert_rel(actual, expected, rel, what, scale=None):
-    """Max error within ``rel`` of ``scale`` (default: the largest expected magnitude)."""
-    err = (actual.double() - expected.double()).abs().max().item()
-    scale = expected.double().abs().max().item() if scale is None else float(scale)
-    assert err <= rel * max(scale, 1e-30), f"{what}: max err {err:.3g}, scale {scale:.3g}"
-
-
 def _mesh(mesh_shape):
     if len(mesh_shape) == 1:
         return init_device_mesh("cpu", mesh_shape), [Shard(-1)]
@@ -69,13 +62,13 @@ def _mesh(mesh_shape):
 
 
 def _compare(out, grad, ref, ref_grad, what, per_token=True, grad_scale=None):
-    _assert_rel(out if not per_token else out.loss, ref.loss, 1e-5, f"loss, {what}")
+    assert_rel(out if not per_token else out.loss, ref.loss, 1e-5, f"loss, {what}")
     if per_token:
-        _assert_rel(out.per_token_kl, ref.per_token_kl, 1e-5, f"per-token divergence, {what}")
-        _assert_rel(out.per_token_ce, ref.per_token_ce, 1e-5, f"per-token CE, {what}")
-        _assert_rel(out.div_loss, ref.div_loss, 1e-5, f"div_loss, {what}")
-        _assert_rel(out.ce_loss, ref.ce_loss, 1e-5, f"ce_loss, {what}")
-    _assert_rel(grad, ref_grad, 1e-4, f"grad, {what}", grad_scale)
+        assert_rel(out.per_token_kl, ref.per_token_kl, 1e-5, f"per-token divergence, {what}")
+        assert_rel(out.per_token_ce, ref.per_token_ce, 1e-5, f"per-token CE, {what}")
+        assert_rel(out.div_loss, ref.div_loss, 1e-5, f"div_loss, {what}")
+        assert_rel(out.ce_loss, ref.ce_loss, 1e-5, f"ce_loss, {what}")
+    assert_rel(grad, ref_grad, 1e-4, f"grad, {what}", grad_scale)
 
 
 def _all_cases_match_single_process(rank, world, mesh_shape):
@@ -138,22 +131,6 @@ def _all_cases_match_single_process(rank, world, mesh_shape):
         _bad_labels_refused_on_every_rank(rank, world, mesh)
 
 
-class _CollectiveRecorder(TorchDispatchMode):
-    """Records every collective (c10d or functional) with the sizes of its tensor arguments."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls: list[tuple[str, list[int]]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace in ("c10d", "_c10d_functional", "c10d_functional"):
-            leaves = torch.utils._pytree.tree_leaves((args, kwargs))
-            self.calls.append(
-                (str(func), [x.numel() for x in leaves if isinstance(x, torch.Tensor)])
-            )
-        return func(*args, **(kwargs or {}))
-
-
 def _collectives_are_small(rank, world, mesh):
     """Every divergence, with and without the CE term: all-reduces of at most two values per
     token in forward (packed row sums), none in backward."""
@@ -166,10 +143,10 @@ def _collectives_are_small(rank, world, mesh):
         s = distribute_tensor(student, mesh, [Shard(-1)]).requires_grad_()
         t = distribute_tensor(teacher, mesh, [Shard(-1)])
         loss_fn = KDLoss(chunk_size=4, divergence=divergence, kd_ratio=kd_ratio, temperature=2.0)
-        with _CollectiveRecorder() as fwd:
+        with CollectiveRecorder() as fwd:
             out = loss_fn(s, t, labels, return_per_token=per_token)
         loss = out.loss if per_token else out
-        with _CollectiveRecorder() as bwd:
+        with CollectiveRecorder() as bwd:
             loss.backward()
         what = f"{divergence} kd={kd_ratio} per_token={per_token}"
         assert fwd.calls, f"the TP path must communicate in forward ({what})"

@@ -12,6 +12,7 @@ from lightning_kd.losses.divergences import ForwardKL, ReverseKL
 from lightning_kd.losses.engine import divergence_over_rows
 from lightning_kd.losses.vocab_softmax import LocalVocabSoftmax
 from tests.reference import (
+    assert_rel,
     kd_loss_reference,
     per_token_forward_kl,
     per_token_reverse_kl,
@@ -35,13 +36,6 @@ def _inputs(shape=(3, 13), vocab=97, dtype=torch.float32, ignored=5, scale=3.0):
 F32_RTOL, F32_GRAD_ATOL = 1e-5, 1e-8
 
 
-def _assert_rel(actual, expected, rel, what):
-    actual, expected = actual.double(), expected.double()
-    err = (actual - expected).abs().max().item()
-    scale = expected.abs().max().item()
-    assert err <= rel * max(scale, 1e-30), f"{what}: max err {err:.3g} vs scale {scale:.3g}"
-
-
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
 @pytest.mark.parametrize("chunk_size", [0, 1, 7, 64])
 @pytest.mark.parametrize("num_batch_labels", [None, 50])
@@ -53,8 +47,8 @@ def test_matches_float64_reference(temperature, chunk_size, num_batch_labels):
     ref_loss, ref_grad = reference_with_grad(
         student, teacher, labels, temperature=temperature, num_batch_labels=num_batch_labels
     )
-    _assert_rel(loss, ref_loss, 1e-5, "loss")
-    _assert_rel(student.grad, ref_grad, 1e-4, "grad")
+    assert_rel(loss, ref_loss, 1e-5, "loss")
+    assert_rel(student.grad, ref_grad, 1e-4, "grad")
     assert student.grad.dtype == student.dtype and loss.dtype == torch.float32
 
 
@@ -82,8 +76,8 @@ def test_half_precision_inputs_with_upcast(dtype, chunk_size):
     ref_loss, ref_grad = reference_with_grad(student, teacher, labels, temperature=2.0)
     assert loss.dtype == torch.float32
     assert student.grad.dtype == dtype
-    _assert_rel(loss, ref_loss, 2e-3, "loss")
-    _assert_rel(student.grad, ref_grad, 2e-3 * 4, "grad")  # bf16 grad storage rounds to 2^-8
+    assert_rel(loss, ref_loss, 2e-3, "loss")
+    assert_rel(student.grad, ref_grad, 2e-3 * 4, "grad")  # bf16 grad storage rounds to 2^-8
 
 
 def test_fp32_upcast_false_computes_in_input_dtype():
@@ -117,8 +111,8 @@ def test_noncontiguous_shifted_view_and_leading_dims(chunk_size):
     loss = KDLoss(chunk_size=chunk_size)(student, teacher_base[:, :-1], labels)
     loss.backward()
     ref_loss, ref_grad = reference_with_grad(student, teacher_base[:, :-1], labels)
-    _assert_rel(loss, ref_loss, 1e-5, "loss")
-    _assert_rel(base.grad[:, :-1], ref_grad, 1e-4, "grad")
+    assert_rel(loss, ref_loss, 1e-5, "loss")
+    assert_rel(base.grad[:, :-1], ref_grad, 1e-4, "grad")
     assert base.grad[:, -1].abs().max() == 0
 
 
@@ -128,8 +122,8 @@ def test_any_leading_dims(shape):
     loss = KDLoss(chunk_size=2)(student, teacher, labels)
     loss.backward()
     ref_loss, ref_grad = reference_with_grad(student, teacher, labels)
-    _assert_rel(loss, ref_loss, 1e-5, "loss")
-    _assert_rel(student.grad, ref_grad, 1e-4, "grad")
+    assert_rel(loss, ref_loss, 1e-5, "loss")
+    assert_rel(student.grad, ref_grad, 1e-4, "grad")
 
 
 def test_transposed_student_layout():
@@ -140,8 +134,8 @@ def test_transposed_student_layout():
     loss = KDLoss(chunk_size=4)(student, teacher, labels)
     loss.backward()
     ref_loss, ref_grad = reference_with_grad(student, teacher, labels)
-    _assert_rel(loss, ref_loss, 1e-5, "loss")
-    _assert_rel(student.grad, ref_grad, 1e-4, "grad")
+    assert_rel(loss, ref_loss, 1e-5, "loss")
+    assert_rel(student.grad, ref_grad, 1e-4, "grad")
 
 
 def test_kl_of_identical_distributions_is_zero():
@@ -196,8 +190,8 @@ def test_teacher_minus_inf_alone_is_fine():
     loss.backward()
     ref_loss, ref_grad = reference_with_grad(student, teacher, labels)
     assert torch.isfinite(loss) and torch.isfinite(student.grad).all()
-    _assert_rel(loss, ref_loss, 1e-5, "loss")
-    _assert_rel(student.grad, ref_grad, 1e-4, "grad")
+    assert_rel(loss, ref_loss, 1e-5, "loss")
+    assert_rel(student.grad, ref_grad, 1e-4, "grad")
 
 
 def test_num_batch_labels_makes_accumulated_gradients_equal_full_batch():
@@ -253,7 +247,7 @@ def test_custom_ignore_index():
     labels[0] = 7
     loss = KDLoss(ignore_index=7)(student, teacher, labels)
     ref = kd_loss_reference(student, teacher, labels, ignore_index=7)
-    _assert_rel(loss, ref, 1e-5, "loss")
+    assert_rel(loss, ref, 1e-5, "loss")
 
 
 @pytest.mark.parametrize("chunk_size", [0, 3])
@@ -275,8 +269,8 @@ def test_reverse_kl_reuses_the_engine(chunk_size):
     ref_loss, ref_grad = reference_with_grad(
         student, teacher, labels, temperature=2.0, per_token=per_token_reverse_kl
     )
-    _assert_rel(loss, ref_loss, 1e-5, "loss")
-    _assert_rel(student.grad, ref_grad, 1e-4, "grad")
+    assert_rel(loss, ref_loss, 1e-5, "loss")
+    assert_rel(student.grad, ref_grad, 1e-4, "grad")
 
 
 def test_forward_kl_divergence_object_is_the_default():
@@ -333,10 +327,10 @@ def test_backward_scales_by_the_incoming_gradient(chunk_size):
     student, teacher, labels = _inputs()
     (KDLoss(chunk_size=chunk_size)(student, teacher, labels) * 3.0).backward()
     _, ref_grad = reference_with_grad(student, teacher, labels)
-    _assert_rel(student.grad, 3.0 * ref_grad, 1e-4, "grad of 3·loss")
+    assert_rel(student.grad, 3.0 * ref_grad, 1e-4, "grad of 3·loss")
     s2 = student.detach().clone().requires_grad_()
     (g,) = torch.autograd.grad(KDLoss()(s2, teacher, labels), s2, torch.tensor(-0.5))
-    _assert_rel(g, -0.5 * ref_grad, 1e-4, "autograd.grad with grad_outputs")
+    assert_rel(g, -0.5 * ref_grad, 1e-4, "autograd.grad with grad_outputs")
 
 
 def test_half_precision_gradient_scale_is_exact():
@@ -384,8 +378,8 @@ def test_dense_and_sparse_label_patterns(chunk_size):
     out = KDLoss(chunk_size=chunk_size)(student, teacher, labels, return_per_token=True)
     out.loss.backward()
     ref_loss, ref_grad = reference_with_grad(student, teacher, labels)
-    _assert_rel(out.loss, ref_loss, 1e-5, "loss")
-    _assert_rel(student.grad, ref_grad, 1e-4, "grad")
+    assert_rel(out.loss, ref_loss, 1e-5, "loss")
+    assert_rel(student.grad, ref_grad, 1e-4, "grad")
     valid = labels != -100
     ref_tokens = per_token_forward_kl(student, teacher, 1.0)[valid]
     torch.testing.assert_close(out.per_token_kl[valid].double(), ref_tokens, rtol=1e-5, atol=1e-7)

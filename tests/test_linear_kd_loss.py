@@ -18,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_kd import KDLoss, LinearKDLoss
 from lightning_kd.losses import JSD, SkewKL
+from tests.reference import assert_rel
 
 LEAD = (3, 7)  # [batch, seq]: 21 tokens
 V, D_S, D_T = 29, 6, 10
@@ -70,23 +71,17 @@ def _fused(hs, w, b, ht, wt, bt, labels, nbl=None, grad_out=2.5, per_token=True,
     return out, [x.grad if x is not None else None for x in (hs, w, b)]
 
 
-def _assert_rel(actual, expected, rel, what):
-    err = (actual.double() - expected.double()).abs().max().item()
-    scale = expected.double().abs().max().item()
-    assert err <= rel * max(scale, 1e-30), f"{what}: max err {err:.3g}, scale {scale:.3g}"
-
-
 def _compare(out, grads, ref, ref_grads, what, value_rel=1e-5, grad_rel=1e-4, per_token=True):
-    _assert_rel(out.loss if per_token else out, ref.loss, value_rel, f"loss, {what}")
+    assert_rel(out.loss if per_token else out, ref.loss, value_rel, f"loss, {what}")
     if per_token:
         for field in ("per_token_kl", "per_token_ce", "div_loss", "ce_loss"):
-            _assert_rel(getattr(out, field), getattr(ref, field), value_rel, f"{field}, {what}")
+            assert_rel(getattr(out, field), getattr(ref, field), value_rel, f"{field}, {what}")
         assert torch.equal(out.valid_mask, ref.valid_mask)
     for name, g, r in zip(("hidden", "weight", "bias"), grads, ref_grads, strict=True):
         assert (g is None) == (r is None), f"grad of {name} present/absent, {what}"
         if g is not None:
             assert g.dtype == r.dtype and g.shape == r.shape, f"grad of {name}, {what}"
-            _assert_rel(g, r, grad_rel, f"grad of {name}, {what}")
+            assert_rel(g, r, grad_rel, f"grad of {name}, {what}")
 
 
 @pytest.mark.parametrize("kd_ratio", [1.0, 0.5, 0.0])
@@ -199,10 +194,10 @@ def test_autocast_uses_the_autocast_dtype_like_f_linear():
         loss = LinearKDLoss(chunk_size=4, kd_ratio=0.5)(hs2, w2, ht, wt, labels, b2, bt)
     ref.backward()
     loss.backward()
-    _assert_rel(loss, ref, 2e-3, "autocast loss")
+    assert_rel(loss, ref, 2e-3, "autocast loss")
     for g, r in ((hs2.grad, hs1.grad), (w2.grad, w1.grad), (b2.grad, b1.grad)):
         assert g.dtype == r.dtype == torch.float32
-        _assert_rel(g, r, 1e-2, "autocast grad")
+        assert_rel(g, r, 1e-2, "autocast grad")
 
 
 def test_all_ignored_is_a_connected_zero():
@@ -244,7 +239,7 @@ def test_teacher_gets_no_gradient_and_weight_kinds():
     hidden = hs.clone().requires_grad_()
     loss = loss_fn(hidden, flat.view(V, D_S), ht, wt, labels, b, bt)
     (loss * 2.5).backward()
-    _assert_rel(flat.grad.view(V, D_S), ref_grads[1], 1e-4, "view of a parameter")
+    assert_rel(flat.grad.view(V, D_S), ref_grads[1], 1e-4, "view of a parameter")
 
     emb = nn.Embedding(V, D_S, dtype=torch.float64)  # tied: the grad adds to the lookup's
     with torch.no_grad():
@@ -254,7 +249,7 @@ def test_teacher_gets_no_gradient_and_weight_kinds():
     (loss_fn(hidden, emb.weight, ht, wt, labels, b, bt) * 2.5 + emb(ids).sum()).backward()
     lookup = torch.zeros(V, D_S, dtype=torch.float64)
     lookup.index_add_(0, ids.reshape(-1), torch.ones(4, D_S, dtype=torch.float64))
-    _assert_rel(emb.weight.grad, ref_grads[1] + lookup, 1e-4, "tied embedding")
+    assert_rel(emb.weight.grad, ref_grads[1] + lookup, 1e-4, "tied embedding")
 
 
 def test_only_required_gradients_and_no_grad_mode():
@@ -262,16 +257,16 @@ def test_only_required_gradients_and_no_grad_mode():
     ref, ref_grads = _unfused(hs, w, b, ht, wt, bt, labels, chunk_size=5)
     hidden = hs.clone().requires_grad_()  # frozen head
     (LinearKDLoss(chunk_size=5)(hidden, w, ht, wt, labels, b, bt) * 2.5).backward()
-    _assert_rel(hidden.grad, ref_grads[0], 1e-4, "hidden only")
+    assert_rel(hidden.grad, ref_grads[0], 1e-4, "hidden only")
     weight = w.clone().requires_grad_()  # frozen hidden states
     (LinearKDLoss(chunk_size=5)(hs, weight, ht, wt, labels, b, bt) * 2.5).backward()
-    _assert_rel(weight.grad, ref_grads[1], 1e-4, "weight only")
+    assert_rel(weight.grad, ref_grads[1], 1e-4, "weight only")
     hs2, w2, b2 = _leaves(hs, w, b)
     with torch.no_grad():
         out = LinearKDLoss(chunk_size=5)(hs2, w2, ht, wt, labels, b2, bt, return_per_token=True)
     assert not out.loss.requires_grad
-    _assert_rel(out.loss, ref.loss, 1e-5, "no_grad loss")
-    _assert_rel(out.per_token_ce, ref.per_token_ce, 1e-5, "no_grad CE")
+    assert_rel(out.loss, ref.loss, 1e-5, "no_grad loss")
+    assert_rel(out.per_token_ce, ref.per_token_ce, 1e-5, "no_grad CE")
 
 
 def test_non_contiguous_hidden_states():

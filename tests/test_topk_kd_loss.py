@@ -11,6 +11,7 @@ import torch
 
 from lightning_kd import KDLoss, KDLossOutput, TopKKDLoss
 from lightning_kd.losses import JSD, TVD, ForwardKL, ReverseKL
+from tests.reference import assert_rel
 
 VOCAB = 23
 SHAPE = (3, 13)
@@ -79,12 +80,6 @@ def reference(student, ids, logprobs, labels, temperature, divergence="forward_k
     return loss.detach(), s.grad, div.detach(), ce.detach()
 
 
-def _assert_rel(actual, expected, rel, what):
-    err = (actual.double() - expected.double()).abs().max().item()
-    scale = expected.double().abs().max().item()
-    assert err <= rel * max(scale, 1e-30), f"{what}: max err {err:.3g} vs scale {scale:.3g}"
-
-
 def _run(loss_fn, student, *args, **kwargs):
     s = student.detach().clone().requires_grad_()
     out = loss_fn(s, *args, **kwargs)
@@ -107,8 +102,8 @@ def test_matches_float64_reference(divergence, temperature, chunk_size, k, kd_ra
     ref_loss, ref_grad, _, _ = reference(
         student, ids, logprobs, labels, temperature, divergence, kd_ratio, nbl
     )
-    _assert_rel(loss, ref_loss, 1e-5, "loss")
-    _assert_rel(grad, ref_grad, 1e-4, "grad")
+    assert_rel(loss, ref_loss, 1e-5, "loss")
+    assert_rel(grad, ref_grad, 1e-4, "grad")
     assert loss.dtype == torch.float32 and grad.dtype == torch.float32
 
 
@@ -122,12 +117,12 @@ def test_per_token_outputs(divergence):
     )
     n = int((labels != -100).sum())
     assert isinstance(out, KDLossOutput) and torch.equal(out.valid_mask, labels != -100)
-    _assert_rel(out.loss, ref_loss, 1e-5, "loss")
-    _assert_rel(out.per_token_div, ref_div, 1e-5, "per-token divergence")
-    _assert_rel(out.per_token_ce, ref_ce, 1e-5, "per-token CE")
-    _assert_rel(out.div_loss, ref_div.sum() / n, 1e-5, "div_loss")
-    _assert_rel(out.ce_loss, ref_ce.sum() / n, 1e-5, "ce_loss")
-    _assert_rel(grad, ref_grad, 1e-4, "grad")
+    assert_rel(out.loss, ref_loss, 1e-5, "loss")
+    assert_rel(out.per_token_div, ref_div, 1e-5, "per-token divergence")
+    assert_rel(out.per_token_ce, ref_ce, 1e-5, "per-token CE")
+    assert_rel(out.div_loss, ref_div.sum() / n, 1e-5, "div_loss")
+    assert_rel(out.ce_loss, ref_ce.sum() / n, 1e-5, "ce_loss")
+    assert_rel(grad, ref_grad, 1e-4, "grad")
     plain = loss_fn(student, ids, logprobs, labels)
     assert torch.equal(plain, out.loss)
 
@@ -147,8 +142,8 @@ def test_full_vocabulary_equals_kd_loss(divergence, kd_ratio, chunk_size):
     teacher_logits = torch.empty_like(teacher).scatter_(-1, ids, logprobs * temperature)
     ref, ref_grad = _run(KDLoss(**kwargs), student, teacher_logits, labels, return_per_token=True)
     for name in ("loss", "per_token_div", "per_token_ce", "div_loss", "ce_loss"):
-        _assert_rel(getattr(out, name), getattr(ref, name), 1e-5, name)
-    _assert_rel(grad, ref_grad, 1e-4, "grad")
+        assert_rel(getattr(out, name), getattr(ref, name), 1e-5, name)
+    assert_rel(grad, ref_grad, 1e-4, "grad")
 
 
 def test_zero_when_the_student_matches_the_buckets():
@@ -168,8 +163,8 @@ def test_bf16_student_logits():
         loss, grad = _run(loss_fn, student, ids, logprobs, labels)
         ref_loss, ref_grad, _, _ = reference(student, ids, logprobs, labels, 2.0, divergence)
         assert loss.dtype == torch.float32 and grad.dtype == torch.bfloat16
-        _assert_rel(loss, ref_loss, 2e-3, f"bf16 loss, {divergence}")
-        _assert_rel(grad, ref_grad, 2e-3 * 4, f"bf16 grad, {divergence}")  # bf16 rounding
+        assert_rel(loss, ref_loss, 2e-3, f"bf16 loss, {divergence}")
+        assert_rel(grad, ref_grad, 2e-3 * 4, f"bf16 grad, {divergence}")  # bf16 rounding
 
 
 def test_noncontiguous_logits_and_int32_ids():
@@ -180,8 +175,8 @@ def test_noncontiguous_logits_and_int32_ids():
     loss = TopKKDLoss(chunk_size=4)(s[:, :-1], ids.to(torch.int32), logprobs, labels)
     loss.backward()
     ref_loss, ref_grad, _, _ = reference(view, ids, logprobs, labels, 1.0)
-    _assert_rel(loss, ref_loss, 1e-5, "loss")
-    _assert_rel(s.grad[:, :-1], ref_grad, 1e-4, "grad")
+    assert_rel(loss, ref_loss, 1e-5, "loss")
+    assert_rel(s.grad[:, :-1], ref_grad, 1e-4, "grad")
     assert s.grad[:, -1].abs().max() == 0
 
 
@@ -202,8 +197,8 @@ def test_fully_ignored_batch_and_garbage_in_ignored_rows():
         loss, grad = _run(TopKKDLoss(chunk_size=chunk_size), student, ids, logprobs, labels)
         ref_loss, ref_grad, _, _ = reference(student, ids.clamp_min(0), logprobs.nan_to_num(-9),
                                              labels, 1.0)  # fmt: skip
-        _assert_rel(loss, ref_loss, 1e-5, "loss")
-        _assert_rel(grad, ref_grad, 1e-4, "grad")
+        assert_rel(loss, ref_loss, 1e-5, "loss")
+        assert_rel(grad, ref_grad, 1e-4, "grad")
 
 
 def test_tail_edge_cases():
@@ -222,8 +217,8 @@ def test_tail_edge_cases():
     loss, grad = _run(TopKKDLoss(chunk_size=5), s, ids, logprobs, labels)
     assert torch.isfinite(loss) and torch.isfinite(grad).all()
     ref_loss, ref_grad, _, _ = reference(s, ids, logprobs, labels, 1.0)
-    _assert_rel(loss, ref_loss, 1e-5, "P_rest = 0")
-    _assert_rel(grad, ref_grad, 1e-4, "P_rest = 0")
+    assert_rel(loss, ref_loss, 1e-5, "P_rest = 0")
+    assert_rel(grad, ref_grad, 1e-4, "P_rest = 0")
     # Reverse KL: infinite where the teacher's tail is empty and the student's is not.
     out = TopKKDLoss(divergence="reverse_kl")(s, ids, logprobs, labels, return_per_token=True)
     assert torch.isfinite(out.per_token_div[0, 1])  # both tails empty (all -inf)
@@ -235,8 +230,8 @@ def test_tail_edge_cases():
     loss, grad = _run(TopKKDLoss(chunk_size=5), s, ids, logprobs, labels)
     ref_loss, ref_grad, ref_div, _ = reference(s, ids, logprobs, labels, 1.0)
     assert ref_div[1, 2] > 100
-    _assert_rel(loss, ref_loss, 1e-5, "tiny student tail")
-    _assert_rel(grad, ref_grad, 1e-4, "tiny student tail")
+    assert_rel(loss, ref_loss, 1e-5, "tiny student tail")
+    assert_rel(grad, ref_grad, 1e-4, "tiny student tail")
 
 
 def test_bad_arguments():

@@ -19,10 +19,10 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_kd import TopKKDLoss
-from tests.distributed import run_workers
+from tests.distributed import CollectiveRecorder, run_workers
+from tests.reference import assert_rel
 
 LEAD = (2, 6)  # [batch, seq]; 12 tokens
 SETTINGS = [  # temperature, chunk_size, vocabulary, k, num_batch_labels
@@ -54,23 +54,17 @@ def _single_process(student, ids, logprobs, labels, nbl=None, **kwargs):
     return out, s.grad
 
 
-def _assert_rel(actual, expected, rel, what, scale=None, atol=0.0):
-    err = (actual.double() - expected.double()).abs().max().item()
-    scale = expected.double().abs().max().item() if scale is None else float(scale)
-    assert err <= rel * max(scale, 1e-30) + atol, f"{what}: max err {err:.3g}, scale {scale:.3g}"
-
-
 def _compare(out, grad, ref, ref_grad, what, per_token=True, grad_scale=None, t2=1.0):
     # Every float32 log Q carries the log-normaliser's rounding, about 1e-7 · |logsumexp| in
     # absolute terms, whatever the divergence's size: small bucketed values (k = 1) sit near
     # that floor, so values also get an absolute 1e-6 · T².
     atol = 1e-6 * t2
-    _assert_rel(out.loss if per_token else out, ref.loss, 1e-5, f"loss, {what}", atol=atol)
+    assert_rel(out.loss if per_token else out, ref.loss, 1e-5, f"loss, {what}", atol=atol)
     if per_token:
         for name in ("per_token_div", "per_token_ce", "div_loss", "ce_loss"):
-            _assert_rel(getattr(out, name), getattr(ref, name), 1e-5, f"{name}, {what}",
+            assert_rel(getattr(out, name), getattr(ref, name), 1e-5, f"{name}, {what}",
                         atol=atol)  # fmt: skip
-    _assert_rel(grad, ref_grad, 1e-4, f"grad, {what}", grad_scale)
+    assert_rel(grad, ref_grad, 1e-4, f"grad, {what}", grad_scale)
 
 
 def _both_kinds(rank, mesh, tp_group, student, ids, logprobs, labels, nbl, kwargs, what):
@@ -139,22 +133,6 @@ def _all_cases_match_single_process(rank, world):
         _bad_inputs_refused_on_every_rank(rank, mesh)
 
 
-class _CollectiveRecorder(TorchDispatchMode):
-    """Records every collective (c10d or functional) with the sizes of its tensor arguments."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls: list[tuple[str, list[int]]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace in ("c10d", "_c10d_functional", "c10d_functional"):
-            leaves = torch.utils._pytree.tree_leaves((args, kwargs))
-            self.calls.append(
-                (str(func), [x.numel() for x in leaves if isinstance(x, torch.Tensor)])
-            )
-        return func(*args, **(kwargs or {}))
-
-
 def _collectives_are_small(rank, mesh):
     """All-reduces of at most two values per token in forward, none in backward, however
     large V and k."""
@@ -165,9 +143,9 @@ def _collectives_are_small(rank, mesh):
     ):
         s = distribute_tensor(student, mesh, [Shard(-1)]).requires_grad_()
         loss_fn = TopKKDLoss(chunk_size=4, divergence=divergence, kd_ratio=kd_ratio)
-        with _CollectiveRecorder() as fwd:
+        with CollectiveRecorder() as fwd:
             out = loss_fn(s, ids, logprobs, labels, return_per_token=per_token)
-        with _CollectiveRecorder() as bwd:
+        with CollectiveRecorder() as bwd:
             (out.loss if per_token else out).backward()
         what = f"{divergence} kd={kd_ratio} per_token={per_token}"
         assert fwd.calls, f"the TP path must communicate in forward ({what})"

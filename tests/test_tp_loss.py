@@ -14,7 +14,6 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_kd import KDLoss
 from lightning_kd.losses.cross_entropy import token_cross_entropy
@@ -22,7 +21,8 @@ from lightning_kd.losses.divergences import ReverseKL
 from lightning_kd.losses.engine import divergence_over_rows
 from lightning_kd.losses.vocab_parallel import VocabParallelSoftmax, find_vocab_tp_group
 from lightning_kd.losses.vocab_softmax import LocalVocabSoftmax
-from tests.distributed import run_workers
+from tests.distributed import CollectiveRecorder, run_workers
+from tests.reference import assert_rel
 
 LEAD = (2, 6)  # [batch, seq]; 12 tokens
 
@@ -43,12 +43,6 @@ def _single_process(student, teacher, labels, **kwargs):
     out = KDLoss(**kwargs)(s, teacher, labels, num_batch_labels=nbl, return_per_token=True)
     out.loss.backward()
     return out, s.grad
-
-
-def _assert_rel(actual, expected, rel, what):
-    err = (actual.double() - expected.double()).abs().max().item()
-    scale = expected.double().abs().max().item()
-    assert err <= rel * scale, f"{what}: max err {err:.3g}, scale {scale:.3g}"
 
 
 def _mesh(mesh_shape):
@@ -91,10 +85,10 @@ def _dtensor_matches_single_process(rank, world, mesh_shape):
         (out.loss * 2.5).backward()  # a non-unit incoming gradient
         ref_grad = ref_grad * 2.5
         what = f"rank {rank} case T={temperature} chunk={chunk_size} V={vocab} nbl={nbl}"
-        _assert_rel(out.loss, ref.loss, 1e-5, f"loss, {what}")
-        _assert_rel(out.per_token_kl, ref.per_token_kl, 1e-5, f"per-token KL, {what}")
+        assert_rel(out.loss, ref.loss, 1e-5, f"loss, {what}")
+        assert_rel(out.per_token_kl, ref.per_token_kl, 1e-5, f"per-token KL, {what}")
         assert isinstance(s.grad, DTensor) and s.grad.placements == s.placements
-        _assert_rel(s.grad.full_tensor(), ref_grad, 1e-4, f"grad, {what}")
+        assert_rel(s.grad.full_tensor(), ref_grad, 1e-4, f"grad, {what}")
         local = s.grad.to_local()
         assert local.shape == s.to_local().shape, "gradient must stay a local vocab shard"
 
@@ -125,10 +119,10 @@ def _explicit_group_matches_single_process(rank, world):
         loss_fn = KDLoss(temperature=temperature, chunk_size=chunk_size, tp_group=group)
         out = loss_fn(s_local, t_local, labels, num_batch_labels=nbl, return_per_token=True)
         out.loss.backward()
-        _assert_rel(out.loss, ref.loss, 1e-5, f"loss case {i}")
-        _assert_rel(out.per_token_kl, ref.per_token_kl, 1e-5, f"per-token case {i}")
+        assert_rel(out.loss, ref.loss, 1e-5, f"loss case {i}")
+        assert_rel(out.per_token_kl, ref.per_token_kl, 1e-5, f"per-token case {i}")
         ref_slice = torch.tensor_split(ref_grad, world, dim=-1)[rank]
-        _assert_rel(s_local.grad, ref_slice, 1e-4, f"grad case {i}")
+        assert_rel(s_local.grad, ref_slice, 1e-4, f"grad case {i}")
 
     # Ranks may hold their shards in different memory layouts (here rank 1's cannot be viewed
     # as [N, V]); the chunk plan, and so every collective, must not depend on it.
@@ -145,9 +139,9 @@ def _explicit_group_matches_single_process(rank, world):
     s_local.requires_grad_()
     loss = KDLoss(chunk_size=5, tp_group=group)(s_local, t_local, labels)
     loss.backward()
-    _assert_rel(loss, ref.loss, 1e-5, "loss with mixed layouts")
+    assert_rel(loss, ref.loss, 1e-5, "loss with mixed layouts")
     ref_slice = torch.tensor_split(ref_grad, world, dim=-1)[rank]
-    _assert_rel(s_local.grad, ref_slice, 1e-4, "grad with mixed layouts")
+    assert_rel(s_local.grad, ref_slice, 1e-4, "grad with mixed layouts")
 
     # Labels that differ across the group are refused on every rank, not a hang.
     bad_labels = labels.clone()
@@ -177,30 +171,14 @@ def _explicit_group_matches_single_process(rank, world):
         s_local, t_local, valid, ReverseKL(), VocabParallelSoftmax(group), chunk_size=4, **common
     )
     loss.backward()
-    _assert_rel(loss, ref, 1e-5, "reverse KL loss")
+    assert_rel(loss, ref, 1e-5, "reverse KL loss")
     ref_slice = torch.tensor_split(full.grad, world, dim=-1)[rank]
-    _assert_rel(s_local.grad, ref_slice, 1e-4, "reverse KL grad")
+    assert_rel(s_local.grad, ref_slice, 1e-4, "reverse KL grad")
 
 
 @pytest.mark.distributed
 def test_explicit_tp_group_with_local_shards():
     run_workers(_explicit_group_matches_single_process, 2)
-
-
-class _CollectiveRecorder(TorchDispatchMode):
-    """Records every collective (c10d or functional) with the sizes of its tensor arguments."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls: list[tuple[str, list[int]]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace in ("c10d", "_c10d_functional", "c10d_functional"):
-            leaves = torch.utils._pytree.tree_leaves((args, kwargs))
-            self.calls.append(
-                (str(func), [x.numel() for x in leaves if isinstance(x, torch.Tensor)])
-            )
-        return func(*args, **(kwargs or {}))
 
 
 def _collectives_are_small(rank, world):
@@ -211,9 +189,9 @@ def _collectives_are_small(rank, world):
     for chunk_size in (0, 4):
         s = distribute_tensor(student, mesh, [Shard(-1)]).requires_grad_()
         t = distribute_tensor(teacher, mesh, [Shard(-1)])
-        with _CollectiveRecorder() as fwd:
+        with CollectiveRecorder() as fwd:
             loss = KDLoss(chunk_size=chunk_size)(s, t, labels)
-        with _CollectiveRecorder() as bwd:
+        with CollectiveRecorder() as bwd:
             loss.backward()
         assert fwd.calls, "the TP path must communicate in forward"
         for name, sizes in fwd.calls:
@@ -258,14 +236,14 @@ def _mixed_inputs_and_other_placements(rank, world):
     assert find_vocab_tp_group(s) is None
     loss = loss_fn(s, t, distribute_tensor(labels, mesh, [Replicate()]))
     loss.backward()
-    _assert_rel(loss, ref.loss, 1e-5, "replicated loss")
-    _assert_rel(s.grad.full_tensor(), ref_grad, 1e-4, "replicated grad")
+    assert_rel(loss, ref.loss, 1e-5, "replicated loss")
+    assert_rel(s.grad.full_tensor(), ref_grad, 1e-4, "replicated grad")
 
     # Sharded logits with replicated-DTensor labels.
     s = distribute_tensor(student, mesh, [Shard(-1)]).requires_grad_()
     t = distribute_tensor(teacher, mesh, [Shard(-1)])
     loss = loss_fn(s, t, distribute_tensor(labels, mesh, [Replicate()]))
-    _assert_rel(loss, ref.loss, 1e-5, "sharded loss with DTensor labels")
+    assert_rel(loss, ref.loss, 1e-5, "sharded loss with DTensor labels")
 
     # All labels ignored on the TP path: finite zero, zero gradient.
     s = distribute_tensor(student, mesh, [Shard(-1)]).requires_grad_()
@@ -295,14 +273,14 @@ def _cross_entropy_matches(rank, world):
         )
         # Two float32 sums of 12 per-token cross-entropies in different orders: float32
         # precision.
-        _assert_rel(ref, expected, 1e-5, "plain cross-entropy")
+        assert_rel(ref, expected, 1e-5, "plain cross-entropy")
         s = distribute_tensor(student, mesh, [Shard(-1)]).requires_grad_()
-        with _CollectiveRecorder() as rec:
+        with CollectiveRecorder() as rec:
             ce = token_cross_entropy(s, labels)
         assert all("allreduce" in name for name, _ in rec.calls), rec.calls
         ce.backward()
-        _assert_rel(ce, ref, 1e-5, f"sharded cross-entropy V={vocab}")
-        _assert_rel(s.grad.full_tensor(), full.grad, 1e-5, f"sharded CE grad V={vocab}")
+        assert_rel(ce, ref, 1e-5, f"sharded cross-entropy V={vocab}")
+        assert_rel(s.grad.full_tensor(), full.grad, 1e-5, f"sharded CE grad V={vocab}")
 
 
 @pytest.mark.distributed

@@ -30,11 +30,11 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_kd import KDLoss, LinearKDLoss
 from lightning_kd.losses import JSD, SkewKL
-from tests.distributed import run_workers
+from tests.distributed import CollectiveRecorder, run_workers
+from tests.reference import assert_rel
 
 LEAD = (2, 6)  # 12 tokens
 D_S, D_T = 5, 8
@@ -74,17 +74,11 @@ def _single_process(hs, w, b, ht, wt, bt, labels, nbl=None, **kwargs):
     return out, (hs.grad, w.grad, b.grad if b is not None else None)
 
 
-def _assert_rel(actual, expected, rel, what, scale=None):
-    err = (actual.double() - expected.double()).abs().max().item()
-    scale = expected.double().abs().max().item() if scale is None else float(scale)
-    assert err <= rel * max(scale, 1e-30), f"{what}: max err {err:.3g}, scale {scale:.3g}"
-
-
 def _compare_values(out, ref, what, per_token=True):
-    _assert_rel(out.loss if per_token else out, ref.loss, 1e-5, f"loss, {what}")
+    assert_rel(out.loss if per_token else out, ref.loss, 1e-5, f"loss, {what}")
     if per_token:
         for field in ("per_token_kl", "per_token_ce", "div_loss", "ce_loss"):
-            _assert_rel(getattr(out, field), getattr(ref, field), 1e-5, f"{field}, {what}")
+            assert_rel(getattr(out, field), getattr(ref, field), 1e-5, f"{field}, {what}")
 
 
 def _dtensor_case(mesh, inputs, nbl, kwargs, ref, ref_grads, what):
@@ -101,13 +95,13 @@ def _dtensor_case(mesh, inputs, nbl, kwargs, ref, ref_grads, what):
     assert not isinstance(out.loss, DTensor)
     (out.loss * 2.5).backward()
     _compare_values(out, ref, f"DTensor, {what}")
-    _assert_rel(hidden.grad, ref_grads[0], 1e-4, f"hidden grad, DTensor, {what}")
+    assert_rel(hidden.grad, ref_grads[0], 1e-4, f"hidden grad, DTensor, {what}")
     for param, full, name in ((weight, ref_grads[1], "weight"), (bias, ref_grads[2], "bias")):
         if param is None:
             continue
         assert isinstance(param.grad, DTensor) and param.grad.placements == param.placements
         assert param.grad.to_local().shape == param.to_local().shape
-        _assert_rel(param.grad.full_tensor(), full, 1e-4, f"{name} grad, DTensor, {what}")
+        assert_rel(param.grad.full_tensor(), full, 1e-4, f"{name} grad, DTensor, {what}")
 
 
 def _local_case(mesh, group, inputs, nbl, kwargs, ref, ref_grads, what):
@@ -126,12 +120,12 @@ def _local_case(mesh, group, inputs, nbl, kwargs, ref, ref_grads, what):
     (loss * 2.5).backward()
     _compare_values(loss, ref, f"tp_group, {what}", per_token=False)
     assert isinstance(hidden.grad, DTensor)
-    _assert_rel(hidden.grad.to_local(), ref_grads[0], 1e-4, f"hidden grad, tp_group, {what}")
+    assert_rel(hidden.grad.to_local(), ref_grads[0], 1e-4, f"hidden grad, tp_group, {what}")
     for param, full, name in ((weight, ref_grads[1], "weight"), (bias, ref_grads[2], "bias")):
         if param is None:
             continue
         # A slice's gradient is compared at the scale of the whole one.
-        _assert_rel(param.grad, torch.tensor_split(full, tp)[rank], 1e-4,
+        assert_rel(param.grad, torch.tensor_split(full, tp)[rank], 1e-4,
                     f"{name} grad slice, tp_group, {what}", scale=full.abs().max())  # fmt: skip
 
 
@@ -163,22 +157,6 @@ def check_all(rank: int, world: int) -> None:
     _bad_inputs_refused_on_every_rank(mesh, rank)
 
 
-class _CollectiveRecorder(TorchDispatchMode):
-    """Records every collective (c10d or functional) with the sizes of its tensor arguments."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls: list[tuple[str, list[int]]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace in ("c10d", "_c10d_functional", "c10d_functional"):
-            leaves = torch.utils._pytree.tree_leaves((args, kwargs))
-            self.calls.append(
-                (str(func), [x.numel() for x in leaves if isinstance(x, torch.Tensor)])
-            )
-        return func(*args, **(kwargs or {}))
-
-
 def _collectives_are_small(mesh):
     """Forward: per-row all-reduces (at most two values per token, the same as KDLoss) plus
     exactly one all-reduce of the valid rows' hidden-state gradient; backward: nothing."""
@@ -193,10 +171,10 @@ def _collectives_are_small(mesh):
         hidden = hs.clone().requires_grad_()
         loss_fn = LinearKDLoss(chunk_size=4, divergence=divergence, kd_ratio=kd_ratio,
                                temperature=2.0)  # fmt: skip
-        with _CollectiveRecorder() as fwd:
+        with CollectiveRecorder() as fwd:
             out = loss_fn(hidden, weight, ht, t_weight, labels, return_per_token=per_token)
         loss = out.loss if per_token else out
-        with _CollectiveRecorder() as bwd:
+        with CollectiveRecorder() as bwd:
             loss.backward()
         what = f"{divergence} kd={kd_ratio} per_token={per_token}"
         big = [sizes for name, sizes in fwd.calls if max(sizes) > 2 * n_tokens]
@@ -207,7 +185,7 @@ def _collectives_are_small(mesh):
     # Without a gradient to compute, no hidden-gradient all-reduce.
     weight = distribute_tensor(w, mesh, [Shard(0)])
     t_weight = distribute_tensor(wt, mesh, [Shard(0)])
-    with torch.no_grad(), _CollectiveRecorder() as fwd:
+    with torch.no_grad(), CollectiveRecorder() as fwd:
         LinearKDLoss(chunk_size=4)(hs.requires_grad_(), weight, ht, t_weight, labels)
     assert fwd.calls and all(max(sizes) <= 2 * n_tokens for _, sizes in fwd.calls)
 
