@@ -5,7 +5,10 @@ temporary directory) and a tiny one, each distilled into the same tiny student f
 ``tests/scripts/sharded_loading_run.py`` at TP=2 (2 processes) and TP=2 x DP=2 (4 processes),
 with ``sharded_loading`` off and on. The teacher's share of a rank's peak resident memory
 (``ru_maxrss``) is the big-teacher run minus the tiny-teacher run, reported as a multiple of
-the teacher's fp32 size (the worst rank).
+the teacher's fp32 size (the worst rank), twice: when training starts (the weights loaded and
+sharded: what a GPU node's host memory must hold to start the run) and at the end of the run
+(on CPU the training step's memory is host memory too: FSDP2 all-gathers one teacher block at
+a time).
 
     python benchmarks/sharded_loading.py [--hidden 1024 --layers 12]
 """
@@ -23,10 +26,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "scripts" / "sharded_loading_run.py"
 LAYOUTS = {"TP=2": ("2", "1"), "TP=2 x DP=2": ("4", "2")}
+# (sharded_loading, environment): loading in full, sharded, and sharded with glibc's mmap
+# threshold fixed (see the module docstring).
+VARIANTS = [
+    ("no", {}),
+    ("yes", {}),
+    ("yes, fixed mmap threshold", {"MALLOC_MMAP_THRESHOLD_": "65536"}),
+]
 
 
-def run(*args: str) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+def run(*args: str, env: dict[str, str] | None = None) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **(env or {}))
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         cmd = [sys.executable, str(SCRIPT), *args]
@@ -49,25 +59,29 @@ def main() -> None:
         for name, (hidden, layers) in sizes.items():
             run("--make-teacher", f"{tmp}/{name}", "--teacher", "hf",
                 "--hf-hidden", str(hidden), "--hf-layers", str(layers))  # fmt: skip
-        print(f"{'layout':<12} {'sharded':<8} {'teacher MiB':>11} {'added/rank MiB':>15} "
-              f"{'x teacher':>9}")  # fmt: skip
+        print(f"{'layout':<12} {'sharded loading':<26} {'teacher MiB':>11} "
+              f"{'start MiB/rank':>14} {'x':>5} {'run MiB/rank':>12} {'x':>5}")  # fmt: skip
         for layout, (devices, dp) in LAYOUTS.items():
-            for sharded in (False, True):
-                peaks = {}
+            for sharded, env in VARIANTS:
+                flags = ["--source", "", "--teacher", "hf", "--devices", devices, "--dp", dp,
+                         "--steps", str(args.steps)]  # fmt: skip
+                flags += ["--sharded"] if sharded != "no" else []
+                results = {}
                 for name in sizes:
-                    result = run("--source", f"{tmp}/{name}", "--teacher", "hf",
-                                 "--devices", devices, "--dp", dp, "--steps", str(args.steps),
-                                 *(["--sharded"] if sharded else []))  # fmt: skip
-                    peaks[name] = result
-                teacher_mib = peaks["big"]["teacher_numel"] * 4 / 2**20
-                added = max(
-                    b - t
-                    for b, t in zip(
-                        peaks["big"]["peak_rss_mib"], peaks["tiny"]["peak_rss_mib"], strict=True
-                    )
-                )
-                print(f"{layout:<12} {sharded!s:<8} {teacher_mib:>11.0f} {added:>15.0f} "
-                      f"{added / teacher_mib:>9.2f}", flush=True)  # fmt: skip
+                    flags[1] = f"{tmp}/{name}"
+                    results[name] = run(*flags, env=env)
+                teacher_mib = results["big"]["teacher_numel"] * 4 / 2**20
+                start = added(results, "start_peak_rss_mib")
+                whole = added(results, "peak_rss_mib")
+                print(f"{layout:<12} {sharded:<26} {teacher_mib:>11.0f} {start:>14.0f} "
+                      f"{start / teacher_mib:>5.2f} {whole:>12.0f} {whole / teacher_mib:>5.2f}",
+                      flush=True)  # fmt: skip
+
+
+def added(results: dict[str, dict], key: str) -> float:
+    """The teacher's share of the worst rank's peak: big-teacher run minus tiny-teacher run."""
+    pairs = zip(results["big"][key], results["tiny"][key], strict=True)
+    return max(big - tiny for big, tiny in pairs)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ the other ranks by re-running it.
 ``--make-teacher DIR`` writes the teacher's weights instead (a ``torch.save`` file
 ``DIR/teacher.pt`` for ``--teacher tiny``, a ``save_pretrained`` directory ``DIR/hf`` for
 ``--teacher hf``) and exits. Otherwise rank 0 writes a JSON file with the per-step losses, a
-digest of the teacher's weights after loading and the peak resident memory of every rank.
+digest of the teacher's weights after loading and every rank's peak resident memory when
+training starts (loading and sharding done) and at the end.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.distributed as dist
+from lightning.pytorch import Callback
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, DistributedSampler
@@ -67,6 +69,17 @@ def digest(model: torch.nn.Module) -> float:
 
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+class StartPeak(Callback):
+    """The peak resident memory (MiB) when training starts: loading and sharding done, no
+    step run yet."""
+
+    def __init__(self) -> None:
+        self.peak_mib = 0.0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.peak_mib = peak_rss_mib()
 
 
 def main() -> None:
@@ -125,11 +138,12 @@ def main() -> None:
         sharded_loading=args.sharded,
     )
     recorder = LossRecorder()
+    start = StartPeak()
     strategy = ModelParallelStrategy(data_parallel_size=args.dp, tensor_parallel_size=args.tp)
     trainer = L.Trainer(
         accelerator="cpu", devices=args.devices, strategy=strategy, max_steps=args.steps,
         logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, limit_val_batches=0, callbacks=[recorder],
+        enable_model_summary=False, limit_val_batches=0, callbacks=[recorder, start],
         deterministic=True,
     )  # fmt: skip
     dataset = RandomTokens()
@@ -138,17 +152,17 @@ def main() -> None:
         sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=0)
     trainer.fit(module, DataLoader(dataset, batch_size=4, sampler=sampler))
 
-    peaks: list[float] = [peak_rss_mib()]
+    peaks = [[start.peak_mib, peak_rss_mib()]]
     if dist.is_initialized():
-        gathered: list[list[float] | None] = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, peaks)
-        peaks = [p for g in gathered for p in g]
+        peaks = [None] * dist.get_world_size()
+        dist.all_gather_object(peaks, [start.peak_mib, peak_rss_mib()])
     teacher_digest = digest(module.teacher)
     if trainer.global_rank == 0:
         result = {
             "losses": recorder.losses,
             "teacher_digest": teacher_digest,
-            "peak_rss_mib": peaks,
+            "start_peak_rss_mib": [p[0] for p in peaks],
+            "peak_rss_mib": [p[1] for p in peaks],
             "materialized": materialized,
             "teacher_numel": sum(p.numel() for p in module.teacher.parameters()),
         }
