@@ -41,7 +41,22 @@ def test_a_random_init_is_not_built_on_meta_and_the_rng_is_untouched():
     assert build_on_meta(tiny(), "student") is None  # an instance is already materialised
 
 
-def test_a_checkpointed_model_builds_on_meta_and_materialises_equal(tmp_path):
+def save_checkpoint(state: dict[str, torch.Tensor], path: Path, kind: str) -> str:
+    """``state`` under ``state_dict.model.*`` as a Lightning checkpoint file (``torch``) or a
+    distributed checkpoint directory as ModelParallelStrategy writes it (``dcp``)."""
+    import torch.distributed.checkpoint as dcp
+
+    nested = {"state_dict": {f"model.{k}": v for k, v in state.items()}}
+    if kind == "torch":
+        torch.save(nested, path)
+    else:
+        dcp.save(nested, checkpoint_id=str(path), no_dist=True)
+        torch.save({"global_step": 0}, path / "meta.pt")  # Lightning's loop state file
+    return str(path)
+
+
+@pytest.mark.parametrize("kind", ["torch", "dcp"])
+def test_a_checkpointed_model_builds_on_meta_and_materialises_equal(tmp_path, kind):
     torch.manual_seed(0)
     reference = tiny()
     reference.restrict_vocab(37)  # the file holds 40 rows; a reconciled model keeps 37
@@ -49,12 +64,11 @@ def test_a_checkpointed_model_builds_on_meta_and_materialises_equal(tmp_path):
     full.load_state_dict(
         {k: v for k, v in reference.state_dict().items()} | _padded(reference, full)
     )
-    torch.save({"state_dict": {f"model.{k}": v for k, v in full.state_dict().items()}},
-               tmp_path / "w.pt")  # fmt: skip
-    built = build_on_meta(tiny, "teacher", str(tmp_path / "w.pt"), "model.")
+    path = save_checkpoint(full.state_dict(), tmp_path / "w.ckpt", kind)
+    built = build_on_meta(tiny, "teacher", path, "model.")
     assert built is not None
     model, source = built
-    assert is_meta(model) and source == WeightSource("torch", str(tmp_path / "w.pt"), "model.")
+    assert is_meta(model) and source == WeightSource(kind, path, "model.")
     model.restrict_vocab(37)
     materialize(model, torch.device("cpu"), source)
     assert not is_meta(model)
@@ -72,6 +86,29 @@ def _padded(reference: nn.Module, full: nn.Module) -> dict[str, torch.Tensor]:
         rows = reference.state_dict()[key]
         out[key] = torch.cat([rows, full.state_dict()[key][rows.shape[0] :]])
     return out
+
+
+def test_a_distributed_checkpoint_loads_in_full_and_bad_ones_are_refused(tmp_path):
+    from lightning_kd.training.teacher import TeacherSource
+
+    torch.manual_seed(0)
+    reference = tiny()
+    path = save_checkpoint(reference.state_dict(), tmp_path / "teacher.ckpt", "dcp")
+    built = TeacherSource(tiny, path, "model.").build()
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(built.state_dict()[key], value, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"holds no teacher weights \(no 'state_dict\.student\."):
+        TeacherSource(tiny, path, "student.").build()
+    (tmp_path / "empty.ckpt").mkdir()
+    with pytest.raises(ValueError, match="neither a file nor a distributed checkpoint"):
+        TeacherSource(tiny, str(tmp_path / "empty.ckpt"))
+    model, source = build_on_meta(tiny, "teacher", path, "student.")
+    with pytest.raises(ValueError, match="holds no model weights"):
+        materialize(model, torch.device("cpu"), source)
+    wider = TinyLlama(vocab_size=40, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96)
+    model, source = build_on_meta(lambda: wider, "teacher", path, "model.")
+    with pytest.raises(ValueError, match="shape"):
+        materialize(model, torch.device("cpu"), source)
 
 
 def test_tied_weights_survive_and_mismatches_are_refused(tmp_path):
@@ -211,11 +248,19 @@ def run(tmp_path: Path, name: str, *args: str) -> dict:
     [
         ("tiny", "40", "2", "1"),  # teacher_checkpoint (torch.save), padded vocabulary
         ("tiny", "40", "4", "2"),
+        ("tiny-dcp", "40", "4", "2"),  # a distributed checkpoint directory through DCP
         ("hf", "37", "2", "1"),  # save_pretrained directory through DCP
         ("hf", "37", "4", "2"),
         ("hf", "40", "4", "2"),  # ... with a padded vocabulary
     ],
-    ids=["tiny-padded-tp2", "tiny-padded-dp2xtp2", "hf-tp2", "hf-dp2xtp2", "hf-padded-dp2xtp2"],
+    ids=[
+        "tiny-padded-tp2",
+        "tiny-padded-dp2xtp2",
+        "dcp-padded-dp2xtp2",
+        "hf-tp2",
+        "hf-dp2xtp2",
+        "hf-padded-dp2xtp2",
+    ],
 )
 def test_sharded_loading_gives_the_same_run(tmp_path, teacher, vocab, devices, dp):
     common = ("--teacher", teacher, "--teacher-vocab", vocab)

@@ -167,7 +167,7 @@ def test_teacher_source_loads_freezes_and_names_bad_files(tmp_path):
         read_state_dict(str(text))
     with pytest.raises(ValueError, match=r"teacher_checkpoint_prefix='teacher\.'"):
         read_state_dict(str(path), "teacher.")
-    with pytest.raises(ValueError, match="is not a file"):
+    with pytest.raises(ValueError, match="neither a file nor a distributed checkpoint"):
         TeacherSource(fresh, str(tmp_path / "missing.pt"))
 
 

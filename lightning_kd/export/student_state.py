@@ -19,8 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
-#: Where Lightning keeps the module's weights in a checkpoint (and DCP's key prefix for them).
-STATE_DICT_KEY = "state_dict"
+from lightning_kd.parallel.distributed_state import STATE_DICT_KEY, read_distributed_state
 
 
 def _prefixed(state: dict[str, Tensor], prefix: str, source: Path) -> dict[str, Tensor]:
@@ -68,36 +67,9 @@ def student_state_from_checkpoint(
 
 
 def _from_distributed(directory: Path, prefix: str) -> dict[str, Tensor]:
-    """Consolidate the ``state_dict.<prefix>*`` tensors of a DCP directory with DCP's own
-    planner (which maps every shard, TP or FSDP2, into the full tensors allocated here)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    from lightning_kd.parallel.atomic_checkpoint import verify_checkpoint
-
-    if not (directory / ".metadata").is_file():
-        raise ValueError(
-            f"{directory} is a directory without DCP metadata (.metadata): not a distributed "
-            "checkpoint."
-        )
-    verify_checkpoint(directory)
-    reader = dcp.FileSystemReader(str(directory))
-    metadata = reader.read_metadata().state_dict_metadata
-    full_prefix = f"{STATE_DICT_KEY}.{prefix}"
-    wanted = {
-        key[len(STATE_DICT_KEY) + 1 :]: torch.empty(meta.size, dtype=meta.properties.dtype)
-        for key, meta in metadata.items()
-        if key.startswith(full_prefix) and isinstance(meta, TensorStorageMetadata)
-    }
-    if not wanted:
-        sample = ", ".join(sorted(metadata)[:5]) or "none"
-        raise ValueError(
-            f"{directory} holds no student weights (no '{full_prefix}*' tensors; first keys: "
-            f"{sample})."
-        )
-    state = {STATE_DICT_KEY: wanted}
-    dcp.load(state, storage_reader=reader, no_dist=True)
-    return _prefixed(state[STATE_DICT_KEY], prefix, directory)
+    """DCP consolidates the ``state_dict.<prefix>*`` tensors (every shard, TP or FSDP2, mapped
+    into full tensors allocated here)."""
+    return read_distributed_state(directory, prefix, "student")
 
 
 def gather_full_state(model: nn.Module, keep: bool = True) -> dict[str, Tensor]:

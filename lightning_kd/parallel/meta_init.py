@@ -20,7 +20,10 @@ start. With ``DistillationModule(sharded_loading=True)`` and a device mesh:
      distributed checkpoint with its Hugging Face storage reader
      (``torch.distributed.checkpoint.HuggingFaceStorageReader``): each rank reads only the
      slices of its local shards from the safetensors files;
-   - a ``teacher_checkpoint`` (one ``torch.save`` file) is memory-mapped
+   - a ``teacher_checkpoint`` that is a distributed checkpoint directory (as
+     ``ModelParallelStrategy`` saves; any TP/FSDP2 layout) is read through DCP, each rank
+     reading its slices;
+   - a ``teacher_checkpoint`` that is one ``torch.save`` file is memory-mapped
      (``torch.load(mmap=True)``) and each rank copies its slice of every tensor
      (``distribute_tensor(..., src_data_rank=None)``: no communication, only the pages of
      the local slices are read).
@@ -42,12 +45,20 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.futures import Future
 
 from lightning_kd.models.tiny_llama import TinyLlama, rope_tables
+from lightning_kd.parallel.distributed_state import (
+    is_distributed_checkpoint,
+    load_distributed_state,
+    stored_tensors,
+)
 
 __all__ = [
     "TensorAtATimeReader",
     "WeightSource",
     "build_on_meta",
     "is_meta",
+    "load_dcp_directory",
+    "load_hf_directory",
+    "load_torch_file",
     "materialize",
     "recompute_buffers",
 ]
@@ -58,10 +69,12 @@ class WeightSource:
     """Where a meta-built model's weights come from.
 
     Attributes:
-        kind: ``"hf"`` (a Hugging Face safetensors directory, read through DCP) or
-            ``"torch"`` (one ``torch.save`` state-dict file, memory-mapped).
+        kind: ``"hf"`` (a Hugging Face safetensors directory, read through DCP), ``"dcp"`` (a
+            distributed checkpoint directory, as ``ModelParallelStrategy`` saves, read through
+            DCP) or ``"torch"`` (one ``torch.save`` state-dict file, memory-mapped).
         path: the directory or the file.
-        prefix: for ``"torch"``, a key prefix to strip from the file's keys.
+        prefix: for ``"torch"`` and ``"dcp"``, the prefix of the stored keys (after DCP's
+            ``state_dict.``) that the model's keys lack, e.g. ``"model."``.
     """
 
     kind: str
@@ -86,8 +99,9 @@ def build_on_meta(
     Args:
         model: the factory (an already built module is returned as None: it is materialised).
         role: ``"student"`` or ``"teacher"``, for messages.
-        checkpoint: a ``torch.save`` state-dict file the weights come from; else the model's
-            own ``pretrained_path`` (a Hugging Face directory), if it has one.
+        checkpoint: a ``torch.save`` state-dict file or a distributed checkpoint directory
+            the weights come from; else the model's own ``pretrained_path`` (a Hugging Face
+            directory), if it has one.
         checkpoint_prefix: key prefix to strip from ``checkpoint``'s keys.
 
     Returns:
@@ -106,7 +120,8 @@ def build_on_meta(
     if not isinstance(built, nn.Module):
         raise ValueError(f"the {role} factory must return an nn.Module, got {type(built)}.")
     if checkpoint is not None:
-        return built, WeightSource("torch", checkpoint, checkpoint_prefix)
+        kind = "dcp" if is_distributed_checkpoint(checkpoint) else "torch"
+        return built, WeightSource(kind, checkpoint, checkpoint_prefix)
     pretrained = getattr(built, "pretrained_path", None)
     if pretrained is not None:
         return built, WeightSource("hf", str(pretrained))
@@ -129,6 +144,8 @@ def materialize(model: nn.Module, device: torch.device, source: WeightSource) ->
     with torch.no_grad():
         if source.kind == "hf":
             load_hf_directory(model, source.path)
+        elif source.kind == "dcp":
+            load_dcp_directory(model, source.path, source.prefix)
         else:
             load_torch_file(model, source.path, source.prefix)
         recompute_buffers(model)
@@ -214,6 +231,41 @@ def load_torch_file(model: nn.Module, path: str, prefix: str = "") -> None:
         )
     for name, target in targets.items():
         _copy_local(target, _fit_rows(name, state[name], target))
+
+
+def load_dcp_directory(model: nn.Module, path: str, prefix: str = "") -> None:
+    """Load a distributed checkpoint directory (``ModelParallelStrategy``'s, whatever layout
+    wrote it) into the local shards of ``model`` through DCP: each rank reads its slices.
+
+    Args:
+        model: the materialised model.
+        path: the checkpoint directory.
+        prefix: the stored keys' prefix after ``state_dict.`` that the model's keys lack
+            (``"model."`` for a ``CausalLMModule`` checkpoint).
+
+    Tensors whose first dimension the vocabulary reconciliation cut are read in full (DCP
+    refuses a shape mismatch) and their first rows copied.
+
+    Raises:
+        ValueError: for a torn checkpoint, missing keys or shapes that do not match.
+    """
+    stored = stored_tensors(path, prefix, "model")
+    targets: dict[str, Tensor] = {}
+    restricted: dict[str, tuple[Tensor, Tensor]] = {}
+    for name, target in _unique_state(model).items():
+        if name not in stored:
+            raise ValueError(f"{path!r} holds no weight {prefix + name!r} (the model's {name!r}).")
+        meta = stored[name]
+        if tuple(meta.size) == tuple(target.shape):
+            targets[name] = target
+        else:
+            full = torch.empty(meta.size, dtype=meta.properties.dtype, device=target.device)
+            _fit_rows(name, full, target)  # raises on a mismatch
+            targets[name] = full
+            restricted[name] = (full, target)
+    load_distributed_state(targets, path, prefix)
+    for name, (full, target) in restricted.items():
+        _copy_local(target, _fit_rows(name, full, target))
 
 
 def load_hf_directory(model: nn.Module, path: str, prefix: str = "model.") -> None:

@@ -113,8 +113,10 @@ class DistillationModule(LightningModule):
         optimizer: builds the optimizer from :meth:`trainable_parameters`, in
             ``configure_optimizers`` (after parallelisation); default AdamW(lr=1e-3).
         lr_scheduler: optional, builds a scheduler from the optimizer (stepped per step).
-        teacher_checkpoint: path to the teacher's weights (a ``state_dict`` file, or a
-            checkpoint dict with a ``state_dict`` entry), loaded before parallelisation.
+        teacher_checkpoint: path to the teacher's weights (a ``state_dict`` file, a checkpoint
+            dict with a ``state_dict`` entry, or a distributed checkpoint directory as
+            ``ModelParallelStrategy`` saves, read through DCP), loaded before parallelisation
+            (or, with ``sharded_loading``, into each rank's shards after it).
         teacher_checkpoint_prefix: key prefix to strip from that state dict (e.g. ``"model."``
             for a Lightning checkpoint of a module that stored the model as ``self.model``).
         save_teacher: keep the teacher's weights in checkpoints (default False: the teacher

@@ -14,6 +14,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_kd.parallel.distributed_state import (
+    is_distributed_checkpoint,
+    read_distributed_state,
+)
+
 ModelOrFactory = Callable[[], nn.Module] | nn.Module
 
 
@@ -40,12 +45,17 @@ def freeze(model: nn.Module) -> None:
 
 
 def read_state_dict(path: str, prefix: str = "") -> dict[str, Any]:
-    """The state dict stored at ``path`` (a ``state_dict`` file, or a checkpoint dict with a
-    ``state_dict`` entry), keys with ``prefix`` stripped; loaded with ``weights_only=True``.
+    """The state dict stored at ``path``, keys with ``prefix`` stripped: a ``state_dict`` file
+    or a checkpoint dict with a ``state_dict`` entry (loaded with ``weights_only=True``), or a
+    distributed checkpoint directory (``ModelParallelStrategy``'s; DCP consolidates its
+    shards into full tensors).
 
     Raises:
-        ValueError: for a file that holds no state dict, or a prefix that matches no key.
+        ValueError: for a file that holds no state dict, a torn distributed checkpoint, or a
+            prefix that matches no key.
     """
+    if Path(path).is_dir():
+        return read_distributed_state(path, prefix, "teacher")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for a file it cannot read
@@ -74,18 +84,25 @@ class TeacherSource:
 
     Args:
         model: the teacher, or a zero-argument factory (built on first :meth:`build`).
-        checkpoint: optional weights file loaded into it (strictly) before parallelisation.
+        checkpoint: optional weights loaded into it (strictly) before parallelisation: a
+            ``state_dict`` or Lightning checkpoint file, or a distributed checkpoint directory
+            (DCP ``.metadata`` and shards, as ``ModelParallelStrategy`` saves).
         checkpoint_prefix: key prefix to strip from that file (e.g. ``"model."``).
 
     Raises:
-        ValueError: when ``checkpoint`` is not a file.
+        ValueError: when ``checkpoint`` is neither a file nor a distributed checkpoint.
     """
 
     def __init__(
         self, model: ModelOrFactory, checkpoint: str | None = None, checkpoint_prefix: str = ""
     ) -> None:
-        if checkpoint is not None and not Path(checkpoint).is_file():
-            raise ValueError(f"teacher_checkpoint {checkpoint!r} is not a file.")
+        if checkpoint is not None and not (
+            Path(checkpoint).is_file() or is_distributed_checkpoint(checkpoint)
+        ):
+            raise ValueError(
+                f"teacher_checkpoint {checkpoint!r} is neither a file nor a distributed "
+                "checkpoint directory (with DCP's .metadata)."
+            )
         self.model = model
         self.checkpoint = checkpoint
         self.checkpoint_prefix = checkpoint_prefix

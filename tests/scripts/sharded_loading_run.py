@@ -4,8 +4,10 @@
 the other ranks by re-running it.
 
 ``--make-teacher DIR`` writes the teacher's weights instead (a ``torch.save`` file
-``DIR/teacher.pt`` for ``--teacher tiny``, a ``save_pretrained`` directory ``DIR/hf`` for
-``--teacher hf``) and exits. Otherwise rank 0 writes a JSON file with the per-step losses, a
+``DIR/teacher.pt`` for ``--teacher tiny``, a distributed checkpoint directory
+``DIR/teacher.ckpt`` as ModelParallelStrategy writes one, keys ``state_dict.model.*``, for
+``--teacher tiny-dcp``, a ``save_pretrained`` directory ``DIR/hf`` for ``--teacher hf``) and
+exits. Otherwise rank 0 writes a JSON file with the per-step losses, a
 digest of the teacher's weights after loading and every rank's peak resident memory when
 training starts (loading and sharding done) and at the end.
 """
@@ -53,6 +55,13 @@ def make_teacher(args: argparse.Namespace) -> None:
     if args.teacher == "tiny":
         torch.save(tiny_teacher(args.teacher_vocab).state_dict(), out / "teacher.pt")
         return
+    if args.teacher == "tiny-dcp":
+        import torch.distributed.checkpoint as dcp
+
+        state = {f"model.{k}": v for k, v in tiny_teacher(args.teacher_vocab).state_dict().items()}
+        dcp.save({"state_dict": state}, checkpoint_id=str(out / "teacher.ckpt"), no_dist=True)
+        torch.save({"global_step": 0}, out / "teacher.ckpt" / "meta.pt")
+        return
     from lightning_kd.models.hf import HFCausalLM
 
     config = hf_config(args.hf_hidden, args.hf_layers, args.teacher_vocab)
@@ -87,7 +96,7 @@ def main() -> None:
     parser.add_argument("--out")
     parser.add_argument("--source", help="the directory --make-teacher wrote")
     parser.add_argument("--make-teacher", default=None)
-    parser.add_argument("--teacher", default="tiny", choices=("tiny", "hf"))
+    parser.add_argument("--teacher", default="tiny", choices=("tiny", "tiny-dcp", "hf"))
     parser.add_argument("--teacher-vocab", type=int, default=VOCAB)
     parser.add_argument("--hf-hidden", type=int, default=32)
     parser.add_argument("--hf-layers", type=int, default=2)
@@ -111,9 +120,11 @@ def main() -> None:
     distillation.materialize = recording_materialize
     L.seed_everything(0, verbose=False)
     source = Path(args.source)
-    checkpoint = None
-    if args.teacher == "tiny":
+    checkpoint, prefix = None, ""
+    if args.teacher in ("tiny", "tiny-dcp"):
         checkpoint = str(source / "teacher.pt")
+        if args.teacher == "tiny-dcp":
+            checkpoint, prefix = str(source / "teacher.ckpt"), "model."
         vocab = args.teacher_vocab
 
         def teacher() -> TinyLlama:
@@ -134,6 +145,7 @@ def main() -> None:
         loss=KDLoss(chunk_size=5, temperature=2.0, kd_ratio=0.7),
         optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3),
         teacher_checkpoint=checkpoint,
+        teacher_checkpoint_prefix=prefix,
         shared_vocab_size=VOCAB if args.teacher_vocab != VOCAB else None,
         sharded_loading=args.sharded,
     )
