@@ -163,6 +163,25 @@ def test_teacher_offload_needs_a_device_mesh():
         module.configure_model()
 
 
+def test_place_offloaded_keeps_parameters_on_host_and_moves_buffers():
+    """After Lightning moves the module to its device, an offloaded teacher's parameters go
+    back to host memory (FSDP2's CPUOffloadPolicy requires it) and its buffers stay on the
+    compute device ("meta" stands in for a GPU here)."""
+    from lightning_kd.parallel.fsdp import place_offloaded
+
+    _, teacher = make_models()
+    keys = set(teacher.state_dict())
+    assert list(teacher.buffers())  # RoPE tables
+    params = {name: p.detach().clone() for name, p in teacher.named_parameters()}
+    place_offloaded(teacher, torch.device("meta"))
+    assert all(p.device.type == "cpu" for p in teacher.parameters())
+    assert [b.device.type for b in teacher.buffers()] == ["meta"] * len(list(teacher.buffers()))
+    assert set(teacher.state_dict()) == keys  # non-persistent buffers stay non-persistent
+    for name, p in teacher.named_parameters():
+        torch.testing.assert_close(p, params[name], rtol=0, atol=0)
+    place_offloaded(teacher, torch.device("meta"))  # idempotent
+
+
 def _dp2_worker(rank: int, world_size: int) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 

@@ -244,30 +244,37 @@ def run(tmp_path: Path, name: str, *args: str) -> dict:
 @pytest.mark.distributed
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("teacher", "vocab", "devices", "dp"),
+    ("teacher", "vocab", "devices", "dp", "options"),
     [
-        ("tiny", "40", "2", "1"),  # teacher_checkpoint (torch.save), padded vocabulary
-        ("tiny", "40", "4", "2"),
-        ("tiny-dcp", "40", "4", "2"),  # a distributed checkpoint directory through DCP
-        ("hf", "37", "2", "1"),  # save_pretrained directory through DCP
-        ("hf", "37", "4", "2"),
-        ("hf", "40", "4", "2"),  # ... with a padded vocabulary
+        ("tiny", "40", "2", "1", ()),  # teacher_checkpoint (torch.save), padded vocabulary
+        ("tiny", "40", "4", "2", ()),
+        ("tiny", "37", "2", "2", ("--tied", "--tp", "1")),  # a tied head survives FSDP2
+        ("tiny-dcp", "40", "4", "2", ()),  # a distributed checkpoint directory through DCP
+        ("hf", "37", "2", "1", ()),  # save_pretrained directory through DCP
+        ("hf", "37", "4", "2", ()),
+        ("hf", "40", "4", "2", ()),  # ... with a padded vocabulary
+        ("hf", "37", "4", "2", ("--teacher-offload",)),  # FSDP2 CPUOffloadPolicy teacher
+        ("hf", "37", "4", "2", ("--compile",)),  # compiled blocks over meta-built models
     ],
-    ids=[
-        "tiny-padded-tp2",
-        "tiny-padded-dp2xtp2",
-        "dcp-padded-dp2xtp2",
-        "hf-tp2",
-        "hf-dp2xtp2",
-        "hf-padded-dp2xtp2",
-    ],
-)
-def test_sharded_loading_gives_the_same_run(tmp_path, teacher, vocab, devices, dp):
-    common = ("--teacher", teacher, "--teacher-vocab", vocab)
+    ids=["tiny-padded-tp2", "tiny-padded-dp2xtp2", "tiny-tied-dp2", "dcp-padded-dp2xtp2",
+         "hf-tp2", "hf-dp2xtp2", "hf-padded-dp2xtp2", "hf-offload-dp2xtp2",
+         "hf-compile-dp2xtp2"],
+)  # fmt: skip
+def test_sharded_loading_gives_the_same_run(tmp_path, teacher, vocab, devices, dp, options):
+    """Loading in full vs sharded; ``--teacher-offload`` and ``--compile`` only on the sharded
+    run (neither may change the numbers), other ``options`` on both."""
+    if "--compile" in options:
+        from lightning_kd.parallel.block_wrappers import compiler_available
+
+        if not compiler_available():
+            pytest.skip("torch.compile needs a C++ compiler on CPU; none found")
+    only_sharded = [o for o in options if o in ("--teacher-offload", "--compile")]
+    both = [o for o in options if o not in only_sharded]
+    common = ("--teacher", teacher, "--teacher-vocab", vocab, *both)
     run(tmp_path, "make", "--make-teacher", str(tmp_path / "src"), *common)
     layout = ("--source", str(tmp_path / "src"), "--devices", devices, "--dp", dp, *common)
     full = run(tmp_path, "full", *layout)
-    sharded = run(tmp_path, "sharded", *layout, "--sharded")
+    sharded = run(tmp_path, "sharded", *layout, "--sharded", *only_sharded)
     assert full["materialized"] == [] and len(sharded["materialized"]) == 1
     assert len(full["losses"]) == 4
     torch.testing.assert_close(

@@ -10,6 +10,8 @@ FSDP2's ``CPUOffloadPolicy``: the sharded parameters live in host memory (pinned
 each unit's shard is copied to the device and all-gathered just before its forward, then freed.
 Cost: a host-to-device copy of the whole model's weights (its local shard on each rank) per
 forward, on top of the usual all-gather; device memory holds about one unit's weights at a time.
+:func:`place_offloaded` puts such a model's parameters back in host memory after Lightning
+moved the module to its device.
 """
 
 from __future__ import annotations
@@ -86,3 +88,22 @@ def apply_fsdp(
         fully_shard(unit, **kwargs)
     fully_shard(model, **kwargs)
     return model
+
+
+def place_offloaded(model: nn.Module, device: torch.device) -> None:
+    """Parameters in host memory, buffers on ``device``: where an FSDP2 ``CPUOffloadPolicy``
+    model's tensors belong.
+
+    Lightning's ``ModelParallelStrategy`` moves the whole LightningModule to its device after
+    ``configure_model`` (``model_to_device``), offloaded teacher included; FSDP2 then refuses
+    it at its first forward ("FSDP parameters should be materialized on CPU when enabling CPU
+    offloading"). Call this after that move and before the model's first forward. Buffers
+    (RoPE tables, rotary ``inv_freq``) are not FSDP2's: they stay on the compute device. A
+    no-op when everything already sits where it belongs (e.g. runs on CPU).
+    """
+    if any(param.device.type != "cpu" for param in model.parameters()):
+        model.to("cpu")  # parameters (DTensor shards) keep their identity: FSDP2 holds them
+    for module in model.modules():
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer is not None and buffer.device != device:
+                setattr(module, name, buffer.to(device))  # stays registered (persistence kept)

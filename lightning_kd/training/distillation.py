@@ -39,7 +39,7 @@ from lightning_kd.checks import check_bool, check_unit_interval
 from lightning_kd.losses.kd_loss import KDLoss
 from lightning_kd.models.contract import lm_head_width, packing_kwargs
 from lightning_kd.parallel.block_wrappers import checkpoint_blocks, compile_blocks
-from lightning_kd.parallel.fsdp import apply_fsdp, mixed_precision_policy
+from lightning_kd.parallel.fsdp import apply_fsdp, mixed_precision_policy, place_offloaded
 from lightning_kd.parallel.grad_clip import clip_grad_norm
 from lightning_kd.parallel.mesh import (
     DP_DIM,
@@ -348,7 +348,9 @@ class DistillationModule(LightningModule):
             for extra in self._extra_trainable_modules():
                 apply_fsdp(extra, dp_mesh, mp_policy=policy)
         for role, weights in self._weight_sources.items():  # sharded loading: local shards
-            materialize(getattr(self, role), self.trainer.strategy.root_device, weights)
+            offloaded = self.teacher_offload and role == "teacher"  # CPUOffloadPolicy: on host
+            device = torch.device("cpu") if offloaded else self.trainer.strategy.root_device
+            materialize(getattr(self, role), device, weights)
         self._weight_sources.clear()
         if self.teacher is not None:
             freeze(self.teacher)
@@ -375,6 +377,28 @@ class DistillationModule(LightningModule):
             checkpoint_blocks(model)
         if self.compile_each_block:
             compile_blocks(model)
+
+    def _place_offloaded_teacher(self) -> None:
+        """With ``teacher_offload``: the teacher's parameters back in host memory after the
+        strategy moved the module to its device (see :func:`place_offloaded`)."""
+        if self.teacher_offload and self.teacher is not None:
+            place_offloaded(self.teacher, self.device)
+
+    @override
+    def on_fit_start(self) -> None:
+        self._place_offloaded_teacher()
+
+    @override
+    def on_validation_start(self) -> None:
+        self._place_offloaded_teacher()
+
+    @override
+    def on_test_start(self) -> None:
+        self._place_offloaded_teacher()
+
+    @override
+    def on_predict_start(self) -> None:
+        self._place_offloaded_teacher()
 
     @override
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:

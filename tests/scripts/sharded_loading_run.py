@@ -43,9 +43,9 @@ def hf_config(hidden: int, layers: int, vocab: int, heads: int = 4) -> dict:
                 initializer_range=0.2)  # fmt: skip
 
 
-def tiny_teacher(vocab: int) -> TinyLlama:
+def tiny_teacher(vocab: int, tied: bool = False) -> TinyLlama:
     return TinyLlama(vocab_size=vocab, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
-                     hidden_dim=64, init_std=0.3)  # fmt: skip
+                     hidden_dim=64, init_std=0.3, tie_embeddings=tied)  # fmt: skip
 
 
 def make_teacher(args: argparse.Namespace) -> None:
@@ -53,12 +53,15 @@ def make_teacher(args: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(1)
     if args.teacher == "tiny":
-        torch.save(tiny_teacher(args.teacher_vocab).state_dict(), out / "teacher.pt")
+        torch.save(tiny_teacher(args.teacher_vocab, args.tied).state_dict(), out / "teacher.pt")
         return
     if args.teacher == "tiny-dcp":
         import torch.distributed.checkpoint as dcp
 
-        state = {f"model.{k}": v for k, v in tiny_teacher(args.teacher_vocab).state_dict().items()}
+        state = {
+            f"model.{k}": v
+            for k, v in tiny_teacher(args.teacher_vocab, args.tied).state_dict().items()
+        }
         dcp.save({"state_dict": state}, checkpoint_id=str(out / "teacher.ckpt"), no_dist=True)
         torch.save({"global_step": 0}, out / "teacher.ckpt" / "meta.pt")
         return
@@ -105,6 +108,9 @@ def main() -> None:
     parser.add_argument("--dp", type=int, default=1)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--sharded", action="store_true")
+    parser.add_argument("--tied", action="store_true", help="a tiny teacher with a tied head")
+    parser.add_argument("--teacher-offload", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="compile each block")
     args = parser.parse_args()
     if args.make_teacher:
         make_teacher(args)
@@ -128,7 +134,7 @@ def main() -> None:
         vocab = args.teacher_vocab
 
         def teacher() -> TinyLlama:
-            return tiny_teacher(vocab)
+            return tiny_teacher(vocab, args.tied)
 
         student = TinyLlama(vocab_size=VOCAB, dim=16, n_layers=1, n_heads=2, n_kv_heads=2,
                             hidden_dim=32, init_std=0.1)  # fmt: skip
@@ -148,6 +154,8 @@ def main() -> None:
         teacher_checkpoint_prefix=prefix,
         shared_vocab_size=VOCAB if args.teacher_vocab != VOCAB else None,
         sharded_loading=args.sharded,
+        teacher_offload=args.teacher_offload,
+        compile=args.compile,
     )
     recorder = LossRecorder()
     start = StartPeak()
