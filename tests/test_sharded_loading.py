@@ -135,22 +135,6 @@ def test_unknown_non_persistent_buffers_are_refused():
         recompute_buffers(model)
 
 
-def test_hf_model_under_meta_reads_only_the_config(tmp_path):
-    pytest.importorskip("transformers")
-    from lightning_kd.models.hf import HFCausalLM
-
-    config = dict(model_type="llama", vocab_size=40, hidden_size=32, intermediate_size=64,
-                  num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
-                  max_position_embeddings=64, tie_word_embeddings=False)  # fmt: skip
-    torch.manual_seed(0)
-    reference = HFCausalLM(config=config)
-    reference.model.save_pretrained(tmp_path / "hf")
-    with torch.device("meta"):
-        model = HFCausalLM(pretrained_path=str(tmp_path / "hf"))
-    assert is_meta(model)
-    assert model.model.config.hidden_size == 32 and model.vocab_size == 40
-
-
 def small_hf(tmp_path: Path):
     """A two-layer HF Llama saved to ``tmp_path / "hf"``; returns the model."""
     from lightning_kd.models.hf import HFCausalLM
@@ -162,6 +146,17 @@ def small_hf(tmp_path: Path):
     reference = HFCausalLM(config=config)
     reference.model.save_pretrained(tmp_path / "hf")
     return reference
+
+
+def test_hf_model_under_meta_reads_only_the_config(tmp_path):
+    pytest.importorskip("transformers")
+    from lightning_kd.models.hf import HFCausalLM
+
+    small_hf(tmp_path)
+    with torch.device("meta"):
+        model = HFCausalLM(pretrained_path=str(tmp_path / "hf"))
+    assert is_meta(model)
+    assert model.model.config.hidden_size == 32 and model.vocab_size == 40
 
 
 def test_an_hf_directory_loads_exactly_through_dcp_in_one_process(tmp_path):
