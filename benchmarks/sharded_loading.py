@@ -10,6 +10,11 @@ sharded: what a GPU node's host memory must hold to start the run) and at the en
 (on CPU the training step's memory is host memory too: FSDP2 all-gathers one teacher block at
 a time).
 
+Each layout runs three ways: loading in full, sharded, and sharded with glibc's mmap threshold
+fixed (``MALLOC_MMAP_THRESHOLD_=65536``): glibc raises that threshold as large blocks are
+freed, after which FSDP2's freed per-block all-gather buffers stay in the heap, which shows in
+the whole-run figure on CPU.
+
     python benchmarks/sharded_loading.py [--hidden 1024 --layers 12]
 """
 

@@ -41,9 +41,12 @@ def test_a_random_init_is_not_built_on_meta_and_the_rng_is_untouched():
     assert build_on_meta(tiny(), "student") is None  # an instance is already materialised
 
 
-def save_checkpoint(state: dict[str, torch.Tensor], path: Path, kind: str) -> str:
+def save_checkpoint(
+    state: dict[str, torch.Tensor], path: Path, kind: str, loop_state: bool = True
+) -> str:
     """``state`` under ``state_dict.model.*`` as a Lightning checkpoint file (``torch``) or a
-    distributed checkpoint directory as ModelParallelStrategy writes it (``dcp``)."""
+    distributed checkpoint directory (``dcp``): as ModelParallelStrategy writes it, or without
+    ``loop_state`` a bare ``dcp.save`` of the weights."""
     import torch.distributed.checkpoint as dcp
 
     nested = {"state_dict": {f"model.{k}": v for k, v in state.items()}}
@@ -51,7 +54,8 @@ def save_checkpoint(state: dict[str, torch.Tensor], path: Path, kind: str) -> st
         torch.save(nested, path)
     else:
         dcp.save(nested, checkpoint_id=str(path), no_dist=True)
-        torch.save({"global_step": 0}, path / "meta.pt")  # Lightning's loop state file
+        if loop_state:
+            torch.save({"global_step": 0}, path / "meta.pt")  # Lightning's loop state file
     return str(path)
 
 
@@ -68,7 +72,7 @@ def test_a_checkpointed_model_builds_on_meta_and_materialises_equal(tmp_path, ki
     built = build_on_meta(tiny, "teacher", path, "model.")
     assert built is not None
     model, source = built
-    assert is_meta(model) and source == WeightSource(kind, path, "model.")
+    assert is_meta(model) and source == WeightSource(kind, path, "model.", "teacher")
     model.restrict_vocab(37)
     materialize(model, torch.device("cpu"), source)
     assert not is_meta(model)
@@ -103,12 +107,34 @@ def test_a_distributed_checkpoint_loads_in_full_and_bad_ones_are_refused(tmp_pat
     with pytest.raises(ValueError, match="neither a file nor a distributed checkpoint"):
         TeacherSource(tiny, str(tmp_path / "empty.ckpt"))
     model, source = build_on_meta(tiny, "teacher", path, "student.")
-    with pytest.raises(ValueError, match="holds no model weights"):
+    with pytest.raises(ValueError, match="holds no teacher weights"):
         materialize(model, torch.device("cpu"), source)
     wider = TinyLlama(vocab_size=40, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96)
     model, source = build_on_meta(lambda: wider, "teacher", path, "model.")
     with pytest.raises(ValueError, match="shape"):
         materialize(model, torch.device("cpu"), source)
+    # A checkpoint with more layers than the model is refused (strict, as loading in full).
+    shallow = TinyLlama(vocab_size=40, dim=32, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=64)
+    model, source = build_on_meta(lambda: shallow, "teacher", path, "model.")
+    with pytest.raises(ValueError, match=r"unexpected \['layers\.1\."):
+        materialize(model, torch.device("cpu"), source)
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        TeacherSource(lambda: shallow, path, "model.").build()
+
+
+def test_a_bare_dcp_save_of_the_weights_is_a_teacher_checkpoint_too(tmp_path):
+    """No Lightning loop state (meta.pt) to verify: DCP's .metadata, written last, is enough."""
+    from lightning_kd.training.teacher import TeacherSource
+
+    torch.manual_seed(0)
+    reference = tiny()
+    path = save_checkpoint(reference.state_dict(), tmp_path / "weights", "dcp", loop_state=False)
+    for model in (TeacherSource(tiny, path, "model.").build(), None):
+        if model is None:  # sharded loading's reader
+            model, source = build_on_meta(tiny, "teacher", path, "model.")
+            materialize(model, torch.device("cpu"), source)
+        for key, value in reference.state_dict().items():
+            torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=0)
 
 
 def test_tied_weights_survive_and_mismatches_are_refused(tmp_path):
@@ -165,7 +191,9 @@ def test_an_hf_directory_loads_exactly_through_dcp_in_one_process(tmp_path):
 
     reference = small_hf(tmp_path)
     built = build_on_meta(lambda: HFCausalLM(pretrained_path=str(tmp_path / "hf")), "teacher")
-    assert built is not None and built[1] == WeightSource("hf", str(tmp_path / "hf"))
+    assert built is not None and built[1] == WeightSource(
+        "hf", str(tmp_path / "hf"), role="teacher"
+    )
     model, source = built
     materialize(model, torch.device("cpu"), source)
     for name, value in reference.state_dict().items():

@@ -42,8 +42,11 @@ def stored_tensors(directory: str | Path, prefix: str, role: str) -> dict[str, A
     """DCP's metadata (``TensorStorageMetadata``: global ``size``, ``properties.dtype``) of
     the ``state_dict.<prefix>*`` tensors, keyed without that prefix.
 
-    The checkpoint is verified first (a torn directory is refused, see
-    :func:`~lightning_kd.parallel.atomic_checkpoint.verify_checkpoint`).
+    A directory that Lightning wrote (it has ``meta.pt`` or a completion marker) is verified
+    first: a torn one is refused, see
+    :func:`~lightning_kd.parallel.atomic_checkpoint.verify_checkpoint`. A bare ``dcp.save``
+    directory (weights only, e.g. torchtitan's) has no loop state to check; DCP writes its
+    ``.metadata`` last, so its presence means the weights are all there.
 
     Raises:
         ValueError: ``directory`` is not a DCP directory, is torn, or holds no such tensor.
@@ -51,7 +54,7 @@ def stored_tensors(directory: str | Path, prefix: str, role: str) -> dict[str, A
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    from lightning_kd.parallel.atomic_checkpoint import verify_checkpoint
+    from lightning_kd.parallel.atomic_checkpoint import MARKER_FILENAME, verify_checkpoint
 
     directory = Path(directory)
     if not is_distributed_checkpoint(directory):
@@ -59,7 +62,8 @@ def stored_tensors(directory: str | Path, prefix: str, role: str) -> dict[str, A
             f"{directory} is a directory without DCP metadata (.metadata): not a distributed "
             "checkpoint."
         )
-    verify_checkpoint(directory)
+    if (directory / "meta.pt").exists() or (directory / MARKER_FILENAME).exists():
+        verify_checkpoint(directory)
     metadata = dcp.FileSystemReader(str(directory)).read_metadata().state_dict_metadata
     full_prefix = f"{STATE_DICT_KEY}.{prefix}"
     stored = {
@@ -107,20 +111,15 @@ def read_distributed_state(
 def load_distributed_state(
     targets: Mapping[str, Tensor], directory: str | Path, prefix: str
 ) -> None:
-    """Fill ``targets`` (local shards: DTensors or plain tensors of the stored global shape)
+    """Fill ``targets`` (local shards: DTensors, or plain tensors of the stored global shape)
     from the ``state_dict.<prefix>*`` tensors of a DCP directory; each rank reads only the
     slices it holds. A collective when a process group is up: every rank calls it with the
     same keys.
 
-    Raises:
-        ValueError: for keys the checkpoint lacks (DCP refuses mismatched shapes itself).
+    Check the keys and shapes first (:func:`stored_tensors`): DCP reports a missing key or a
+    shape mismatch as its own ``CheckpointException`` under a process group.
     """
     import torch.distributed.checkpoint as dcp
 
-    missing = sorted(set(targets) - set(stored_tensors(directory, prefix, "model")))
-    if missing:
-        raise ValueError(
-            f"{directory} holds no weights {missing[:5]} under '{STATE_DICT_KEY}.{prefix}'."
-        )
     state = {STATE_DICT_KEY: {prefix + name: target for name, target in targets.items()}}
     dcp.load(state, storage_reader=dcp.FileSystemReader(str(directory)))

@@ -99,10 +99,15 @@ def place_offloaded(model: nn.Module, device: torch.device) -> None:
     it at its first forward ("FSDP parameters should be materialized on CPU when enabling CPU
     offloading"). Call this after that move and before the model's first forward. Buffers
     (RoPE tables, rotary ``inv_freq``) are not FSDP2's: they stay on the compute device. A
-    no-op when everything already sits where it belongs (e.g. runs on CPU).
+    no-op when everything already sits where it belongs (e.g. runs on CPU). Not yet run on a
+    GPU (no CUDA machine in this project's CI): the move back is checked only by reading
+    FSDP2's source.
     """
-    if any(param.device.type != "cpu" for param in model.parameters()):
+    moved_from = {p.device.type for p in model.parameters()} - {"cpu"}
+    if moved_from:
         model.to("cpu")  # parameters (DTensor shards) keep their identity: FSDP2 holds them
+        if "cuda" in moved_from:
+            torch.cuda.empty_cache()  # the cached blocks the move left behind
     for module in model.modules():
         for name, buffer in module.named_buffers(recurse=False):
             if buffer is not None and buffer.device != device:

@@ -40,9 +40,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from torch.distributed.checkpoint import HuggingFaceStorageReader, LoadPlan, LoadPlanner
 from torch.distributed.tensor import DTensor, distribute_tensor
-from torch.futures import Future
 
 from lightning_kd.models.tiny_llama import TinyLlama, rope_tables
 from lightning_kd.parallel.distributed_state import (
@@ -52,7 +50,6 @@ from lightning_kd.parallel.distributed_state import (
 )
 
 __all__ = [
-    "TensorAtATimeReader",
     "WeightSource",
     "build_on_meta",
     "is_meta",
@@ -75,11 +72,13 @@ class WeightSource:
         path: the directory or the file.
         prefix: for ``"torch"`` and ``"dcp"``, the prefix of the stored keys (after DCP's
             ``state_dict.``) that the model's keys lack, e.g. ``"model."``.
+        role: ``"student"`` or ``"teacher"``, for messages.
     """
 
     kind: str
     path: str
     prefix: str = ""
+    role: str = "model"
 
 
 def is_meta(model: nn.Module) -> bool:
@@ -121,10 +120,10 @@ def build_on_meta(
         raise ValueError(f"the {role} factory must return an nn.Module, got {type(built)}.")
     if checkpoint is not None:
         kind = "dcp" if is_distributed_checkpoint(checkpoint) else "torch"
-        return built, WeightSource(kind, checkpoint, checkpoint_prefix)
+        return built, WeightSource(kind, checkpoint, checkpoint_prefix, role)
     pretrained = getattr(built, "pretrained_path", None)
     if pretrained is not None:
-        return built, WeightSource("hf", str(pretrained))
+        return built, WeightSource("hf", str(pretrained), role=role)
     return None
 
 
@@ -145,7 +144,7 @@ def materialize(model: nn.Module, device: torch.device, source: WeightSource) ->
         if source.kind == "hf":
             load_hf_directory(model, source.path)
         elif source.kind == "dcp":
-            load_dcp_directory(model, source.path, source.prefix)
+            load_dcp_directory(model, source.path, source.prefix, source.role)
         else:
             load_torch_file(model, source.path, source.prefix)
         recompute_buffers(model)
@@ -189,15 +188,29 @@ def _fit_rows(name: str, full: Tensor, target: Tensor) -> Tensor:
 
 
 def _copy_local(target: Tensor, full: Tensor) -> None:
-    """Copy this rank's slice of the global tensor ``full`` into ``target`` (a DTensor shard
-    or a plain tensor), without communication."""
-    if isinstance(target, DTensor):
+    """Copy this rank's slice of the global tensor ``full`` (on the host, e.g. memory-mapped)
+    into ``target`` (a DTensor shard or a plain tensor), without communication.
+
+    The slice is cut where ``full`` lives, from the offsets DCP itself uses for the shard
+    (``__create_chunk_list__``, TP and FSDP2's strided shards included), so only its pages are
+    read and only it is copied to the device.
+    """
+    if not isinstance(target, DTensor):
+        target.copy_(full)
+        return
+    chunks = target.__create_chunk_list__()
+    if len(chunks) == 1:
+        (chunk,) = chunks
+        index = tuple(
+            slice(offset, offset + size)
+            for offset, size in zip(chunk.offsets, chunk.sizes, strict=True)
+        )
+        target.to_local().copy_(full[index])
+    else:  # a layout with several local pieces: let DTensor cut it (copies ``full`` over)
         local = distribute_tensor(
             full, target.device_mesh, target.placements, src_data_rank=None
         ).to_local()
         target.to_local().copy_(local)
-    else:
-        target.copy_(full)
 
 
 # --------------------------------------------------------------------------- sources
@@ -233,7 +246,7 @@ def load_torch_file(model: nn.Module, path: str, prefix: str = "") -> None:
         _copy_local(target, _fit_rows(name, state[name], target))
 
 
-def load_dcp_directory(model: nn.Module, path: str, prefix: str = "") -> None:
+def load_dcp_directory(model: nn.Module, path: str, prefix: str = "", role: str = "model") -> None:
     """Load a distributed checkpoint directory (``ModelParallelStrategy``'s, whatever layout
     wrote it) into the local shards of ``model`` through DCP: each rank reads its slices.
 
@@ -242,24 +255,33 @@ def load_dcp_directory(model: nn.Module, path: str, prefix: str = "") -> None:
         path: the checkpoint directory.
         prefix: the stored keys' prefix after ``state_dict.`` that the model's keys lack
             (``"model."`` for a ``CausalLMModule`` checkpoint).
+        role: what the model is, for messages.
 
     Tensors whose first dimension the vocabulary reconciliation cut are read in full (DCP
     refuses a shape mismatch) and their first rows copied.
 
     Raises:
-        ValueError: for a torn checkpoint, missing keys or shapes that do not match.
+        ValueError: for a torn checkpoint, missing or unexpected keys (the load is strict,
+            as loading in full is), or shapes that do not match.
     """
-    stored = stored_tensors(path, prefix, "model")
+    stored = stored_tensors(path, prefix, role)
+    state = _unique_state(model)
+    missing = sorted(set(state) - set(stored))
+    unexpected = sorted(set(stored) - set(model.state_dict()))  # tied aliases may be stored
+    if missing or unexpected:
+        raise ValueError(
+            f"the {role} checkpoint {path!r} does not match the {role} (stored keys under "
+            f"'state_dict.{prefix}', the teacher_checkpoint_prefix): missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}."
+        )
     targets: dict[str, Tensor] = {}
     restricted: dict[str, tuple[Tensor, Tensor]] = {}
-    for name, target in _unique_state(model).items():
-        if name not in stored:
-            raise ValueError(f"{path!r} holds no weight {prefix + name!r} (the model's {name!r}).")
+    for name, target in state.items():
         meta = stored[name]
         if tuple(meta.size) == tuple(target.shape):
             targets[name] = target
-        else:
-            full = torch.empty(meta.size, dtype=meta.properties.dtype, device=target.device)
+        else:  # the full rows on the host; only this rank's slice goes to the device
+            full = torch.empty(meta.size, dtype=meta.properties.dtype)
             _fit_rows(name, full, target)  # raises on a mismatch
             targets[name] = full
             restricted[name] = (full, target)
@@ -287,6 +309,14 @@ def load_hf_directory(model: nn.Module, path: str, prefix: str = "model.") -> No
     """
     import torch.distributed.checkpoint as dcp
 
+    try:
+        from lightning_kd.parallel.hf_reader import TensorAtATimeReader
+    except ImportError as error:  # torch without DCP's Hugging Face storage reader
+        raise ValueError(
+            f"sharded loading of the Hugging Face directory {path!r} needs "
+            "torch.distributed.checkpoint.HuggingFaceStorageReader, which this torch "
+            f"({torch.__version__}) lacks; upgrade torch or set sharded_loading=False."
+        ) from error
     stored = TensorAtATimeReader(path).read_metadata().state_dict_metadata
     state: dict[str, Tensor] = {}
     restricted: dict[str, Tensor] = {}
@@ -307,42 +337,6 @@ def load_hf_directory(model: nn.Module, path: str, prefix: str = "model.") -> No
         _load_leading_rows(path, restricted)
 
 
-class TensorAtATimeReader(HuggingFaceStorageReader):
-    """DCP's Hugging Face storage reader, opening the safetensors file anew for each tensor.
-
-    A safetensors handle memory-maps its whole file, and every page a read touches stays
-    resident, counted in the process's memory, until the handle closes. The stock reader keeps
-    one handle per file for all of the file's reads, so a rank that reads column slices (a
-    row-parallel weight's slice touches every page of the tensor) ends up holding most of the
-    file: about half of a 575 MiB teacher per rank at TP=2 x DP=2. One handle per tensor bounds
-    the transient to the largest tensor this rank reads. DCP still plans which slices each rank
-    reads; only the file handling differs.
-    """
-
-    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
-        from safetensors import safe_open
-
-        for item in plan.items:
-            file_name = self.storage_data[item.storage_index].relative_path
-            slices = tuple(
-                slice(offset, offset + length)
-                for offset, length in zip(item.storage_offsets, item.lengths, strict=True)
-            )
-            with safe_open(filename=file_name, framework="pt") as handle:
-                stored = handle.get_slice(item.storage_index.fqn)[slices]
-            target = planner.resolve_tensor(item).detach()
-            if target.shape != stored.shape:
-                raise ValueError(
-                    f"{file_name!r}: {item.storage_index.fqn!r} read as {tuple(stored.shape)}, "
-                    f"expected {tuple(target.shape)}."
-                )
-            target.copy_(stored)
-            planner.commit_tensor(item, target)
-        done: Future[None] = Future()
-        done.set_result(None)
-        return done
-
-
 def _load_leading_rows(path: str, targets: dict[str, Tensor]) -> None:
     """Copy the first rows of the stored tensors ``targets`` names (restricted vocabularies)."""
     from safetensors import safe_open
@@ -350,10 +344,12 @@ def _load_leading_rows(path: str, targets: dict[str, Tensor]) -> None:
     left = dict(targets)
     for file in sorted(Path(path).glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as handle:
-            for key in [k for k in left if k in handle.keys()]:  # noqa: SIM118
-                target = left.pop(key)
+            keys = [k for k in left if k in handle.keys()]  # noqa: SIM118
+        for key in keys:  # one handle per tensor, as TensorAtATimeReader
+            target = left.pop(key)
+            with safe_open(str(file), framework="pt") as handle:
                 rows = handle.get_slice(key)[: target.shape[0]]
-                _copy_local(target, _fit_rows(key, rows, target))
+            _copy_local(target, _fit_rows(key, rows, target))
     if left:
         raise ValueError(f"{path!r} holds no weights {sorted(left)}.")
 

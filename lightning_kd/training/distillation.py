@@ -380,7 +380,9 @@ class DistillationModule(LightningModule):
 
     def _place_offloaded_teacher(self) -> None:
         """With ``teacher_offload``: the teacher's parameters back in host memory after the
-        strategy moved the module to its device (see :func:`place_offloaded`)."""
+        strategy moved the module to its device (see :func:`place_offloaded`). Called from
+        ``on_fit_start`` / ``on_validation_start`` / ``on_test_start`` / ``on_predict_start``:
+        a subclass overriding those must call ``super()``."""
         if self.teacher_offload and self.teacher is not None:
             place_offloaded(self.teacher, self.device)
 
