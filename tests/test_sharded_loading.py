@@ -329,3 +329,57 @@ def test_sharded_loading_holds_about_a_quarter_of_the_teacher_per_rank_at_dp2_x_
     ]
     assert len(added) == 4 and teacher_mib > 60
     assert max(added) <= 0.4 * teacher_mib, (added, teacher_mib)
+
+
+# ------------------------------------------------------------------ resharding a DCP checkpoint
+def _parallel(model: nn.Module, dp: int, tp: int):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from lightning_kd.parallel.fsdp import apply_fsdp
+    from lightning_kd.parallel.plans import apply_tensor_parallel
+
+    mesh = init_device_mesh("cpu", (dp, tp), mesh_dim_names=("data_parallel", "tensor_parallel"))
+    if tp > 1:
+        apply_tensor_parallel(model, mesh["tensor_parallel"], model.tensor_parallel_plan(tp))
+    if dp > 1:
+        apply_fsdp(model, mesh["data_parallel"], reshard_after_forward=True)
+    return model
+
+
+def _save_under_tp2(rank: int, world_size: int, path: str) -> None:
+    """A checkpoint as a TP=2 ModelParallelStrategy run writes it: each rank its shards."""
+    import torch.distributed.checkpoint as dcp
+
+    torch.manual_seed(0)
+    model = _parallel(tiny(), 1, world_size)
+    dcp.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}},
+             checkpoint_id=path)  # fmt: skip
+    if rank == 0:
+        torch.save({"global_step": 0}, Path(path) / "meta.pt")
+
+
+def _load_resharded(rank: int, world_size: int, path: str, dp: int, vocab: int) -> None:
+    """Sharded loading of that checkpoint under another layout equals the weights saved."""
+    from torch.distributed.tensor import DTensor
+
+    torch.manual_seed(0)
+    reference = tiny()
+    reference.restrict_vocab(vocab)
+    model, source = build_on_meta(tiny, "teacher", path, "model.")
+    model.restrict_vocab(vocab)
+    _parallel(model, dp, world_size // dp)
+    materialize(model, torch.device("cpu"), source)
+    for name, value in model.state_dict().items():
+        full = value.full_tensor() if isinstance(value, DTensor) else value
+        torch.testing.assert_close(full, reference.state_dict()[name], rtol=0, atol=0)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_a_tp2_written_checkpoint_loads_sharded_under_other_layouts(tmp_path):
+    from tests.distributed import run_workers
+
+    path = str(tmp_path / "tp2.ckpt")
+    run_workers(_save_under_tp2, 2, path)
+    run_workers(_load_resharded, 4, path, 2, 40)  # DP=2 x TP=2
+    run_workers(_load_resharded, 2, path, 2, 37)  # FSDP2 over DP=2, a restricted vocabulary
