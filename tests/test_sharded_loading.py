@@ -278,20 +278,21 @@ def run(tmp_path: Path, name: str, *args: str) -> dict:
         ("hf", "40", "4", "2", ()),  # ... with a padded vocabulary
         ("hf", "37", "4", "2", ("--teacher-offload",)),  # FSDP2 CPUOffloadPolicy teacher
         ("hf", "37", "4", "2", ("--compile",)),  # compiled blocks over meta-built models
+        ("hf", "37", "4", "2", ("--fused-head",)),  # the heads as their own FSDP2 units
     ],
     ids=["tiny-padded-tp2", "tiny-padded-dp2xtp2", "tiny-tied-dp2", "dcp-padded-dp2xtp2",
          "hf-tp2", "hf-dp2xtp2", "hf-padded-dp2xtp2", "hf-offload-dp2xtp2",
-         "hf-compile-dp2xtp2"],
+         "hf-compile-dp2xtp2", "hf-fused-dp2xtp2"],
 )  # fmt: skip
 def test_sharded_loading_gives_the_same_run(tmp_path, teacher, vocab, devices, dp, options):
-    """Loading in full vs sharded; ``--teacher-offload`` and ``--compile`` only on the sharded
-    run (neither may change the numbers), other ``options`` on both."""
+    """Loading in full vs sharded; ``--teacher-offload``, ``--compile`` and ``--fused-head``
+    only on the sharded run (none may change the numbers), other ``options`` on both."""
     if "--compile" in options:
         from lightning_kd.parallel.block_wrappers import compiler_available
 
         if not compiler_available():
             pytest.skip("torch.compile needs a C++ compiler on CPU; none found")
-    only_sharded = [o for o in options if o in ("--teacher-offload", "--compile")]
+    only_sharded = [o for o in options if o in ("--teacher-offload", "--compile", "--fused-head")]
     both = [o for o in options if o not in only_sharded]
     common = ("--teacher", teacher, "--teacher-vocab", vocab, *both)
     run(tmp_path, "make", "--make-teacher", str(tmp_path / "src"), *common)

@@ -111,6 +111,7 @@ def main() -> None:
     parser.add_argument("--tied", action="store_true", help="a tiny teacher with a tied head")
     parser.add_argument("--teacher-offload", action="store_true")
     parser.add_argument("--compile", action="store_true", help="compile each block")
+    parser.add_argument("--fused-head", action="store_true")
     args = parser.parse_args()
     if args.make_teacher:
         make_teacher(args)
@@ -156,6 +157,7 @@ def main() -> None:
         sharded_loading=args.sharded,
         teacher_offload=args.teacher_offload,
         compile=args.compile,
+        fused_head=args.fused_head,
     )
     recorder = LossRecorder()
     start = StartPeak()
