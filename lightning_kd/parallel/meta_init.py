@@ -18,15 +18,16 @@ start. With ``DistillationModule(sharded_loading=True)`` and a device mesh:
 
    - a Hugging Face directory (``HFCausalLM(pretrained_path=...)``) is read through PyTorch's
      distributed checkpoint with its Hugging Face storage reader
-     (``torch.distributed.checkpoint.HuggingFaceStorageReader``): each rank reads only the
-     slices of its local shards from the safetensors files;
+     (:class:`~lightning_kd.parallel.hf_reader.TensorAtATimeReader`, which opens the file
+     anew for each tensor): each rank reads only the slices of its local shards from the
+     safetensors files;
    - a ``teacher_checkpoint`` that is a distributed checkpoint directory (as
      ``ModelParallelStrategy`` saves; any TP/FSDP2 layout) is read through DCP, each rank
      reading its slices;
    - a ``teacher_checkpoint`` that is one ``torch.save`` file is memory-mapped
-     (``torch.load(mmap=True)``) and each rank copies its slice of every tensor
-     (``distribute_tensor(..., src_data_rank=None)``: no communication, only the pages of
-     the local slices are read).
+     (``torch.load(mmap=True)``) and each rank copies its slice of every tensor, cut on the
+     host at the offsets DCP uses for the shard (no communication; only the pages of the
+     local slices are read, and the file stays mapped until the load ends).
 
    Rows beyond a restricted (padded) vocabulary are never copied: tensors whose first
    dimension the reconciliation cut are read as their first rows.
