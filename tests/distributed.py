@@ -32,6 +32,22 @@ def _entry(rank: int, fn: Callable, world_size: int, port: int, args: tuple) -> 
     exit_now(0)
 
 
+def parallelize(model: torch.nn.Module, dp: int, tp: int) -> torch.nn.Module:
+    """``model`` (with a ``tensor_parallel_plan``) under TP=``tp`` and, with ``dp > 1``,
+    FSDP2 over DP=``dp`` on a CPU mesh of this worker's process group, in place."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from lightning_kd.parallel.fsdp import apply_fsdp
+    from lightning_kd.parallel.plans import apply_tensor_parallel
+
+    mesh = init_device_mesh("cpu", (dp, tp), mesh_dim_names=("data_parallel", "tensor_parallel"))
+    if tp > 1:
+        apply_tensor_parallel(model, mesh["tensor_parallel"], model.tensor_parallel_plan(tp))
+    if dp > 1:
+        apply_fsdp(model, mesh["data_parallel"], reshard_after_forward=True)
+    return model
+
+
 def exit_now(code: int = 0) -> None:
     """Flush and end the process without running C++ static destructors. On a loaded machine
     gloo's background threads can still be winding down at interpreter exit, and their

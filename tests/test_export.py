@@ -28,7 +28,7 @@ from lightning_kd.export import (
 )
 from lightning_kd.export.tiny_llama_to_llama import rope_theta_of
 from lightning_kd.models.hf import HFCausalLM
-from tests.distributed import run_workers
+from tests.distributed import parallelize, run_workers
 from tests.scripts.fit_run import VOCAB, RandomTokens, make_hf_models, make_models
 from tests.test_hf import _config, _save_tokenizer
 from tests.test_module import _trainer
@@ -297,19 +297,8 @@ def test_cli_export_errors_are_one_line(tmp_path, capsys, make_ckpt, message):
 def _gather_and_export(rank: int, world_size: int, dp: int, out: str) -> None:
     """The live path of ExportOnFitEnd: a TinyLlama under TP (and FSDP2 with dp > 1), its
     full weights gathered by every rank, written by rank 0."""
-    from torch.distributed.device_mesh import init_device_mesh
-
-    from lightning_kd.parallel.fsdp import apply_fsdp
-    from lightning_kd.parallel.plans import apply_tensor_parallel
-
     reference = _tiny()
-    model = _tiny()
-    tp = world_size // dp
-    mesh = init_device_mesh("cpu", (dp, tp), mesh_dim_names=("data_parallel", "tensor_parallel"))
-    if tp > 1:
-        apply_tensor_parallel(model, mesh["tensor_parallel"], model.tensor_parallel_plan(tp))
-    if dp > 1:
-        apply_fsdp(model, mesh["data_parallel"], reshard_after_forward=True)
+    model = parallelize(_tiny(), dp, world_size // dp)
     state = gather_full_state(model, keep=rank == 0)
     if rank == 0:
         export_student(model, state, out)

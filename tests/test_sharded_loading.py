@@ -23,6 +23,7 @@ from lightning_kd.parallel.meta_init import (
     materialize,
     recompute_buffers,
 )
+from tests.distributed import parallelize, run_workers
 
 SCRIPT = Path(__file__).parent / "scripts" / "sharded_loading_run.py"
 ROOT = Path(__file__).resolve().parents[1]
@@ -333,26 +334,12 @@ def test_sharded_loading_holds_about_a_quarter_of_the_teacher_per_rank_at_dp2_x_
 
 
 # ------------------------------------------------------------------ resharding a DCP checkpoint
-def _parallel(model: nn.Module, dp: int, tp: int):
-    from torch.distributed.device_mesh import init_device_mesh
-
-    from lightning_kd.parallel.fsdp import apply_fsdp
-    from lightning_kd.parallel.plans import apply_tensor_parallel
-
-    mesh = init_device_mesh("cpu", (dp, tp), mesh_dim_names=("data_parallel", "tensor_parallel"))
-    if tp > 1:
-        apply_tensor_parallel(model, mesh["tensor_parallel"], model.tensor_parallel_plan(tp))
-    if dp > 1:
-        apply_fsdp(model, mesh["data_parallel"], reshard_after_forward=True)
-    return model
-
-
 def _save_under_tp2(rank: int, world_size: int, path: str) -> None:
     """A checkpoint as a TP=2 ModelParallelStrategy run writes it: each rank its shards."""
     import torch.distributed.checkpoint as dcp
 
     torch.manual_seed(0)
-    model = _parallel(tiny(), 1, world_size)
+    model = parallelize(tiny(), 1, world_size)
     dcp.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}},
              checkpoint_id=path)  # fmt: skip
     if rank == 0:
@@ -368,7 +355,7 @@ def _load_resharded(rank: int, world_size: int, path: str, dp: int, vocab: int) 
     reference.restrict_vocab(vocab)
     model, source = build_on_meta(tiny, "teacher", path, "model.")
     model.restrict_vocab(vocab)
-    _parallel(model, dp, world_size // dp)
+    parallelize(model, dp, world_size // dp)
     materialize(model, torch.device("cpu"), source)
     for name, value in model.state_dict().items():
         full = value.full_tensor() if isinstance(value, DTensor) else value
@@ -378,8 +365,6 @@ def _load_resharded(rank: int, world_size: int, path: str, dp: int, vocab: int) 
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_a_tp2_written_checkpoint_loads_sharded_under_other_layouts(tmp_path):
-    from tests.distributed import run_workers
-
     path = str(tmp_path / "tp2.ckpt")
     run_workers(_save_under_tp2, 2, path)
     run_workers(_load_resharded, 4, path, 2, 40)  # DP=2 x TP=2
