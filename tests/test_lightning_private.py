@@ -1,4 +1,4 @@
-"""Each accessor of lightning_kd.training.lightning_private against the installed Lightning, with
+"""Each accessor of lightning_kd.lightning_private against the installed Lightning, with
 real (tiny) Trainer fits: a Lightning upgrade that moves or redefines what an accessor reads
 fails here, loudly, instead of silently shifting the callbacks' logging steps."""
 
@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from torch.utils.data import DataLoader
 
-from lightning_kd.training.lightning_private import logged_step
+from lightning_kd.lightning_private import logged_step
 
 
 class Boring(L.LightningModule):

@@ -1,5 +1,5 @@
 """lightning_kd reads no private attribute of torch, Lightning or transformers outside the one
-adapter (``lightning_kd/training/lightning_private.py``), and no module imports another
+adapter (``lightning_kd/lightning_private.py``), and no module imports another
 module's private names.
 
 ``self._x`` counts as ours only when some lightning_kd source defines ``_x`` (assigns it or
@@ -14,7 +14,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lightning_kd"
-ADAPTER = PACKAGE / "training" / "lightning_private.py"
+ADAPTER = PACKAGE / "lightning_private.py"
 # Public API despite the underscore (namedtuple methods).
 PUBLIC = {"_asdict", "_replace", "_fields", "_make"}
 

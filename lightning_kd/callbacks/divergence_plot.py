@@ -28,6 +28,7 @@ from lightning_kd.callbacks._common import (
     divergence_label,
 )
 from lightning_kd.checks import check_int
+from lightning_kd.compat import renamed_attribute
 
 
 class DivergenceSample(NamedTuple):
@@ -311,7 +312,5 @@ class DivergencePlot(PerTokenDivergenceCallback):
         self._restored = True
 
 
-#: 0.1 name, kept as an alias.
-KLPlot = DivergencePlot
-#: 0.1 name, kept as an alias.
-KLSample = DivergenceSample
+def __getattr__(name: str) -> Any:  # 0.1 names, see lightning_kd.compat
+    return renamed_attribute(__name__, name)

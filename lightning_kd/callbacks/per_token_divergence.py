@@ -16,151 +16,32 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Mapping
+from typing import Any
 
-import torch
 from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
-from torchmetrics import Metric
-from torchmetrics.utilities import dim_zero_cat
 from typing_extensions import override
 
 from lightning_kd.callbacks._common import (
     PerTokenDivergenceCallback,
     data_parallel,
     divergence_label,
-    local,
+)
+from lightning_kd.callbacks.divergence_stats import PREFIX, BatchStatistics, summary_metrics
+from lightning_kd.callbacks.top_tokens import (
+    TopToken,
+    describe_top_tokens,
+    top_token_lines,
+    top_token_table,
 )
 from lightning_kd.checks import check_int
-from lightning_kd.training.lightning_private import logged_step
+from lightning_kd.compat import renamed_attribute
+from lightning_kd.lightning_private import logged_step
+
+__all__ = ["PREFIX", "PerTokenDivergenceMonitor", "TopToken"]
 
 log = logging.getLogger(__name__)
-
-#: Prefix of every logged metric key, the same for every divergence.
-PREFIX = "div/"
-QUANTILES = (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))
-
-
-class TopToken(NamedTuple):
-    """One of the highest-divergence tokens of a summarised batch.
-
-    Attributes:
-        value: its per-token divergence (the loss's chosen divergence, ``T²``-scaled, as the
-            loss computes it; ``kl`` in 0.1).
-        position: its position ``t`` in the sequence (its target is ``labels[sample, t]``).
-        sample: its row in the micro-batch of data-parallel rank ``dp_rank``.
-        dp_rank: the data-parallel rank that held it.
-        target_id: ``labels[sample, t]`` (-1 when the batch has no ``labels``).
-        context_ids: the inputs ``input_ids[sample, t-c+1 .. t]`` the student saw last before
-            predicting the target (empty when the batch has no ``input_ids``).
-        text: ``'context' → 'target'`` decoded with the datamodule's tokenizer, or the ids.
-    """
-
-    value: float
-    position: int
-    sample: int
-    dp_rank: int
-    target_id: int
-    context_ids: tuple[int, ...]
-    text: str
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain types only (checkpoints are loaded with ``weights_only=True``)."""
-        out = self._asdict()
-        out["context_ids"] = list(self.context_ids)
-        return out
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> TopToken:
-        """The inverse of :meth:`to_dict`; also reads 0.1's dicts (``kl`` for ``value``)."""
-        data = dict(data)
-        if "value" not in data and "kl" in data:
-            data["value"] = data.pop("kl")
-        return cls(**{**data, "context_ids": tuple(data["context_ids"])})
-
-
-class _BatchStatistics(Metric):
-    """The torchmetrics state of one summary: the valid per-token divergence values (cat),
-    per-bucket sums and counts (sum), and every rank's top-k candidates with their context
-    (cat)."""
-
-    full_state_update = False
-
-    def __init__(self, position_buckets: int, top_k: int, context_tokens: int, **kwargs: Any):
-        super().__init__(**kwargs)
-        self.position_buckets, self.top_k, self.context_tokens = (
-            position_buckets,
-            top_k,
-            context_tokens,
-        )
-        zeros = torch.zeros(position_buckets, dtype=torch.float64)
-        self.add_state("values", default=[], dist_reduce_fx="cat")
-        self.add_state("bucket_sum", default=zeros.clone(), dist_reduce_fx="sum")
-        self.add_state("bucket_count", default=zeros.clone(), dist_reduce_fx="sum")
-        self.add_state("top_values", default=[], dist_reduce_fx="cat")
-        self.add_state("top_info", default=[], dist_reduce_fx="cat")
-
-    def update(
-        self,
-        per_token_div: Tensor,
-        valid: Tensor,
-        input_ids: Tensor | None,
-        labels: Tensor | None,
-        dp_rank: int,
-    ) -> None:
-        seq = per_token_div.shape[-1]
-        div = per_token_div.reshape(-1, seq).to(self.device, torch.float32)
-        valid = valid.reshape(-1, seq).to(self.device)
-        self.values.append(div[valid])
-
-        # Bucket b holds the positions t with b·S/n ≤ t < (b+1)·S/n.
-        bucket = torch.arange(seq, device=self.device) * self.position_buckets // seq
-        masked = torch.where(valid, div, 0.0)
-        self.bucket_sum.index_add_(0, bucket, masked.sum(0).double())
-        self.bucket_count.index_add_(0, bucket, valid.sum(0).double())
-
-        # Local top-k candidates; the global top-k is picked among all ranks' candidates.
-        k = min(self.top_k, int(valid.sum()))
-        flat = torch.where(valid, div, float("-inf")).flatten()
-        top = flat.topk(k)
-        rows, cols = top.indices // seq, top.indices % seq
-        info = [torch.full_like(rows, dp_rank), rows, cols]
-        info.append(self._take(labels, rows, cols[:, None]).squeeze(1))
-        offsets = torch.arange(1 - self.context_tokens, 1, device=self.device)
-        info.extend(self._take(input_ids, rows, cols[:, None] + offsets).unbind(1))
-        self.top_values.append(top.values)
-        self.top_info.append(torch.stack(info, dim=1))
-
-    def _take(self, ids: Tensor | None, rows: Tensor, cols: Tensor) -> Tensor:
-        """``ids[rows, cols]`` as int64, -1 where ``cols`` is out of range or ``ids`` absent."""
-        if ids is None or ids.ndim < 1:
-            return torch.full(cols.shape, -1, dtype=torch.int64, device=self.device)
-        ids = local(ids).to(self.device).reshape(-1, ids.shape[-1])
-        inside = cols >= 0
-        taken = ids[rows[:, None], cols.clamp(min=0)].long()
-        return torch.where(inside, taken, -1)
-
-    def compute(self) -> dict[str, Tensor]:
-        values = dim_zero_cat(self.values).double()
-        top_values, top_info = dim_zero_cat(self.top_values), dim_zero_cat(self.top_info)
-        order = top_values.argsort(descending=True, stable=True)[: self.top_k]
-        return {
-            "values": values,
-            "bucket_mean": self.bucket_sum / self.bucket_count,
-            "bucket_count": self.bucket_count,
-            "top_values": top_values[order],
-            "top_info": top_info[order],
-        }
-
-
-def _quantiles(values: Tensor, qs: Sequence[float]) -> Tensor:
-    """Linear-interpolation quantiles like ``torch.quantile`` (no 2²⁴-element limit)."""
-    ordered = values.sort().values
-    pos = torch.tensor(qs, dtype=ordered.dtype, device=ordered.device) * (ordered.numel() - 1)
-    lo = pos.floor().long()
-    hi = (lo + 1).clamp(max=ordered.numel() - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
 def _tokenizer(trainer: Trainer) -> Any | None:
@@ -233,7 +114,7 @@ class PerTokenDivergenceMonitor(PerTokenDivergenceCallback):
         self.last_step = 0
         self.last_top_tokens: list[TopToken] = []
         self._history: deque[dict[str, Any]] = deque(maxlen=history_size)
-        self._metric: _BatchStatistics | None = None
+        self._metric: BatchStatistics | None = None
         self._dp_rank = 0
 
     @property
@@ -286,11 +167,11 @@ class PerTokenDivergenceMonitor(PerTokenDivergenceCallback):
         self._publish(trainer, step, metrics, divergence_label(pl_module))
 
     # ------------------------------------------------------------------ computation
-    def _metric_for(self, pl_module: LightningModule) -> _BatchStatistics:
+    def _metric_for(self, pl_module: LightningModule) -> BatchStatistics:
         if self._metric is None:
             dp = data_parallel(pl_module)
             self._dp_rank = dp.rank
-            self._metric = _BatchStatistics(
+            self._metric = BatchStatistics(
                 self.position_buckets,
                 self.top_k,
                 self.context_tokens,
@@ -309,47 +190,10 @@ class PerTokenDivergenceMonitor(PerTokenDivergenceCallback):
         metric.update(div, valid, get("input_ids"), get("labels"), self._dp_rank)
         result = metric.compute()
         metric.reset()
-        values = result["values"]
-        if values.numel() == 0:
-            return None
-        scalars = torch.cat(
-            [
-                values.mean()[None],
-                _quantiles(values, [q for _, q in QUANTILES]),
-                values.max()[None],
-                torch.tensor([values.numel()], dtype=values.dtype, device=values.device),
-                result["bucket_mean"].to(values.dtype),
-            ]
-        ).tolist()
-        names = [
-            f"{PREFIX}{name}" for name in ("mean", *(q for q, _ in QUANTILES), "max", "tokens")
-        ]
-        metrics = dict(zip(names, scalars, strict=False))
-        width = max(2, len(str(self.position_buckets - 1)))
-        counts = result["bucket_count"].tolist()
-        for b, (mean, count) in enumerate(zip(scalars[len(names) :], counts, strict=True)):
-            if count > 0:
-                metrics[f"{PREFIX}pos_{b:0{width}d}"] = mean
-        top = list(zip(result["top_values"].tolist(), result["top_info"].tolist(), strict=True))
-        return metrics, top
+        return summary_metrics(result, self.position_buckets)
 
     def _describe(self, trainer: Trainer, top: list[tuple[float, list[int]]]) -> list[TopToken]:
-        tokenizer = _tokenizer(trainer)
-        tokens = []
-        for value, (dp_rank, sample, position, target, *context) in top:
-            context_ids = tuple(i for i in context if i >= 0)
-            tokens.append(
-                TopToken(
-                    value=value,
-                    position=position,
-                    sample=sample,
-                    dp_rank=dp_rank,
-                    target_id=target,
-                    context_ids=context_ids,
-                    text=_token_text(tokenizer, context_ids, target),
-                )
-            )
-        return tokens
+        return describe_top_tokens(_tokenizer(trainer), top)
 
     # ------------------------------------------------------------------ output
     def _publish(self, trainer: Trainer, step: int, metrics: dict[str, float], label: str) -> None:
@@ -361,20 +205,13 @@ class PerTokenDivergenceMonitor(PerTokenDivergenceCallback):
             logger.log_metrics(metrics, step=log_step)
         if not self.last_top_tokens:
             return
-        lines = [
-            f"{i}. {label} {t.value:.4f} at position {t.position}: {t.text}"
-            for i, t in enumerate(self.last_top_tokens, 1)
-        ]
+        lines = top_token_lines(label, self.last_top_tokens)
         log.info("Highest per-token %s at step %d:\n%s", label, step, "\n".join(lines))
-        table = [f"| # | {_markdown(label)} | position | context → target |", "|---|---|---|---|"]
-        table += [
-            f"| {i} | {t.value:.4f} | {t.position} | {_markdown(t.text)} |"
-            for i, t in enumerate(self.last_top_tokens, 1)
-        ]
+        table = top_token_table(label, self.last_top_tokens)
         for logger in trainer.loggers:
             add_text = getattr(getattr(logger, "experiment", None), "add_text", None)
             if callable(add_text):
-                add_text(f"{PREFIX}top_tokens", "\n".join(table), global_step=log_step)
+                add_text(f"{PREFIX}top_tokens", table, global_step=log_step)
 
     # ------------------------------------------------------------------ state
     @override
@@ -417,20 +254,5 @@ def _unavailable() -> bool:
     return False
 
 
-def _token_text(tokenizer: Any | None, context: tuple[int, ...], target: int) -> str:
-    if tokenizer is not None and target >= 0:
-        try:
-            return f"{tokenizer.decode(list(context))!r} → {tokenizer.decode([target])!r}"
-        except Exception:  # a tokenizer that cannot decode these ids: fall back to the ids
-            pass
-    return f"{list(context)} → {target}"
-
-
-def _markdown(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", "\\n")
-
-
-#: 0.1 name, kept as an alias.
-PerTokenKLMonitor = PerTokenDivergenceMonitor
-#: 0.1 name, kept as an alias.
-TopKLToken = TopToken
+def __getattr__(name: str) -> Any:  # 0.1 names, see lightning_kd.compat
+    return renamed_attribute(__name__, name)

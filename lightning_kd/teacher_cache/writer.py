@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm.auto import tqdm
 
 from lightning_kd.losses.vocab_parallel import find_vocab_tp_group
+from lightning_kd.models.outputs import logits_of
 from lightning_kd.parallel.mesh import TP_DIM, data_parallel
 from lightning_kd.teacher_cache.codec import EXACT_CODEC, TOPK_CODEC, encode_exact, encode_topk
 from lightning_kd.teacher_cache.fingerprint import data_fingerprint
@@ -55,7 +56,6 @@ from lightning_kd.teacher_cache.format import (
     write_metadata,
 )
 from lightning_kd.teacher_cache.topk import exact_logprobs, topk_logprobs
-from lightning_kd.training.loss_terms import logits_of
 
 #: Test hook: a writer process raises :class:`CacheWriteInterrupted` after writing this many
 #: shards (simulates a job killed between shards).

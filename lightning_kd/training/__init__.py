@@ -7,7 +7,6 @@
 - :mod:`~lightning_kd.training.checkpoint_policy`: teacher-free checkpoints, recorded settings.
 - :mod:`~lightning_kd.training.eval_metrics`: validation/test token sums.
 - :mod:`~lightning_kd.training.optim`: optimizers built after parallelisation.
-- :mod:`~lightning_kd.training.lightning_private`: the one adapter over Lightning internals.
 """
 
 from lightning_kd.training.causal_lm import CausalLMModule

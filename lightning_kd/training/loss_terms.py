@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from torch import Tensor
+
+# Moved to the models package (the teacher cache reads outputs too); re-exported here.
+from lightning_kd.models.outputs import find_logits, logits_of
+
+__all__ = ["LossTerms", "find_logits", "logits_of"]
 
 
 class LossTerms(NamedTuple):
@@ -34,28 +38,3 @@ class LossTerms(NamedTuple):
     def per_token_kl(self) -> Tensor:
         """0.1 name of :attr:`per_token_div` (read-only alias)."""
         return self.per_token_div
-
-
-def find_logits(output: Any) -> Tensor | None:
-    """Logits from a model output (a tensor, or a mapping/object with ``logits``), else None."""
-    if isinstance(output, Tensor):
-        return output
-    if isinstance(output, Mapping):
-        logits = output.get("logits")
-    else:
-        logits = getattr(output, "logits", None)
-    return logits if isinstance(logits, Tensor) else None
-
-
-def logits_of(output: Any) -> Tensor:
-    """Logits from a model output: a tensor, or an object/dict with ``logits`` (HF style).
-
-    Raises:
-        ValueError: when the output carries no logits tensor.
-    """
-    logits = find_logits(output)
-    if logits is None:
-        raise ValueError(
-            f"model output must be a logits tensor or have a `logits` field, got {type(output)}."
-        )
-    return logits

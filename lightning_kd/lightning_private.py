@@ -17,7 +17,7 @@ def _moved(what: str) -> RuntimeError:
     return RuntimeError(
         f"Lightning {lightning.__version__} no longer has {what}, which lightning_kd reads "
         "because Lightning offers no public equivalent; pin lightning to the version in "
-        "constraints.txt or update lightning_kd.training.lightning_private."
+        "constraints.txt or update lightning_kd.lightning_private."
     )
 
 
