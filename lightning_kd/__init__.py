@@ -28,12 +28,12 @@ from lightning_kd.losses.kd_loss import KDLoss, KDLossOutput
 from lightning_kd.models.tiny_llama import TinyLlama
 
 if TYPE_CHECKING:
-    from lightning_kd.training.causal_lm import CausalLMModule
     from lightning_kd.training.distillation import DistillationModule
+    from lightning_kd.training.lm_module import CausalLMModule
     from lightning_kd.training.loss_terms import LossTerms
 
 _LAZY = {
-    "CausalLMModule": "lightning_kd.training.causal_lm",
+    "CausalLMModule": "lightning_kd.training.lm_module",
     "DistillationModule": "lightning_kd.training.distillation",
     "LinearKDLoss": "lightning_kd.losses.linear_kd_loss",
     "LossTerms": "lightning_kd.training.loss_terms",

@@ -44,7 +44,7 @@ MOVED_MODULES: dict[str, str] = {
     "lightning_kd.grad_clip": "lightning_kd.parallel.grad_clip",
     "lightning_kd.hf": "lightning_kd.models.hf",
     "lightning_kd.kd_loss": "lightning_kd.losses.kd_loss",
-    "lightning_kd.lm_module": "lightning_kd.training.causal_lm",
+    "lightning_kd.lm_module": "lightning_kd.training.lm_module",
     "lightning_kd.module": "lightning_kd.training.distillation",
     "lightning_kd.optim": "lightning_kd.training.optim",
     "lightning_kd.parallelize": "lightning_kd.parallel.plans",
@@ -53,6 +53,7 @@ MOVED_MODULES: dict[str, str] = {
     "lightning_kd.vocab_softmax": "lightning_kd.losses.vocab_softmax",
     # 0.2 → 0.3: one name per thing, imports that point down.
     "lightning_kd.data.datamodule": "lightning_kd.data.text_datamodule",
+    "lightning_kd.training.causal_lm": "lightning_kd.training.lm_module",
     "lightning_kd.training.lightning_private": "lightning_kd.lightning_private",
 }
 

@@ -24,7 +24,7 @@ from lightning_kd.data import (
     read_documents,
 )
 from lightning_kd.data.corpus import expand_paths
-from lightning_kd.data.datamodule import DocumentSequences
+from lightning_kd.data.text_datamodule import DocumentSequences
 
 TOK = ByteTokenizer()
 

@@ -8,10 +8,10 @@ from lightning_kd.data.chat_datamodule import ChatDataModule
 from lightning_kd.data.chat_records import read_chat_records
 from lightning_kd.data.chat_template import BYTE_CHAT_TEMPLATE, ChatEncoder
 from lightning_kd.data.corpus import generate_corpus, read_documents
-from lightning_kd.data.datamodule import TextDataModule
 from lightning_kd.data.instructions import generate_instructions
 from lightning_kd.data.sampler import ResumableDataLoader, ResumableSampler
 from lightning_kd.data.split_datamodule import SplitDataModule
+from lightning_kd.data.text_datamodule import TextDataModule
 from lightning_kd.data.tokenizer import ByteTokenizer
 
 __all__ = [

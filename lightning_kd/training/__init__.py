@@ -9,8 +9,8 @@
 - :mod:`~lightning_kd.training.optim`: optimizers built after parallelisation.
 """
 
-from lightning_kd.training.causal_lm import CausalLMModule
 from lightning_kd.training.distillation import DistillationModule
+from lightning_kd.training.lm_module import CausalLMModule
 from lightning_kd.training.loss_terms import LossTerms, logits_of
 from lightning_kd.training.teacher import TeacherSource
 
