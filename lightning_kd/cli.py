@@ -29,10 +29,14 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_kd.callbacks.checkpoint_on_stop import CheckpointOnStop, Stopped
+from lightning_kd.checks import check_output_dir
 from lightning_kd.parallel.atomic_checkpoint import resolve_last_checkpoint
 
 #: Exit status of a run stopped by SIGTERM (128 + 15), the shell's convention.
 EXIT_SIGTERM = 143
+#: Keys of a subcommand's config (arguments of ``Trainer.fit``/``validate``/``test``/``predict``)
+#: that the commands without a subcommand accept and ignore.
+SUBCOMMAND_ONLY_KEYS = ("ckpt_path", "weights_only", "verbose", "return_predictions")
 #: Set to 1 to see the full traceback of errors the CLI reports in one line.
 TRACEBACK_ENV = "LIGHTNING_KD_TRACEBACK"
 
@@ -46,6 +50,23 @@ class KDLightningCLI(LightningCLI):
         kwargs.setdefault("auto_configure_optimizers", False)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         super().__init__(LightningModule, LightningDataModule, *args, **kwargs)
+
+    def setup_parser(
+        self, add_subcommands: bool, main_kwargs: dict[str, Any], subparser_kwargs: dict[str, Any]
+    ) -> None:
+        """Without subcommands (``run=False``: ``cache-teacher``, ``export``), also accept and
+        ignore the keys that only a subcommand takes, so that a config written by ``lightning-kd
+        fit --print_config`` (``ckpt_path: null``, ``weights_only: null``) is accepted."""
+        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+        if add_subcommands:
+            return
+        for key in SUBCOMMAND_ONLY_KEYS:
+            self.parser.add_argument(
+                f"--{key}",
+                type=Any,
+                default=None,
+                help="ignored here: a key of the fit/validate/test/predict configs.",
+            )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
@@ -178,6 +199,7 @@ def cache_teacher(args: list[str]) -> None:
         help="sequences per teacher forward (default: the data's batch_size)",
     )
     ours, rest = parser.parse_known_args(args)
+    check_output_dir("--output_dir", ours.output_dir)
     configs = [arg for path in ours.config for arg in ("--config", path)]
     cli = KDLightningCLI(args=[*configs, *rest], run=False)
     teacher_config = cli.config.get("model", {}).get("init_args", {}).get("teacher")
@@ -240,6 +262,7 @@ def export(args: list[str]) -> None:
     ckpt = Path(ours.ckpt_path)
     if not ckpt.exists():
         raise ValueError(f"--ckpt_path {ours.ckpt_path!r} does not exist.")
+    check_output_dir("--output_dir", ours.output_dir)
     configs = [arg for path in ours.config for arg in ("--config", path)]
     cli = KDLightningCLI(args=[*configs, *_EXPORT_TRAINER, *rest], run=False)
     directory = export_checkpoint(

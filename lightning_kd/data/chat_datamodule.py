@@ -45,7 +45,7 @@ from lightning_kd.data.chat_template import ChatEncoder
 from lightning_kd.data.instructions import INSTRUCTIONS_VERSION, generate_instructions
 from lightning_kd.data.packing import OVERLONG, PackedRows, fit_documents, pack_rows
 from lightning_kd.data.split_datamodule import SplitDataModule, check_paths
-from lightning_kd.data.text_files import expand_paths
+from lightning_kd.data.text_files import check_encoding, expand_paths
 from lightning_kd.data.token_cache import TokenCache
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,8 @@ class ChatDataModule(SplitDataModule):
         cache_dir: where the tokenised conversations are cached.
         num_workers: DataLoader worker processes.
         ignore_index: the label of non-targets and padding; must not be a token id.
+        encoding: the text encoding of the ``.jsonl``/``.json`` files in ``paths`` (a Python
+            codec name, e.g. ``"latin-1"``); a file mostly undecodable in it is a ValueError.
 
     Raises:
         ValueError: for an argument of the wrong type or range, ``paths`` that match no file,
@@ -110,6 +112,7 @@ class ChatDataModule(SplitDataModule):
         cache_dir: str = ".cache/lightning_kd",
         num_workers: int = 0,
         ignore_index: int = -100,
+        encoding: str = "utf-8",
     ) -> None:
         super().__init__(tokenizer, seq_len, batch_size, val_fraction, seed, cache_dir,
                          num_workers, ignore_index)  # fmt: skip
@@ -122,6 +125,7 @@ class ChatDataModule(SplitDataModule):
         if overlong not in OVERLONG:
             raise ValueError(f"overlong must be one of {OVERLONG}, got {overlong!r}.")
         check_int("synthetic_conversations", synthetic_conversations, 1)
+        self.encoding = check_encoding(encoding)
         self.paths = paths
         self.packing, self.train_on_all_tokens = packing, train_on_all_tokens
         self.overlong, self.strict = overlong, strict
@@ -143,7 +147,7 @@ class ChatDataModule(SplitDataModule):
         modification time) or the generator's settings, the tokenizer (its full serialisation
         and special tokens, see :class:`~lightning_kd.data.tokenizer.HFTokenizer`), the
         effective chat template, the special texts that end an assistant turn, the record
-        format and fields and ``strict``. ``seq_len``, ``packing``, ``overlong``,
+        format and fields, ``strict`` and a non-UTF-8 ``encoding``. ``seq_len``, ``packing``, ``overlong``,
         ``train_on_all_tokens`` and the split do not change it."""
         source: dict[str, Any] = {"chat": CHAT_CACHE_VERSION, "tokenizer": repr(self._tokenizer),
                                   "template": self._encoder.effective_template,
@@ -156,6 +160,8 @@ class ChatDataModule(SplitDataModule):
             files = [p.resolve() for p in expand_paths(self.paths, extensions=CHAT_EXTENSIONS)]
             source.update(files=[str(p) for p in files], fields=vars(self.fields),
                           strict=self.strict)  # fmt: skip
+            if self.encoding != "utf-8":  # (caches of UTF-8 files keep their 0.2 key)
+                source["encoding"] = self.encoding
             content["stat"] = [[p.stat().st_size, p.stat().st_mtime_ns] for p in files]
         return TokenCache(self.cache_dir, source, content)
 
@@ -230,7 +236,8 @@ class ChatDataModule(SplitDataModule):
         if self.paths is None:
             generated = generate_instructions(self.synthetic_conversations, seed=self.seed)
             return [(f"generated[{i}]", messages) for i, messages in enumerate(generated)]
-        return read_chat_records(self.paths, self.fields, strict=self.strict)
+        return read_chat_records(self.paths, self.fields, strict=self.strict,
+                                 encoding=self.encoding)  # fmt: skip
 
     def _tokenize(self, records: Iterable[tuple[str, Messages | RecordError]]) -> dict[str, Tensor]:
         wide = self._tokenizer.vocab_size > 2**15

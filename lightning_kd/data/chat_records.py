@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lightning_kd.data.text_files import decode_file, expand_paths
+from lightning_kd.data.text_files import check_encoding, decode_file, expand_paths
 
 #: File extensions :func:`read_chat_records` understands.
 CHAT_EXTENSIONS = (".jsonl", ".json", ".parquet")
@@ -161,8 +161,9 @@ def _check_messages(value: Any, name: str) -> Messages:
     return messages
 
 
-def _raw_records(path: Path) -> Iterator[tuple[str, Any]]:
-    """(location, parsed record or a ``RecordError``) for every record of one file."""
+def _raw_records(path: Path, encoding: str = "utf-8") -> Iterator[tuple[str, Any]]:
+    """(location, parsed record or a ``RecordError``) for every record of one file; text files
+    are decoded with ``encoding``."""
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         try:
@@ -171,13 +172,9 @@ def _raw_records(path: Path) -> Iterator[tuple[str, Any]]:
             raise ValueError(
                 f"reading {path} needs pyarrow: pip install 'lightning_kd[data]' (the data extra)."
             ) from None
-        index = 0
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-            for row in batch.to_pylist():
-                yield f"{path}[{index}]", row
-                index += 1
+        yield from _parquet_records(path, pq)
         return
-    text = decode_file(path, "utf-8")
+    text = decode_file(path, encoding)
     if suffix == ".json":
         try:
             data = json.loads(text)
@@ -201,8 +198,21 @@ def _raw_records(path: Path) -> Iterator[tuple[str, Any]]:
                 yield f"{path}:{number}", RecordError("malformed", f"invalid JSON ({error.msg})")
 
 
+def _parquet_records(path: Path, pq: Any) -> Iterator[tuple[str, Any]]:
+    """The rows of a Parquet file; a file pyarrow cannot read is a ValueError naming it."""
+    try:
+        batches = pq.ParquetFile(path).iter_batches(batch_size=1024)
+        index = 0
+        for batch in batches:
+            for row in batch.to_pylist():
+                yield f"{path}[{index}]", row
+                index += 1
+    except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid/ArrowIOError subclass these
+        raise ValueError(f"{path}: not a readable Parquet file ({error}).") from None
+
+
 def read_chat_records(
-    paths: Sequence[str], fields: RecordFields, strict: bool = False
+    paths: Sequence[str], fields: RecordFields, strict: bool = False, encoding: str = "utf-8"
 ) -> Iterator[tuple[str, Messages | RecordError]]:
     """Every record of ``paths``, in file order, as ``(location, messages)``, or
     ``(location, RecordError)`` for one that cannot be used when not ``strict``.
@@ -211,20 +221,24 @@ def read_chat_records(
         paths: ``.jsonl``, ``.json`` or ``.parquet`` files, directories or globs.
         fields: the record format and field names.
         strict: raise at the first unusable record instead of yielding its error.
+        encoding: the text encoding of ``.jsonl`` and ``.json`` files (a Python codec name).
 
     Returns:
         An iterator; the paths are resolved before this function returns.
 
     Raises:
         ValueError: for paths that match nothing or have another extension, a ``.json`` file
-            that is not a list of records, a Parquet file without pyarrow, and (``strict``) an
+            that is not a list of records, a Parquet file without pyarrow or that pyarrow
+            cannot read, a file not in ``encoding`` (see
+            :func:`~lightning_kd.data.text_files.decode_file`), and (``strict``) an
             unusable record: ``"<file>:<line>: ..."`` or ``"<file>[<index>]: ..."``.
     """
+    check_encoding(encoding)
     files = expand_paths(list(paths), extensions=CHAT_EXTENSIONS)
 
     def records() -> Iterator[tuple[str, Messages | RecordError]]:
         for path in files:
-            for where, record in _raw_records(path):
+            for where, record in _raw_records(path, encoding):
                 try:
                     if isinstance(record, RecordError):
                         raise record

@@ -20,7 +20,6 @@ mid-epoch with the next batch. Validation is sequential, also sharded over data 
 
 from __future__ import annotations
 
-import codecs
 from array import array
 from collections.abc import Iterable
 from pathlib import Path
@@ -34,7 +33,7 @@ from tqdm.auto import tqdm
 from lightning_kd.checks import check_bool, check_int
 from lightning_kd.data.corpus import CORPUS_VERSION, expand_paths, generate_corpus, read_documents
 from lightning_kd.data.split_datamodule import SplitDataModule, check_paths
-from lightning_kd.data.text_files import SUPPORTED_EXTENSIONS
+from lightning_kd.data.text_files import SUPPORTED_EXTENSIONS, check_encoding
 from lightning_kd.data.token_cache import TokenCache
 
 #: Seconds of tokenising before a progress bar appears.
@@ -170,12 +169,7 @@ class TextDataModule(SplitDataModule):
             raise ValueError(f"text_field must be a non-empty string, got {text_field!r}.")
         check_bool("packing", packing)
         check_int("synthetic_chars", synthetic_chars, 1)
-        try:
-            codecs.lookup(encoding)
-        except (LookupError, TypeError):
-            raise ValueError(
-                f"encoding must be a Python codec name (e.g. 'utf-8', 'latin-1'), got {encoding!r}."
-            ) from None
+        check_encoding(encoding)
         self.paths = paths
         self.text_field = text_field
         self.packing = packing

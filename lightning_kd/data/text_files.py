@@ -89,6 +89,21 @@ def _extension(path: Path, extensions: Sequence[str] = SUPPORTED_EXTENSIONS) -> 
     return suffix if suffix in extensions else None
 
 
+def check_encoding(encoding: object) -> str:
+    """``encoding`` if it is a Python codec name.
+
+    Raises:
+        ValueError: for anything else, naming what was given.
+    """
+    try:
+        codecs.lookup(encoding)  # type: ignore[arg-type]
+    except (LookupError, TypeError):
+        raise ValueError(
+            f"encoding must be a Python codec name (e.g. 'utf-8', 'latin-1'), got {encoding!r}."
+        ) from None
+    return encoding  # type: ignore[return-value]
+
+
 def decode_file(path: Path, encoding: str = "utf-8") -> str:
     """The text of ``path`` decoded with ``encoding``, undecodable bytes checked.
 
@@ -104,10 +119,7 @@ def decode_file(path: Path, encoding: str = "utf-8") -> str:
         ValueError: for an unknown encoding, or when more bytes fail to decode than allowed;
             the message names the file, the count and the ``encoding`` option.
     """
-    try:
-        codecs.lookup(encoding)
-    except LookupError:
-        raise ValueError(f"unknown encoding {encoding!r} (expected a Python codec name).") from None
+    check_encoding(encoding)
     data = path.read_bytes()
     try:
         return data.decode(encoding)

@@ -38,6 +38,7 @@ from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm.auto import tqdm
 
+from lightning_kd.checks import check_output_dir
 from lightning_kd.losses.vocab_parallel import find_vocab_tp_group
 from lightning_kd.models.outputs import logits_of
 from lightning_kd.parallel.mesh import TP_DIM, data_parallel
@@ -327,7 +328,8 @@ def write_teacher_cache(
 
     Raises:
         ValueError: for bad arguments, a split the data module lacks, ``top_k`` above the
-            vocabulary, or an existing cache in ``output_dir`` written with other settings.
+            vocabulary, an existing cache in ``output_dir`` written with other settings, or
+            an ``output_dir`` that is a file, lies under one or cannot be written.
     """
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
         raise ValueError(f"top_k must be an int >= 0 (0: the exact distribution), got {top_k!r}.")
@@ -337,6 +339,7 @@ def write_teacher_cache(
     unknown = [s for s in splits if s not in SPLITS]
     if not splits or unknown:
         raise ValueError(f"splits must be a non-empty subset of {SPLITS}, got {splits!r}.")
+    check_output_dir("output_dir", output_dir)
     if getattr(module, "teacher_cache", None) is not None:
         raise ValueError(
             "the config trains from a teacher cache (model.init_args.teacher_cache); caching "
