@@ -147,8 +147,8 @@ class ChatDataModule(SplitDataModule):
         modification time) or the generator's settings, the tokenizer (its full serialisation
         and special tokens, see :class:`~lightning_kd.data.tokenizer.HFTokenizer`), the
         effective chat template, the special texts that end an assistant turn, the record
-        format and fields, ``strict`` and a non-UTF-8 ``encoding``. ``seq_len``, ``packing``, ``overlong``,
-        ``train_on_all_tokens`` and the split do not change it."""
+        format and fields, ``strict`` and a non-UTF-8 ``encoding``. ``seq_len``, ``packing``,
+        ``overlong``, ``train_on_all_tokens`` and the split do not change it."""
         source: dict[str, Any] = {"chat": CHAT_CACHE_VERSION, "tokenizer": repr(self._tokenizer),
                                   "template": self._encoder.effective_template,
                                   "end_of_turn": self._encoder.special_texts}  # fmt: skip

@@ -8,6 +8,8 @@ from numbers import Real
 from torch import Tensor
 from torch.distributed.tensor import DTensor, Replicate
 
+from lightning_kd.losses.vocab_softmax import VocabSoftmax
+
 
 def check_normaliser(num_batch_labels: int | float | Tensor) -> float:
     """``num_batch_labels`` as a positive finite float (a number or a one-element tensor).
@@ -43,6 +45,32 @@ def check_label_range(targets: Tensor, valid: Tensor, vocab_size: int) -> None:
             f"labels of valid tokens must be vocabulary ids in [0, {vocab_size}) for the "
             f"cross-entropy term (kd_ratio < 1), got {first}; mark ignored tokens with "
             "ignore_index."
+        )
+
+
+def check_labels_in_vocab(
+    labels: Tensor, valid: Tensor, vocab: VocabSoftmax, logits: Tensor
+) -> None:
+    """Raise ``ValueError`` if a valid token's label is not a vocabulary id in ``[0, V)``,
+    whatever terms the loss computes (a label of -1 or ``V`` is padding marked with the wrong
+    ``ignore_index``, which would otherwise be distilled silently).
+
+    Args:
+        labels: [*] integer labels (the local tensor).
+        valid: [*] bool, True where the label is not ``ignore_index``.
+        vocab: the softmax of the logits' layout; gives the whole vocabulary size ``V`` (one
+            all-reduce of the shard sizes when the vocabulary is sharded).
+        logits: [*, V or V/tp] the (local) student logits.
+    """
+    _, vocab_size = vocab.vocab_range(logits.shape[-1], logits.device)
+    flat_valid = valid.reshape(-1)
+    targets = labels.reshape(-1)
+    bad = flat_valid & ((targets < 0) | (targets >= vocab_size))
+    if bool(bad.any()):
+        first = int(targets[bad][0])
+        raise ValueError(
+            f"labels must be ignore_index or vocabulary ids in [0, {vocab_size}), got {first} "
+            f"({int(bad.sum())} such tokens); mark padding and ignored tokens with ignore_index."
         )
 
 

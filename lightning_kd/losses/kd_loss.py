@@ -15,7 +15,11 @@ import torch
 from torch import Tensor
 
 from lightning_kd.losses.engine import PassSpec, distill_over_rows
-from lightning_kd.losses.input_checks import check_label_range, check_normaliser
+from lightning_kd.losses.input_checks import (
+    check_label_range,
+    check_labels_in_vocab,
+    check_normaliser,
+)
 from lightning_kd.losses.loss_base import KDLossBase, KDLossOutput
 from lightning_kd.losses.vocab_parallel import resolve_vocab_parallel
 
@@ -97,8 +101,8 @@ class KDLoss(KDLossBase):
 
         Raises:
             ValueError: on mismatched shapes or kinds, non-floating logits, non-integer labels,
-                a non-positive ``num_batch_labels``, or (with ``kd_ratio < 1``) a valid label
-                outside ``[0, V)``; raised before any heavy work.
+                a non-positive ``num_batch_labels``, or a label that is neither ``ignore_index``
+                nor in ``[0, V)``; raised before any heavy work.
         """
         with_ce, with_div = self.mixed_terms(return_per_token)
         student, teacher, labels, vocab = resolve_vocab_parallel(
@@ -107,6 +111,7 @@ class KDLoss(KDLossBase):
         self._check_inputs(student, teacher, labels)
         normaliser = None if num_batch_labels is None else check_normaliser(num_batch_labels)
         valid, normaliser = self.valid_tokens(labels, vocab, normaliser)
+        check_labels_in_vocab(labels, valid, vocab, student)
         compute_dtype = self.compute_dtype(student.dtype, teacher.dtype)
         spec = PassSpec(
             self.divergence if with_div else None,
