@@ -9,7 +9,7 @@ import torch
 
 from lightning_kd import KDLoss, KDLossOutput
 from lightning_kd.losses.divergences import ForwardKL, ReverseKL
-from lightning_kd.losses.engine import divergence_over_rows
+from lightning_kd.losses.engine import PassSpec, distill_over_rows
 from lightning_kd.losses.vocab_softmax import LocalVocabSoftmax
 from tests.reference import (
     assert_rel,
@@ -254,17 +254,8 @@ def test_custom_ignore_index():
 def test_reverse_kl_reuses_the_engine(chunk_size):
     student, teacher, labels = _inputs(ignored=4)
     valid = labels != -100
-    loss, _ = divergence_over_rows(
-        student,
-        teacher,
-        valid,
-        ReverseKL(),
-        LocalVocabSoftmax(),
-        temperature=2.0,
-        normaliser=float(valid.sum()),
-        chunk_size=chunk_size,
-        compute_dtype=torch.float32,
-    )
+    spec = PassSpec(ReverseKL(), 2.0, float(valid.sum()), chunk_size, torch.float32)
+    loss = distill_over_rows(student, teacher, valid, LocalVocabSoftmax(), spec).loss
     loss.backward()
     ref_loss, ref_grad = reference_with_grad(
         student, teacher, labels, temperature=2.0, per_token=per_token_reverse_kl

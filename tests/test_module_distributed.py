@@ -96,7 +96,8 @@ def test_fused_head_on_one_process_follows_the_unfused_run(tmp_path, single):
 )
 def test_fused_head_under_tp_and_fsdp2_matches_the_unfused_runs(tmp_path, single, name, args):
     """fused_head=True reads the lm_head weights inside the loss: under FSDP2 they must be
-    gathered for it and their gradients reduce-scattered (PITFALLS 20), or the trajectory
+    gathered for it and their gradients reduce-scattered (FSDP2 gathers only around a
+    forward method), or the trajectory
     departs from the single-process unfused one (a shard read as the weight fails at once)."""
     fused = fit(tmp_path, f"fused_{name}", *args, "--fused-head")
     assert_same_trajectory(fused, single["plain"], rel=1e-4)

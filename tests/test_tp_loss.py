@@ -18,7 +18,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 from lightning_kd import KDLoss
 from lightning_kd.losses.cross_entropy import token_cross_entropy
 from lightning_kd.losses.divergences import ReverseKL
-from lightning_kd.losses.engine import divergence_over_rows
+from lightning_kd.losses.engine import PassSpec, distill_over_rows
 from lightning_kd.losses.vocab_parallel import VocabParallelSoftmax, find_vocab_tp_group
 from lightning_kd.losses.vocab_softmax import LocalVocabSoftmax
 from tests.distributed import CollectiveRecorder, run_workers
@@ -160,16 +160,13 @@ def _explicit_group_matches_single_process(rank, world):
     student, teacher, labels = _case_inputs(37, seed=5)
     full = student.clone().requires_grad_()
     valid = labels != -100
-    common = dict(temperature=2.0, normaliser=float(valid.sum()), compute_dtype=torch.float32)
-    ref, _ = divergence_over_rows(
-        full, teacher, valid, ReverseKL(), LocalVocabSoftmax(), chunk_size=0, **common
-    )
+    spec = PassSpec(ReverseKL(), 2.0, float(valid.sum()), 0, torch.float32)
+    ref = distill_over_rows(full, teacher, valid, LocalVocabSoftmax(), spec).loss
     ref.backward()
     s_local = torch.tensor_split(student, world, dim=-1)[rank].clone().requires_grad_()
     t_local = torch.tensor_split(teacher, world, dim=-1)[rank]
-    loss, _ = divergence_over_rows(
-        s_local, t_local, valid, ReverseKL(), VocabParallelSoftmax(group), chunk_size=4, **common
-    )
+    spec = spec._replace(chunk_size=4)
+    loss = distill_over_rows(s_local, t_local, valid, VocabParallelSoftmax(group), spec).loss
     loss.backward()
     assert_rel(loss, ref, 1e-5, "reverse KL loss")
     ref_slice = torch.tensor_split(full.grad, world, dim=-1)[rank]

@@ -10,7 +10,6 @@ shaped like the student logits, so nothing of a chunk survives the chunk: peak m
 gradient itself plus the divergence's ``[chunk, V]`` workspaces in the compute dtype (the
 cross-entropy reuses them). The backward pass only scales that buffer by the incoming
 gradient. ``chunk_size=0`` runs all rows as one chunk (the fastest path, same math).
-:func:`divergence_over_rows` is the divergence-only form.
 
 A window is read as a view of the logits when they are 2-D viewable and the window's valid rows
 are dense (the few ignored rows inside are computed and discarded, which is cheaper than a
@@ -406,37 +405,3 @@ def distill_over_rows(
         *_DistillOverRows.apply(student, teacher.detach(), valid, targets, spec, vocab, need_grad)
     )
 
-
-def divergence_over_rows(
-    student: Tensor,
-    teacher: Tensor,
-    valid: Tensor,
-    divergence: Divergence,
-    vocab: VocabSoftmax,
-    *,
-    temperature: float,
-    normaliser: float,
-    chunk_size: int,
-    compute_dtype: torch.dtype,
-) -> tuple[Tensor, Tensor]:
-    """``T² · Σ_rows divergence / normaliser`` with an analytic, chunked backward.
-
-    Args:
-        student: [*, V] student logits (any strides); the only input that receives a gradient.
-        teacher: [*, V] teacher logits, same shape; treated as a constant.
-        valid: [*] bool, True for the rows (tokens) to include.
-        divergence: the per-chunk math (e.g. :class:`~lightning_kd.losses.divergences.ForwardKL`).
-        vocab: the vocabulary-softmax object (local, or a tensor-parallel shard).
-        temperature: softmax temperature ``T`` (> 0).
-        normaliser: the denominator (number of valid tokens, or ``num_batch_labels``).
-        chunk_size: rows per chunk; 0 processes all rows at once.
-        compute_dtype: dtype of the softmaxes and buffers (fp32 for upcast).
-
-    Returns:
-        ``(loss, per_token)``: a 0-dim tensor in ``compute_dtype`` connected to ``student``, and
-        the detached [n] values of the valid rows in row order, multiplied by ``T²`` (same units
-        as the loss).
-    """
-    spec = PassSpec(divergence, temperature, normaliser, chunk_size, compute_dtype)
-    out = distill_over_rows(student, teacher, valid, vocab, spec)
-    return out.loss, out.per_token_div

@@ -7,7 +7,10 @@ with two O(tokens) all-reduces (row maxima, then shifted exp-sums) and sums per-
 results with a third, so the divergences of :mod:`lightning_kd.losses.divergences` run
 unchanged on the shard. Their gradient w.r.t. the local student shard is the matching slice of
 the full gradient and needs no communication; nothing here goes through autograd-aware
-collectives or ``loss_parallel()`` (both give wrong KD gradients; see the project's PITFALLS notes).
+collectives or ``loss_parallel()``, which both give wrong KD gradients: ``loss_parallel()``
+passes the gradient of a ``log_softmax`` through unchanged (right only when ``nll_loss``
+consumes it), and an autograd-aware all-reduce of a per-token result that every rank then uses
+multiplies the gradient by the TP size.
 
 :func:`resolve_vocab_parallel` is what ``KDLoss`` calls first: it validates DTensor inputs,
 infers the tensor-parallel group (:func:`find_vocab_tp_group`) and returns local tensors plus

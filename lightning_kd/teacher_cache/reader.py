@@ -32,16 +32,11 @@ class CachedTeacher(NamedTuple):
         ids: [B, S, k] int64 token ids, sorted ascending within a token; None in exact mode.
         logprobs: [B, S, k] float32 ``log_softmax(teacher_logits / T)`` of those ids (exact
             mode: [B, S, V], the whole distribution). The top-k mass's complement, the tail
-            ``1 − Σ exp(logprobs)``, is the teacher's own (see :meth:`tail_mass`).
+            ``1 − Σ exp(logprobs)``, is the teacher's own.
     """
 
     ids: Tensor | None
     logprobs: Tensor
-
-    def tail_mass(self) -> Tensor:
-        """[B, S] float32: the teacher's probability outside the cached ids, ``1 − Σ exp``,
-        clamped at 0 (0 in exact mode up to rounding)."""
-        return (1.0 - self.logprobs.double().exp().sum(-1)).clamp_min(0.0).float()
 
 
 class TeacherCache:

@@ -215,7 +215,7 @@ def _bad_inputs_refused_on_every_rank(mesh, rank):
 
 
 def check_fsdp_shards_are_not_vocabulary_shards(rank: int, world: int) -> None:
-    """PITFALLS 20: an FSDP2 head's weight read outside the head's forward is a ``Shard(0)``
+    """An FSDP2 head's weight read outside the head's forward is a ``Shard(0)``
     DTensor over the data-parallel mesh. Data-parallel ranks hold different batches, so taking
     it for a vocabulary shard must be refused (labels differ), never a silently wrong loss."""
     from torch.distributed.fsdp import fully_shard
