@@ -404,4 +404,3 @@ def distill_over_rows(
     return PassOutput(
         *_DistillOverRows.apply(student, teacher.detach(), valid, targets, spec, vocab, need_grad)
     )
-

@@ -4,7 +4,8 @@ Each model runs up to its final hidden states (:class:`~lightning_kd.models.cont
 SupportsFusedHead`), and :class:`~lightning_kd.losses.LinearKDLoss` reads both heads' weights,
 computing the logits chunk by chunk inside its loop. The difficulty is FSDP2 (its hooks
 gather parameters only around forwards): between forwards a sharded module's parameters are
-DTensor shards over the data-parallel mesh, so reading ``lm_head.weight`` outside a forward sees a shard. Hence:
+DTensor shards over the data-parallel mesh, so reading ``lm_head.weight`` outside a forward
+sees a shard. Hence:
 
 - ``hidden_states`` is registered as an FSDP2 forward method of each model
   (``register_fsdp_forward_method``): the root's own parameters (embedding, final norm) are
