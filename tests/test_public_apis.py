@@ -82,3 +82,93 @@ def test_the_checker_finds_private_uses():
     tree = ast.parse(source)
     uses = private_uses(tree, _defined_names([tree]), "probe.py")
     assert uses == ["probe.py:1 import _hidden", "probe.py:5 ._x", "probe.py:5 ._trainer"]
+
+
+# ---------------------------------------------------------------------------- compatibility shims
+def test_every_moved_module_imports_with_a_warning_naming_the_removal_release():
+    import importlib
+    import sys
+    import warnings
+
+    from lightning_kd import compat
+
+    for old, new in compat.MOVED_MODULES.items():
+        assert not (PACKAGE.parent / f"{old.replace('.', '/')}.py").exists(), old
+        was_loaded = old in sys.modules
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            module = importlib.import_module(old)
+        try:
+            assert module is importlib.import_module(new), old
+            if not was_loaded:
+                assert any(
+                    w.category is DeprecationWarning and compat.REMOVED_IN in str(w.message)
+                    for w in caught
+                ), (old, [str(w.message) for w in caught])
+        finally:
+            if not was_loaded:
+                del sys.modules[old]
+
+
+def test_every_renamed_name_resolves_with_a_warning():
+    import importlib
+
+    import pytest
+
+    from lightning_kd import compat
+
+    for module_name, names in compat.RENAMED.items():
+        module = importlib.import_module(module_name)
+        for old, new in names.items():
+            assert old not in getattr(module, "__all__", ()), (module_name, old)
+            with pytest.warns(DeprecationWarning, match=compat.REMOVED_IN):
+                assert getattr(module, old) is getattr(module, new)
+        with pytest.raises(AttributeError):
+            module.no_such_name  # noqa: B018
+
+
+def test_compat_is_the_only_place_that_warns_of_a_moved_module():
+    """No module outside compat.py defines its own module-path shim."""
+    found = [
+        str(path.relative_to(PACKAGE))
+        for path in PACKAGE.rglob("*.py")
+        if path.name != "compat.py" and "MetaPathFinder" in path.read_text()
+    ]
+    assert found == []
+
+
+# ---------------------------------------------------------------------------- README "Public API"
+#: The stable names, as the README's "Public API" section lists them.
+PUBLIC_API = {
+    "lightning_kd": ["KDLoss", "KDLossOutput", "LinearKDLoss", "TopKKDLoss",
+                     "DistillationModule", "CausalLMModule", "LossTerms", "TinyLlama"],
+    "lightning_kd.losses": ["Divergence", "ForwardKL", "ReverseKL", "JSD", "TVD", "SkewKL",
+                            "SkewReverseKL", "resolve_divergence"],
+    "lightning_kd.data": ["TextDataModule", "ChatDataModule", "SplitDataModule",
+                          "ByteTokenizer", "ChatEncoder", "read_chat_records", "read_documents",
+                          "generate_corpus", "generate_instructions", "ResumableDataLoader",
+                          "ResumableSampler"],
+    "lightning_kd.callbacks": ["PerTokenDivergenceMonitor", "TopToken", "DivergencePlot",
+                               "DivergenceSample", "CheckpointOnStop", "Stopped",
+                               "ExportOnFitEnd"],
+    "lightning_kd.models": ["CausalLM", "TinyLlama"],
+    "lightning_kd.models.hf": ["HFCausalLM"],
+    "lightning_kd.teacher_cache": ["TeacherCache", "CachedTeacher", "CacheMetadata",
+                                   "write_teacher_cache"],
+    "lightning_kd.export": ["export_student", "export_checkpoint"],
+    "lightning_kd.parallel": ["AtomicModelParallelStrategy"],
+    "lightning_kd.cli": ["KDLightningCLI", "main"],
+}  # fmt: skip
+
+
+def test_the_readme_public_api_is_listed_and_imports():
+    import importlib
+
+    readme = (PACKAGE.parent / "README.md").read_text()
+    section = readme.split("## Public API", 1)[1].split("\n## ", 1)[0]
+    for module_name, names in PUBLIC_API.items():
+        assert f"`{module_name}" in section, module_name
+        module = importlib.import_module(module_name)
+        for name in names:
+            assert f"`{name}`" in section or f".{name}`" in section, (module_name, name)
+            assert hasattr(module, name), (module_name, name)

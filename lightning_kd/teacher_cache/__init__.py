@@ -7,28 +7,23 @@ by any number of distillation runs without the teacher in memory.
 - :func:`data_fingerprint` ties a cache to the data it was made from.
 """
 
-from lightning_kd.teacher_cache.codec import EXACT_CODEC, TOPK_CODEC
+from lightning_kd.teacher_cache.codec import EXACT_CODEC as EXACT_CODEC
+from lightning_kd.teacher_cache.codec import TOPK_CODEC as TOPK_CODEC
 from lightning_kd.teacher_cache.fingerprint import data_fingerprint
-from lightning_kd.teacher_cache.format import FORMAT_VERSION, CacheMetadata
+from lightning_kd.teacher_cache.format import FORMAT_VERSION as FORMAT_VERSION
+from lightning_kd.teacher_cache.format import CacheMetadata
 from lightning_kd.teacher_cache.reader import CachedTeacher, TeacherCache
-from lightning_kd.teacher_cache.topk import exact_logprobs, topk_logprobs
-from lightning_kd.teacher_cache.writer import (
-    describe_teacher,
-    describe_tokenizer,
-    write_teacher_cache,
-)
+from lightning_kd.teacher_cache.topk import exact_logprobs as exact_logprobs
+from lightning_kd.teacher_cache.topk import topk_logprobs as topk_logprobs
+from lightning_kd.teacher_cache.writer import describe_teacher as describe_teacher
+from lightning_kd.teacher_cache.writer import describe_tokenizer as describe_tokenizer
+from lightning_kd.teacher_cache.writer import write_teacher_cache
 
+# The public names (README "Public API"); the others stay importable for the CLI and tests.
 __all__ = [
-    "EXACT_CODEC",
-    "FORMAT_VERSION",
-    "TOPK_CODEC",
     "CacheMetadata",
     "CachedTeacher",
     "TeacherCache",
     "data_fingerprint",
-    "describe_teacher",
-    "describe_tokenizer",
-    "exact_logprobs",
-    "topk_logprobs",
     "write_teacher_cache",
 ]
