@@ -10,6 +10,10 @@ otherwise be counted several times.
 The metric keys are ``div/...`` whatever the divergence (so that dashboards comparing runs with
 different divergences line up); the divergence's label (e.g. ``JSD(β=0.5)``) is named in the
 human-readable text instead.
+
+This module is the callback (when to summarise, its history and checkpointed state, where the
+results go); the statistics are :mod:`~lightning_kd.callbacks.divergence_stats` and the top
+tokens' records and text :mod:`~lightning_kd.callbacks.top_tokens`.
 """
 
 from __future__ import annotations
