@@ -38,6 +38,7 @@ from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm.auto import tqdm
 
+from lightning_kd.io import sha256_file
 from lightning_kd.losses.vocab_parallel import find_vocab_tp_group
 from lightning_kd.parallel.mesh import TP_DIM, data_parallel
 from lightning_kd.teacher_cache.codec import EXACT_CODEC, TOPK_CODEC, encode_exact, encode_topk
@@ -281,12 +282,8 @@ def describe_teacher(module: LightningModule, config: Any = None) -> str:
     source = getattr(module, "teacher_source", None)
     checkpoint = getattr(source, "checkpoint", None)
     if checkpoint:
-        digest = hashlib.sha256()
-        with open(checkpoint, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
         parts.append(f"checkpoint {os.path.abspath(checkpoint)} "
-                     f"sha256:{digest.hexdigest()[:16]}")  # fmt: skip
+                     f"sha256:{sha256_file(checkpoint)[:16]}")  # fmt: skip
     if not parts:
         parts.append(
             f"{type(getattr(module, 'teacher', None)).__name__} (no config, no checkpoint)"
