@@ -29,7 +29,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_kd.callbacks.checkpoint_on_stop import CheckpointOnStop, Stopped
-from lightning_kd.parallel.atomic_checkpoint import resolve_last_checkpoint
+from lightning_kd.checkpoint import resolve_last_checkpoint
 
 #: Exit status of a run stopped by SIGTERM (128 + 15), the shell's convention.
 EXIT_SIGTERM = 143
@@ -81,7 +81,7 @@ class KDLightningCLI(LightningCLI):
 
     def _newest_complete_checkpoint(self) -> str | None:
         """``--ckpt_path last``: the newest *complete* checkpoint in the run's checkpoint
-        folders (see :func:`~lightning_kd.parallel.resolve_last_checkpoint`), by global step;
+        folders (see :func:`~lightning_kd.checkpoint.resolve_last_checkpoint`), by global step;
         torn ones left by an interrupted save are skipped with a warning that names them.
         Lightning's own ``last`` picks the newest ``last*.ckpt`` by modification time, torn or
         not, and starts from scratch when a crash left none under that name."""
