@@ -133,7 +133,7 @@ def check_marked(path: Path, contents: bool, weights_only: bool | None = True) -
             return f"{name} has {file.stat().st_size} bytes, the marker says {size}", step, mtime
     if not (path / METADATA_FILENAME).is_file():
         return f"{METADATA_FILENAME} is missing", step, mtime
-    fingerprint = _fingerprint(path) if contents else None
+    fingerprint = _fingerprint(path)
     if fingerprint in _VERIFIED:
         return None, int(step), mtime
     if contents:
@@ -158,7 +158,7 @@ def check_marked(path: Path, contents: bool, weights_only: bool | None = True) -
                 step,
                 mtime,
             )
-    if fingerprint is not None:
+    if contents:
         _VERIFIED.add(fingerprint)
     return None, int(step), mtime
 
