@@ -244,3 +244,17 @@ def test_a_second_live_run_in_the_same_folder_is_refused(tmp_path, capsys):
         proc.kill()
     assert proc.returncode == 143, err[-4000:]
     assert (ckpts / "last.ckpt").is_file() and not (ckpts / LOCK_FILENAME).exists()
+
+
+@single_process
+def test_only_rank_zero_hashes_when_resolving(tmp_path, monkeypatch):
+    """Every rank of a launch resolves ``last``; the strategy loads what rank 0 chose."""
+    last = saves(tmp_path)
+    shard = sorted(last.glob("*.distcp"))[0]
+    data = bytearray(shard.read_bytes())
+    data[20] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert resolve_warned(tmp_path) == (str(last), [])  # cheap: sizes and index files only
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert resolve_warned(tmp_path)[0] == str(tmp_path / "step=4.ckpt")

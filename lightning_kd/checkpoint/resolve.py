@@ -8,7 +8,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from lightning_kd.checkpoint._rank import warn_rank_zero
+from lightning_kd.checkpoint._rank import global_rank, warn_rank_zero
 from lightning_kd.checkpoint.inspect import (
     CheckpointInfo,
     TornCheckpointWarning,
@@ -63,12 +63,12 @@ def _by_recency(infos: list[CheckpointInfo]) -> list[CheckpointInfo]:
 
 
 def _verified_newest(
-    complete: list[CheckpointInfo], torn: list[CheckpointInfo]
+    complete: list[CheckpointInfo], torn: list[CheckpointInfo], contents: bool = True
 ) -> CheckpointInfo | None:
     """The newest of ``complete`` whose files all hash to its marker's (marked directories
-    only); the ones that do not are appended to ``torn``."""
+    only, when ``contents``); the ones that do not are appended to ``torn``."""
     for info in _by_recency(complete):
-        if info.kind not in _MARKED:
+        if info.kind not in _MARKED or not contents:
             return info
         problem, step, mtime = check_marked(info.path, contents=True)
         if problem is None:
@@ -77,7 +77,9 @@ def _verified_newest(
     return None
 
 
-def resolve_last_checkpoint(dirpaths: Iterable[str | os.PathLike[str]]) -> str | None:
+def resolve_last_checkpoint(
+    dirpaths: Iterable[str | os.PathLike[str]], *, verify_contents: bool | None = None
+) -> str | None:
     """The newest complete checkpoint in ``dirpaths``, for ``--ckpt_path last``.
 
     Looks at every ``*.ckpt`` file and every directory checkpoint directly in each folder
@@ -95,12 +97,17 @@ def resolve_last_checkpoint(dirpaths: Iterable[str | os.PathLike[str]]) -> str |
 
     Args:
         dirpaths: folders to search (missing ones are ignored).
+        verify_contents: hash the chosen directory's files (default: on global rank 0 only;
+            the other ranks of a launch resolve cheaply, and the strategy loads what rank 0
+            chose, so the files are read once, not once per rank).
 
     Returns:
         The path (``str``), or None when no complete checkpoint was found.
     """
+    if verify_contents is None:
+        verify_contents = global_rank() == 0
     complete, torn = _survey(dirpaths)
-    best = _verified_newest(complete, torn)
+    best = _verified_newest(complete, torn, verify_contents)
     torn = [info for info in torn if info.kind != "aside"]
     if torn:
         chosen = (
