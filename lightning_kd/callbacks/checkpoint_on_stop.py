@@ -120,8 +120,9 @@ class CheckpointOnStop(Callback):
         """The checkpoint folders of this run: ``last.ckpt``'s first."""
         folders = [self.last_path(trainer).parent]
         for callback in trainer.checkpoint_callbacks:
-            if isinstance(callback, ModelCheckpoint) and callback.dirpath:
-                folders.append(Path(callback.dirpath))
+            dirpath = callback.dirpath if isinstance(callback, ModelCheckpoint) else None
+            if dirpath and "://" not in str(dirpath):  # remote folders: fsspec's business
+                folders.append(Path(dirpath))
         return list(dict.fromkeys(folders))
 
     @override
