@@ -258,3 +258,32 @@ def test_only_rank_zero_hashes_when_resolving(tmp_path, monkeypatch):
     assert resolve_warned(tmp_path) == (str(last), [])  # cheap: sizes and index files only
     monkeypatch.setenv("LOCAL_RANK", "0")
     assert resolve_warned(tmp_path)[0] == str(tmp_path / "step=4.ckpt")
+
+
+# ------------------------------------------------------------------ other output folders
+def test_an_export_folder_under_a_file_or_unwritable_is_one_value_error(tmp_path, monkeypatch):
+    from lightning_kd import TinyLlama
+    from lightning_kd.export.hf_export import export_student
+
+    student = TinyLlama(vocab_size=32, dim=8, n_layers=1, n_heads=2, hidden_dim=16)
+    (tmp_path / "notes.txt").write_text("a file")
+    with pytest.raises(ValueError, match=r"output_dir '.*notes\.txt/out' cannot be created"):
+        export_student(student, student.state_dict(), tmp_path / "notes.txt" / "out")
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
+    with pytest.raises(ValueError, match=r"output_dir '.*/out' is not writable"):
+        export_student(student, student.state_dict(), tmp_path / "out")
+
+
+@pytest.mark.slow
+def test_a_teacher_cache_folder_under_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("a file")
+    output = tmp_path / "notes.txt" / "cache"
+    config = fit_config(tmp_path, tmp_path / "ckpts")
+    args = ["cache-teacher", "--config", str(config), "--output_dir", str(output), "--top_k", "4"]
+    assert main(args) == 1
+    error = one_line_error(capsys.readouterr().err)
+    assert f"teacher cache output_dir '{output}' cannot be created" in error

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_kd.io import follow_umask
+from lightning_kd.io import ensure_writable_dir, follow_umask
 from lightning_kd.models.tiny_llama import TinyLlama
 
 #: Default size of one safetensors file (bytes, decimal: HF's "5GB").
@@ -151,7 +151,7 @@ def _prepare_directory(directory: Path, overwrite: bool) -> None:
         for stale in directory.iterdir():  # weights of an earlier export: other shard counts
             if stale.is_file() and _WRITTEN.fullmatch(stale.name):
                 stale.unlink()
-    directory.mkdir(parents=True, exist_ok=True)
+    ensure_writable_dir(directory, "output_dir")  # one line naming it, not a traceback
 
 
 def _shards(weights: Mapping[str, Tensor], max_bytes: int) -> list[dict[str, Tensor]]:

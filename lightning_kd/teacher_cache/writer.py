@@ -38,7 +38,7 @@ from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm.auto import tqdm
 
-from lightning_kd.io import sha256_file
+from lightning_kd.io import ensure_writable_dir, sha256_file
 from lightning_kd.losses.vocab_parallel import find_vocab_tp_group
 from lightning_kd.parallel.mesh import TP_DIM, data_parallel
 from lightning_kd.teacher_cache.codec import EXACT_CODEC, TOPK_CODEC, encode_exact, encode_topk
@@ -369,6 +369,7 @@ def write_teacher_cache(
         codec=TOPK_CODEC if top_k else EXACT_CODEC,
         ignore_index=int(loss.ignore_index),
     )
+    ensure_writable_dir(output_dir, "teacher cache output_dir")  # one line naming it
     plan = _Plan(Path(output_dir), {s: datasets[s] for s in nonempty}, batch_size, metadata)
     _check_existing(plan, vocab_known=False)  # fail before launching anything
     runner = _Runner(plan, module, trainer)
