@@ -32,6 +32,12 @@ ROOT = Path(__file__).resolve().parents[1]
 single_process = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
 
+@pytest.fixture(autouse=True)
+def _in_tmp_path(tmp_path, monkeypatch):
+    """In-process fits write their config.yaml into the working directory."""
+    monkeypatch.chdir(tmp_path)
+
+
 def fit_config(tmp_path: Path, ckpts: Path, *, gate_at: int | None = None, name: str = "c") -> Path:
     """A tiny distillation fit that checkpoints into ``ckpts`` (every 2 steps, 4 steps)."""
     callbacks: list[dict] = [
