@@ -9,9 +9,7 @@ int subclass, and ``chunk_size=True`` is a mistake, not 1).
 from __future__ import annotations
 
 import math
-import os
 from numbers import Real
-from pathlib import Path
 from typing import Any
 
 
@@ -51,31 +49,3 @@ def check_unit_interval(name: str, value: Any) -> float:
     if not math.isfinite(value) or not 0.0 <= value <= 1.0:
         raise ValueError(f"{name} must be in [0, 1], got {value!r}.")
     return float(value)
-
-
-def check_output_dir(name: str, path: str | os.PathLike[str]) -> Path:
-    """``path`` as a Path if it is a directory, or can be created as one, that this process
-    may write into.
-
-    Checks only what can be known before writing (the path and its nearest existing ancestor),
-    so that a command fails in one line naming the path instead of deep inside its run.
-
-    Raises:
-        ValueError: when ``path`` is an existing file, lies under a file, or its nearest
-            existing folder is not writable.
-    """
-    directory = Path(path)
-    if directory.exists() and not directory.is_dir():
-        raise ValueError(f"{name} {str(directory)!r} is a file; expected a directory.")
-    existing = directory
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ValueError(
-            f"{name} {str(directory)!r} cannot be created: {str(existing)!r} is a file, not a "
-            "directory."
-        )
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"{name} {str(directory)!r} cannot be written: {str(existing)!r} is "
-                         "not writable by this user.")  # fmt: skip
-    return directory

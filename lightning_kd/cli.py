@@ -29,8 +29,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_kd.callbacks.checkpoint_on_stop import CheckpointOnStop, Stopped
-from lightning_kd.checks import check_output_dir
-from lightning_kd.parallel.atomic_checkpoint import resolve_last_checkpoint
+from lightning_kd.checkpoint import resolve_last_checkpoint
+from lightning_kd.io import ensure_writable_dir
 
 #: Exit status of a run stopped by SIGTERM (128 + 15), the shell's convention.
 EXIT_SIGTERM = 143
@@ -102,7 +102,7 @@ class KDLightningCLI(LightningCLI):
 
     def _newest_complete_checkpoint(self) -> str | None:
         """``--ckpt_path last``: the newest *complete* checkpoint in the run's checkpoint
-        folders (see :func:`~lightning_kd.parallel.resolve_last_checkpoint`), by global step;
+        folders (see :func:`~lightning_kd.checkpoint.resolve_last_checkpoint`), by global step;
         torn ones left by an interrupted save are skipped with a warning that names them.
         Lightning's own ``last`` picks the newest ``last*.ckpt`` by modification time, torn or
         not, and starts from scratch when a crash left none under that name."""
@@ -199,7 +199,7 @@ def cache_teacher(args: list[str]) -> None:
         help="sequences per teacher forward (default: the data's batch_size)",
     )
     ours, rest = parser.parse_known_args(args)
-    check_output_dir("--output_dir", ours.output_dir)
+    ensure_writable_dir(ours.output_dir, "--output_dir")
     configs = [arg for path in ours.config for arg in ("--config", path)]
     cli = KDLightningCLI(args=[*configs, *rest], run=False)
     teacher_config = cli.config.get("model", {}).get("init_args", {}).get("teacher")
@@ -262,7 +262,7 @@ def export(args: list[str]) -> None:
     ckpt = Path(ours.ckpt_path)
     if not ckpt.exists():
         raise ValueError(f"--ckpt_path {ours.ckpt_path!r} does not exist.")
-    check_output_dir("--output_dir", ours.output_dir)
+    ensure_writable_dir(ours.output_dir, "--output_dir")
     configs = [arg for path in ours.config for arg in ("--config", path)]
     cli = KDLightningCLI(args=[*configs, *_EXPORT_TRAINER, *rest], run=False)
     directory = export_checkpoint(

@@ -1,4 +1,4 @@
-"""Crash-safe distributed checkpoints (lightning_kd.parallel.atomic_checkpoint).
+"""Crash-safe distributed checkpoints (lightning_kd.checkpoint).
 
 The in-process tests drive ``AtomicModelParallelStrategy.save_checkpoint`` in one process
 (DCP saves without a process group) and simulate interrupted saves with exceptions. The
@@ -23,16 +23,16 @@ from typing import Any
 import pytest
 import torch
 
-from lightning_kd.parallel.atomic_checkpoint import (
+from lightning_kd.checkpoint import (
     MARKER_FILENAME,
     METADATA_FILENAME,
-    AtomicModelParallelStrategy,
     TornCheckpointWarning,
     UnverifiedCheckpointWarning,
     inspect_checkpoint,
     resolve_last_checkpoint,
     verify_checkpoint,
 )
+from lightning_kd.checkpoint.strategy import AtomicModelParallelStrategy
 
 SCRIPT = Path(__file__).parent / "scripts" / "atomic_ckpt_run.py"
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,8 +74,8 @@ class Interrupting(AtomicModelParallelStrategy):
         if self.phase == "after_metadata":
             raise Interrupted
 
-    def _write_marker(self, checkpoint, staged):
-        super()._write_marker(checkpoint, staged)
+    def _write_marker(self, checkpoint, staged, **kwargs):
+        super()._write_marker(checkpoint, staged, **kwargs)
         if self.phase == "after_marker":
             raise Interrupted
 
@@ -109,10 +109,11 @@ def test_save_seals_the_directory_then_swaps_it_in(tmp_path):
         strategy.save_checkpoint(checkpoint(step), path)
         assert names(tmp_path) == {"last.ckpt"}  # no .partial / .aside left behind
         marker = json.loads((path / MARKER_FILENAME).read_text())
-        assert marker["global_step"] == step and marker["version"] == 1
+        assert marker["global_step"] == step and marker["version"] == 2
         assert marker["files"] == {
             p.name: p.stat().st_size for p in path.iterdir() if p.name != MARKER_FILENAME
         }
+        assert set(marker["sha256"]) == set(marker["files"])  # every file hashed
         assert {".metadata", METADATA_FILENAME} <= set(marker["files"]) <= names(path)
         info = verify_checkpoint(path)
         assert info.complete and info.kind == "directory" and info.global_step == step

@@ -20,7 +20,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lightning_kd"
 #: import X`` for a name X that is not a module); ``__main__`` is ``python -m lightning_kd``.
 LAYERS: tuple[tuple[str, ...], ...] = (
     # Leaves: import no other part of lightning_kd.
-    ("compat", "checks", "lightning_private"),
+    ("compat", "checks", "lightning_private", "io"),
     # Plain PyTorch losses (no Lightning; tests/test_imports.py blocks it).
     ("losses",),
     # The model contract, TinyLlama, Hugging Face models, reading a model's output.

@@ -18,10 +18,10 @@ import pytest
 import torch
 
 from lightning_kd import KDLoss
-from lightning_kd.checks import check_output_dir
 from lightning_kd.cli import main
 from lightning_kd.data import ChatDataModule
 from lightning_kd.data.chat_records import RecordFields, read_chat_records
+from lightning_kd.io import ensure_writable_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
@@ -88,14 +88,14 @@ def test_a_file_as_output_dir_is_one_line_naming_it(command, under, tmp_path, ca
     assert str(output_dir) in line and "is a file" in line, line
 
 
-def test_check_output_dir(tmp_path):
-    assert check_output_dir("d", tmp_path / "new" / "deeper") == tmp_path / "new" / "deeper"
-    assert check_output_dir("d", tmp_path) == tmp_path
+def test_output_dir_check_names_the_path(tmp_path):
+    assert ensure_writable_dir(tmp_path / "new" / "deeper", "d") == tmp_path / "new" / "deeper"
+    assert ensure_writable_dir(tmp_path, "d") == tmp_path
     (tmp_path / "f").write_text("")
-    with pytest.raises(ValueError, match=r"d '.*f' is a file; expected a directory"):
-        check_output_dir("d", tmp_path / "f")
+    with pytest.raises(ValueError, match=r"d '.*f' cannot be created: '.*f' is a file"):
+        ensure_writable_dir(tmp_path / "f", "d")
     with pytest.raises(ValueError, match=r"cannot be created: '.*f' is a file"):
-        check_output_dir("d", tmp_path / "f" / "sub" / "dir")
+        ensure_writable_dir(tmp_path / "f" / "sub" / "dir", "d")
 
 
 # ---------------------------------------------------------------------------- chat data

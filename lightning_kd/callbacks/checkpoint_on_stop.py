@@ -16,6 +16,13 @@ With several processes the decision to stop is all-reduced at every training-ste
 (e.g. Lightning's launcher process). A signal that arrives outside training steps (sanity
 check, validation) stops the run at the next training step; before training starts it ends
 the run at once with the same exit status and no checkpoint.
+
+It also guards the checkpoint folders. When fit starts, every checkpoint folder is created and
+checked to be writable (a ``ValueError`` naming it otherwise, before any training), and the
+folder of ``last.ckpt`` is locked for this run (:class:`~lightning_kd.checkpoint.FolderLock`):
+a second fit started in the same folder is refused instead of silently overwriting this one's
+``last.ckpt``. The lock is released when the fit ends, fails or is stopped. After each save,
+the checkpoint is checked to be on disk (Lightning's file save swallows ``PermissionError``).
 """
 
 from __future__ import annotations
@@ -31,6 +38,10 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
+
+from lightning_kd.checkpoint.layout import not_written_message
+from lightning_kd.checkpoint.lock import FolderLock
+from lightning_kd.io import ensure_writable_dir
 
 #: The signals a run stops on, with a checkpoint.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -61,6 +72,7 @@ class CheckpointOnStop(Callback):
         self.received: int | None = None  # the signal number, once one arrived
         self._previous: dict[int, Any] = {}
         self._saved_step: int | None = None
+        self._lock: FolderLock | None = None
 
     # ------------------------------------------------------------------ signals
     def _handle(self, signum: int, frame: FrameType | None) -> None:
@@ -101,6 +113,39 @@ class CheckpointOnStop(Callback):
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":
             self._restore()
+            self._unlock()
+
+    # ------------------------------------------------------------------ folders
+    def _folders(self, trainer: Trainer) -> list[Path]:
+        """The checkpoint folders of this run: ``last.ckpt``'s first."""
+        folders = [self.last_path(trainer).parent]
+        for callback in trainer.checkpoint_callbacks:
+            dirpath = callback.dirpath if isinstance(callback, ModelCheckpoint) else None
+            if dirpath and "://" not in str(dirpath):  # remote folders: fsspec's business
+                folders.append(Path(dirpath))
+        return list(dict.fromkeys(folders))
+
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # After ModelCheckpoint.setup has resolved its folder, before any training step.
+        problem = None
+        if trainer.is_global_zero:
+            try:
+                folders = self._folders(trainer)
+                for folder in folders:
+                    ensure_writable_dir(folder, "checkpoint folder")
+                self._lock = FolderLock(folders[0])
+                self._lock.acquire()
+            except ValueError as error:
+                problem = str(error)
+        problem = trainer.strategy.broadcast(problem)  # every rank fails together
+        if problem is not None:
+            raise ValueError(problem)
+
+    def _unlock(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     # ------------------------------------------------------------------ saving
     def last_path(self, trainer: Trainer) -> Path:
@@ -121,6 +166,10 @@ class CheckpointOnStop(Callback):
             return
         path = self.last_path(trainer)
         trainer.save_checkpoint(path, weights_only=False)  # the full state: optimizer, loops
+        problem = not_written_message(path) if trainer.is_global_zero else None
+        problem = trainer.strategy.broadcast(problem)
+        if problem is not None:
+            raise ValueError(problem)
         self._saved_step = trainer.global_step
         rank_zero_info(f"Saved {path} at step {trainer.global_step}.")
 
@@ -157,3 +206,4 @@ class CheckpointOnStop(Callback):
         self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
     ) -> None:
         self._restore()
+        self._unlock()

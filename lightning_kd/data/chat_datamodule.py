@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from array import array
 from collections.abc import Iterable
 from pathlib import Path
@@ -47,6 +45,7 @@ from lightning_kd.data.packing import OVERLONG, PackedRows, fit_documents, pack_
 from lightning_kd.data.split_datamodule import SplitDataModule, check_paths
 from lightning_kd.data.text_files import check_encoding, expand_paths
 from lightning_kd.data.token_cache import TokenCache
+from lightning_kd.io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -179,15 +178,7 @@ class ChatDataModule(SplitDataModule):
         """Store ``stats`` next to the cache file atomically (temporary file, then rename),
         removing the stats files of stale caches of the same source."""
         path = self._stats_path(cache)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as handle:
-                json.dump(stats.to_dict(), handle)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(path, json.dumps(stats.to_dict()).encode())
         source = cache.path.name.split("-")[1]  # tokens-{source}-{content}.pt
         for stale in path.parent.glob(f"tokens-{source}-*.stats.json"):
             if stale != path:

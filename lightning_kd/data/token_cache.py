@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -28,6 +27,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from lightning_kd.io import atomic_write
 
 #: Bump when the layout or content of the token cache changes.
 CACHE_FORMAT = 2
@@ -71,14 +72,7 @@ class TokenCache:
         the same source."""
         self.directory.mkdir(parents=True, exist_ok=True)
         data = {"tokens": tokens, "offsets": offsets, "sha256": checksum(tokens, offsets)}
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{self.path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                torch.save(data, handle)
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(self.path, lambda handle: torch.save(data, handle))
         for stale in self.directory.glob(f"tokens-{self._source}-*.pt"):
             if stale != self.path:
                 stale.unlink(missing_ok=True)

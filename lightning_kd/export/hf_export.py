@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_kd.io import ensure_writable_dir, follow_umask
 from lightning_kd.models.tiny_llama import TinyLlama
 
 #: Default size of one safetensors file (bytes, decimal: HF's "5GB").
@@ -150,7 +151,7 @@ def _prepare_directory(directory: Path, overwrite: bool) -> None:
         for stale in directory.iterdir():  # weights of an earlier export: other shard counts
             if stale.is_file() and _WRITTEN.fullmatch(stale.name):
                 stale.unlink()
-    directory.mkdir(parents=True, exist_ok=True)
+    ensure_writable_dir(directory, "output_dir")  # one line naming it, not a traceback
 
 
 def _shards(weights: Mapping[str, Tensor], max_bytes: int) -> list[dict[str, Tensor]]:
@@ -187,11 +188,13 @@ def write_safetensors(
     metadata = {"format": "pt"}
     if len(shards) == 1:
         save_file(shards[0], str(directory / SINGLE_FILE), metadata=metadata)
+        follow_umask(directory / SINGLE_FILE)  # safetensors creates 0600 files
         return [SINGLE_FILE]
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map: dict[str, str] = {}
     for name, shard in zip(names, shards, strict=True):
         save_file(shard, str(directory / name), metadata=metadata)
+        follow_umask(directory / name)
         weight_map.update(dict.fromkeys(shard, name))
     total = sum(t.numel() * t.element_size() for t in plain.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}

@@ -1,12 +1,24 @@
 """Parallelism for distillation: device-mesh groups, tensor-parallel plans and their checks,
-FSDP2 with a precision policy, gradient clipping across meshes, and crash-safe distributed
-checkpoints (``AtomicModelParallelStrategy``, ``resolve_last_checkpoint``)."""
+FSDP2 with a precision policy and gradient clipping across meshes. No Lightning.
+
+Checkpoints moved to :mod:`lightning_kd.checkpoint` in 0.3; their names stay importable from
+here for 0.2 code (``AtomicModelParallelStrategy`` on first use, as it needs Lightning).
+"""
 
 from __future__ import annotations
 
 import importlib
 from typing import TYPE_CHECKING, Any
 
+# 0.2 compatibility: checkpoint names that moved to lightning_kd.checkpoint.
+from lightning_kd.checkpoint import (
+    CheckpointInfo,
+    TornCheckpointWarning,
+    UnverifiedCheckpointWarning,
+    inspect_checkpoint,
+    resolve_last_checkpoint,
+    verify_checkpoint,
+)
 from lightning_kd.parallel.fsdp import apply_fsdp, mixed_precision_policy
 from lightning_kd.parallel.grad_clip import clip_grad_norm, total_grad_norm
 from lightning_kd.parallel.mesh import DataParallel, data_parallel, data_parallel_group, dp_sum
@@ -17,34 +29,16 @@ from lightning_kd.parallel.plans import (
 )
 
 if TYPE_CHECKING:
-    from lightning_kd.parallel.atomic_checkpoint import (
-        AtomicModelParallelStrategy,
-        CheckpointInfo,
-        TornCheckpointWarning,
-        UnverifiedCheckpointWarning,
-        inspect_checkpoint,
-        resolve_last_checkpoint,
-        verify_checkpoint,
-    )
-
-# Imported on first use: they need Lightning, the rest of this package does not.
-_LAZY = {
-    name: "lightning_kd.parallel.atomic_checkpoint"
-    for name in (
-        "AtomicModelParallelStrategy",
-        "CheckpointInfo",
-        "TornCheckpointWarning",
-        "UnverifiedCheckpointWarning",
-        "inspect_checkpoint",
-        "resolve_last_checkpoint",
-        "verify_checkpoint",
-    )
-}
+    from lightning_kd.checkpoint.strategy import AtomicModelParallelStrategy
 
 
 def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
+    # 0.2 compatibility (`class_path: lightning_kd.parallel.AtomicModelParallelStrategy`),
+    # imported on first use so that this package does not import Lightning.
+    if name == "AtomicModelParallelStrategy":
+        return importlib.import_module(
+            "lightning_kd.checkpoint.strategy"
+        ).AtomicModelParallelStrategy
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

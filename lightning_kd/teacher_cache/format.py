@@ -26,12 +26,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from lightning_kd.io import atomic_write
 
 #: Bump when the layout or the meaning of a field changes.
 FORMAT_VERSION = 1
@@ -134,22 +134,6 @@ def read_metadata(directory: Path) -> CacheMetadata:
     if not path.is_file():
         raise ValueError(f"teacher cache {directory} has no {METADATA_FILENAME}; is it a cache?")
     return CacheMetadata.from_json(path.read_text(encoding="utf-8"), str(path))
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same directory (fsynced,
-    then renamed over ``path``): readers see the old file or the new one, never a part."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_metadata(directory: Path, meta: CacheMetadata) -> None:

@@ -38,7 +38,7 @@ from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm.auto import tqdm
 
-from lightning_kd.checks import check_output_dir
+from lightning_kd.io import ensure_writable_dir, sha256_file
 from lightning_kd.losses.vocab_parallel import find_vocab_tp_group
 from lightning_kd.models.outputs import logits_of
 from lightning_kd.parallel.mesh import TP_DIM, data_parallel
@@ -282,12 +282,8 @@ def describe_teacher(module: LightningModule, config: Any = None) -> str:
     source = getattr(module, "teacher_source", None)
     checkpoint = getattr(source, "checkpoint", None)
     if checkpoint:
-        digest = hashlib.sha256()
-        with open(checkpoint, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
         parts.append(f"checkpoint {os.path.abspath(checkpoint)} "
-                     f"sha256:{digest.hexdigest()[:16]}")  # fmt: skip
+                     f"sha256:{sha256_file(checkpoint)[:16]}")  # fmt: skip
     if not parts:
         parts.append(
             f"{type(getattr(module, 'teacher', None)).__name__} (no config, no checkpoint)"
@@ -339,7 +335,7 @@ def write_teacher_cache(
     unknown = [s for s in splits if s not in SPLITS]
     if not splits or unknown:
         raise ValueError(f"splits must be a non-empty subset of {SPLITS}, got {splits!r}.")
-    check_output_dir("output_dir", output_dir)
+    ensure_writable_dir(output_dir, "teacher cache output_dir")  # one line naming it
     if getattr(module, "teacher_cache", None) is not None:
         raise ValueError(
             "the config trains from a teacher cache (model.init_args.teacher_cache); caching "

@@ -33,9 +33,9 @@ from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.tensor import DTensor
 
 from lightning_kd import DistillationModule, KDLoss
+from lightning_kd.checkpoint.strategy import AtomicModelParallelStrategy
 from lightning_kd.cli import shutdown_distributed
 from lightning_kd.data.sampler import ResumableDataLoader, ResumableSampler
-from lightning_kd.parallel.atomic_checkpoint import AtomicModelParallelStrategy
 from tests.distributed import exit_now
 from tests.scripts.fit_run import RandomTokens, make_models
 
@@ -101,8 +101,8 @@ class KillingStrategy(AtomicModelParallelStrategy):
         super()._write_metadata(checkpoint, staged)
         self._kill_if("after_metadata")
 
-    def _write_marker(self, checkpoint, staged):
-        super()._write_marker(checkpoint, staged)
+    def _write_marker(self, checkpoint, staged, **kwargs):
+        super()._write_marker(checkpoint, staged, **kwargs)
         self.sealed = True
         self._kill_if("after_marker")
 
