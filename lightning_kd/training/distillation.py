@@ -2,8 +2,12 @@
 
 The module composes small parts, each in its own file of :mod:`lightning_kd.training`:
 
-- :class:`~lightning_kd.training.teacher.TeacherSource` builds, loads and freezes the teacher;
-  :func:`~lightning_kd.training.vocabulary.reconcile_vocabularies` aligns padded vocabularies.
+- A teacher backend (:mod:`lightning_kd.training.teachers`: a live model, the same with the
+  lm_heads fused into the loss, or a teacher cache) builds and places the teacher, hands the
+  loss its output for a batch, computes the loss and the teacher's evaluation cross-entropy,
+  and names the settings checkpoints record. The module never branches on the kind.
+- A sequence source (:mod:`lightning_kd.training.sequences`) gives each step's batch (by
+  default the data loader's, as is).
 - :mod:`lightning_kd.parallel` applies the TP plans and FSDP2 (with a precision policy from
   the trainer) on the mesh of Lightning's ``ModelParallelStrategy`` and checks that the logits
   are vocabulary-sharded DTensors under TP; under TP the logits go to the loss unsharded.
@@ -151,6 +155,15 @@ class DistillationModule(LightningModule):
             through DCP's ``HuggingFaceStorageReader``, a ``torch.save`` file memory-mapped);
             see :mod:`lightning_kd.parallel.meta_init`. Randomly initialised models are built
             in full as without it (same weights for every layout). No effect without a mesh.
+        teacher_backend: another kind of teacher, instead of ``teacher`` / ``teacher_cache``
+            (a :class:`~lightning_kd.training.teachers.TeacherBackend`; see that module for how
+            to write one).
+
+    Attributes:
+        loss: the distillation loss (``kd_loss`` is its deprecated name).
+        teacher_backend: the kind of teacher (chosen from the arguments above).
+        sequence_source: gives each step's batch (default: the data loader's, as is; see
+            :mod:`lightning_kd.training.sequences`). Assign another before fitting.
 
     A per-device memory estimate (:mod:`lightning_kd.training.memory_estimate`) is printed on
     rank 0 before the first training step.
@@ -158,9 +171,10 @@ class DistillationModule(LightningModule):
     Raises:
         ValueError: for a ``kd_ratio`` outside [0, 1] or one that contradicts the loss's, a
             missing teacher checkpoint, a non-positive ``shared_vocab_size``, both or neither
-            of ``teacher`` and ``teacher_cache``, a missing or malformed teacher cache (or a
-            top-k one with another divergence than forward KL), ``fused_head`` with a teacher
-            cache or a loss that is not a ``KDLoss``, or a flag that is not a bool.
+            of ``teacher``, ``teacher_cache`` and ``teacher_backend``, a missing or malformed
+            teacher cache (or a top-k one with another divergence than forward KL),
+            ``fused_head`` with a teacher cache, a loss that is not a ``KDLoss``, or a flag
+            that is not a bool.
     """
 
     def __init__(
