@@ -42,10 +42,14 @@ MetaBuilder = Callable[..., nn.Module | None]
 
 
 def run_model(model: nn.Module, role: str, method: str, batch: Mapping[str, Tensor]) -> Any:
-    """``model.<method>(input_ids [B, S], position_ids=...)``: the batch's ``position_ids``
-    [B, S] are passed when it carries them (packed sequences; both models get the same)."""
+    """``model.<method>(input_ids [B, S], position_ids=...)`` (``model(...)`` for
+    ``"forward"``): the batch's ``position_ids`` [B, S] are passed when it carries them (packed
+    sequences; both models get the same). Other methods must be registered FSDP2 forward
+    methods when the model is sharded (the fused head's ``hidden_states`` is)."""
     kwargs = packing_kwargs(model, role, method, batch)
-    return getattr(model, method)(batch["input_ids"], **kwargs)
+    # ``forward`` through ``__call__``: FSDP2 (and any module hook) runs around it.
+    call = model if method == "forward" else getattr(model, method)
+    return call(batch["input_ids"], **kwargs)
 
 
 class TeacherBackend(ABC):
