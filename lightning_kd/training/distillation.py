@@ -24,6 +24,7 @@ Override points for subclasses: :meth:`run_student`, :meth:`run_teacher`,
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -212,9 +213,12 @@ class DistillationModule(LightningModule):
         self._described = False
         if shared_vocab_size is not None and shared_vocab_size < 1:
             raise ValueError(f"shared_vocab_size must be >= 1, got {shared_vocab_size!r}.")
-        self._teacher_args = (teacher, teacher_cache, teacher_checkpoint,
-                              teacher_checkpoint_prefix, teacher_backend)  # fmt: skip
-        backend = select_teacher(*self._teacher_args[:4], fused_head, teacher_backend)
+        # The teacher arguments, kept to switch fused_head later (see its setter).
+        self._select_teacher = functools.partial(
+            select_teacher, teacher, teacher_cache, teacher_checkpoint,
+            teacher_checkpoint_prefix, teacher_backend=teacher_backend,
+        )  # fmt: skip
+        backend = self._select_teacher(fused_head=fused_head)
         self.teacher_cache = teacher_cache
         self.loss = resolve_loss(loss, kd_ratio)
         self._use_backend(backend)
@@ -269,7 +273,7 @@ class DistillationModule(LightningModule):
     @fused_head.setter
     def fused_head(self, value: bool) -> None:
         if check_bool("fused_head", value) != self.fused_head:
-            self._use_backend(select_teacher(*self._teacher_args[:4], value, self._teacher_args[4]))
+            self._use_backend(self._select_teacher(fused_head=value))
 
     @property
     def teacher_source(self) -> TeacherSource | None:
@@ -349,7 +353,7 @@ class DistillationModule(LightningModule):
         precision = self.trainer.precision
         for role in ("teacher", "student"):
             model = getattr(self, role)
-            if model is None:  # trained from a teacher cache
+            if model is None:  # a teacher without a model (e.g. a teacher cache)
                 continue
             if tp_mesh.size() > 1:
                 plan = self.tensor_parallel_plan(model, role, tp_mesh.size())
