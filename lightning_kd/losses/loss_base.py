@@ -121,9 +121,19 @@ class KDLossBase(nn.Module):
                 f"source must be a KDOptions or a distillation loss, got {type(source).__name__}."
             )
         loss = cls(**source.options.replace(**changes).as_kwargs())
-        loss._derivation = _Derivation(source, dict(changes))
-        loss._derived_from = source.options
+        loss.follow(source, **changes)
         return loss
+
+    def follow(self, source: KDLossBase, **changes: Any) -> None:
+        """From now on, take the options of ``source`` as they are at each call, with
+        ``changes`` applied (what :meth:`from_options` does with a loss).
+
+        Raises:
+            ValueError: for an unknown option, or options this loss refuses.
+        """
+        options = self.check_options(source.options.replace(**changes))
+        self._derivation = _Derivation(source, dict(changes))
+        self._options, self._derived_from = options, source.options
 
     def check_options(self, options: KDOptions) -> KDOptions:
         """``options`` if this loss supports them (subclasses refuse what they cannot do).
