@@ -47,10 +47,6 @@ LAYERS: tuple[tuple[str, ...], ...] = (
 #: edges; delete the entries when they are merged (a stale entry fails the test below).
 ALLOWED_UPWARD: dict[tuple[str, str], str] = {
     (
-        "lightning_kd.export.checkpoint_export",
-        "lightning_kd.training.teacher",
-    ): "issue 21 §4: removed by the teacher-backends branch",
-    (
         "lightning_kd.models.hf.tp_plan",
         "lightning_kd.parallel.plans",
     ): "issue 21 §4: removed by the parallelize-pipeline branch",

@@ -11,16 +11,23 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from torch import nn
 
 from lightning_kd.export.hf_export import DEFAULT_MAX_SHARD_SIZE, export_student, run_tokenizer
 from lightning_kd.export.student_state import student_state_from_checkpoint
-from lightning_kd.training.teacher import build_model
 
-#: (module attribute holding the model, attribute holding its factory) per module kind.
-_ROLES = (("student", "_student_factory"), ("model", "_factory"))
+
+@runtime_checkable
+class ExportableModule(Protocol):
+    """A LightningModule whose student can be exported (``DistillationModule`` and
+    ``CausalLMModule`` are)."""
+
+    def export_model(self, build: bool = False) -> tuple[nn.Module | None, str]:
+        """(the model to export or None when not built, its key prefix in checkpoints); with
+        ``build``, built from its factory when it is not built yet (on CPU, without a teacher)."""
+        ...
 
 
 def student_of(module: nn.Module, build: bool = False) -> tuple[nn.Module | None, str]:
@@ -28,23 +35,20 @@ def student_of(module: nn.Module, build: bool = False) -> tuple[nn.Module | None
 
     Args:
         module: a :class:`~lightning_kd.DistillationModule` (its ``student``), a
-            ``CausalLMModule`` (its ``model``), or a subclass of either.
+            ``CausalLMModule`` (its ``model``), a subclass of either, or any module with
+            ``export_model`` (:class:`ExportableModule`).
         build: build the model from its factory when the module has not yet (on CPU; the
             teacher is not built).
 
     Raises:
-        ValueError: a module with neither a ``student`` nor a ``model``.
+        ValueError: a module without ``export_model``.
     """
-    for attribute, factory in _ROLES:
-        if hasattr(module, attribute):
-            model = getattr(module, attribute)
-            if model is None and build:
-                model = build_model(getattr(module, factory, None), attribute)
-            return model, f"{attribute}."
-    raise ValueError(
-        f"{type(module).__name__} has no student (or model) to export; export works for "
-        "DistillationModule and CausalLMModule runs."
-    )
+    if not isinstance(module, ExportableModule):
+        raise ValueError(
+            f"{type(module).__name__} has no student (or model) to export; export works for "
+            "DistillationModule and CausalLMModule runs (modules with export_model)."
+        )
+    return module.export_model(build=build)
 
 
 def export_checkpoint(

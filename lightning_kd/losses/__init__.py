@@ -1,6 +1,8 @@
 """Distillation losses in plain PyTorch (this package imports nothing from Lightning).
 
 - :class:`KDLoss`: the public loss module (input checks, valid-token selection, dispatch).
+- :class:`KDOptions`: the options the three losses share, one frozen value (``loss.options``);
+  ``OtherLoss.from_options(loss, **changes)`` derives one loss from another's.
 - :class:`LinearKDLoss`: ``KDLoss`` with the lm_heads fused in (hidden states and head weights
   in, no ``[N, V]`` logits; :mod:`~lightning_kd.losses.linear_engine` is its chunked pass).
 - :class:`TopKKDLoss`: ``KDLoss`` against a teacher's stored top-k distribution plus a tail
@@ -29,6 +31,7 @@ from lightning_kd.losses.divergences import (
 )
 from lightning_kd.losses.kd_loss import KDLoss, KDLossOutput
 from lightning_kd.losses.linear_kd_loss import LinearKDLoss
+from lightning_kd.losses.options import KDOptions
 from lightning_kd.losses.topk_kd_loss import TopKKDLoss
 from lightning_kd.losses.vocab_parallel import find_vocab_tp_group
 
@@ -40,6 +43,7 @@ __all__ = [
     "ForwardKL",
     "KDLoss",
     "KDLossOutput",
+    "KDOptions",
     "LinearKDLoss",
     "ReverseKL",
     "SkewKL",

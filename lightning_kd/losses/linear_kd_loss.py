@@ -22,6 +22,7 @@ from lightning_kd.losses.input_checks import check_label_range, check_normaliser
 from lightning_kd.losses.kd_loss import KDLoss, KDLossOutput
 from lightning_kd.losses.linear_engine import Head, linear_distill_over_rows, matmul_dtype
 from lightning_kd.losses.loss_base import KDLossBase
+from lightning_kd.losses.options import KDOptions
 from lightning_kd.losses.vocab_parallel import VocabParallelSoftmax
 from lightning_kd.losses.vocab_softmax import LocalVocabSoftmax
 
@@ -92,16 +93,16 @@ class LinearKDLoss(KDLossBase):
 
     @classmethod
     def from_kd_loss(cls, loss: KDLoss, chunk_size: int | None = None) -> LinearKDLoss:
-        """A ``LinearKDLoss`` with the options of ``loss`` (``chunk_size`` overrides its chunk
-        size; its 0, unchunked, becomes 1024 unless given)."""
+        """A ``LinearKDLoss`` with a copy of the options of ``loss`` (``chunk_size`` overrides
+        its chunk size; its 0, unchunked, becomes 1024 unless given). To follow ``loss``'s
+        ``kd_ratio`` when it is assigned later, use ``from_options(loss, chunk_size=...)``.
+
+        Raises:
+            ValueError: when ``loss`` is not a ``KDLoss``.
+        """
         if not isinstance(loss, KDLoss):
             raise ValueError(f"loss must be a KDLoss, got {type(loss).__name__}.")
-        if chunk_size is None:
-            chunk_size = loss.chunk_size or 1024
-        return cls(
-            loss.ignore_index, loss.temperature, loss.fp32_upcast, loss.tp_group, chunk_size,
-            divergence=loss.divergence, kd_ratio=loss.kd_ratio,
-        )  # fmt: skip
+        return cls.from_options(loss.options, chunk_size=fused_chunk_size(loss.options, chunk_size))
 
     def forward(
         self,
@@ -186,6 +187,14 @@ class LinearKDLoss(KDLossBase):
                 check_label_range(targets, valid, vocab_size)
         out = linear_distill_over_rows(student, teacher, valid, vocab, spec, targets, group)
         return self.output(out, valid, return_per_token)
+
+
+def fused_chunk_size(options: KDOptions, chunk_size: int | None = None) -> int:
+    """The chunk size of the fused form of a loss with ``options``: ``chunk_size`` when given,
+    else the loss's, with 0 (unchunked) replaced by 1024 (bounding the memory is the point)."""
+    if chunk_size is not None:
+        return chunk_size
+    return options.chunk_size or 1024
 
 
 def _is_vocab_row_shard(placement: object) -> bool:

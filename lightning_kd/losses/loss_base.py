@@ -1,5 +1,6 @@
-"""What every distillation loss of this package shares: its options, checked in one place,
-the steps around the chunked pass, and its per-token output.
+"""What every distillation loss of this package shares: its options (one
+:class:`~lightning_kd.losses.options.KDOptions` value), the steps around the chunked pass, and
+its per-token output.
 
 :class:`KDLossBase` is the base of :class:`~lightning_kd.KDLoss` (logits),
 :class:`~lightning_kd.losses.LinearKDLoss` (hidden states and lm_head weights) and
@@ -9,16 +10,16 @@ subclasses' ``forward`` methods take different inputs. Imports nothing from Ligh
 
 from __future__ import annotations
 
-import math
-from numbers import Real
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
+from typing_extensions import Self
 
-from lightning_kd.checks import check_bool, check_int, check_unit_interval
-from lightning_kd.losses.divergences import Divergence, resolve_divergence
+from lightning_kd.checks import check_bool, check_unit_interval
+from lightning_kd.losses.divergences import Divergence
 from lightning_kd.losses.engine import PassOutput
+from lightning_kd.losses.options import KDOptions
 from lightning_kd.losses.vocab_parallel import VocabParallelSoftmax
 from lightning_kd.losses.vocab_softmax import VocabSoftmax
 
@@ -55,17 +56,23 @@ class KDLossOutput(NamedTuple):
         return self.per_token_div
 
 
-def check_temperature(temperature: float) -> float:
-    if isinstance(temperature, bool) or not isinstance(temperature, Real):
-        raise ValueError(f"temperature must be a real number > 0, got {temperature!r}.")
-    if not math.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"temperature must be finite and > 0, got {temperature!r}.")
-    return float(temperature)
+class _Derivation(NamedTuple):
+    """How a derived loss's options follow its source loss: the source's current options with
+    ``changes`` applied."""
+
+    source: KDLossBase
+    changes: dict[str, Any]
 
 
 class KDLossBase(nn.Module):
-    """The options of a distillation loss (see :class:`~lightning_kd.KDLoss` for each) and the
-    helpers its ``forward`` uses around the chunked pass.
+    """The options of a distillation loss (one :class:`~lightning_kd.losses.options.KDOptions`
+    value, see :class:`~lightning_kd.KDLoss` for each) and the helpers its ``forward`` uses
+    around the chunked pass.
+
+    The options read as attributes (``loss.temperature``, ...) and are fixed, except
+    ``kd_ratio``, which may be assigned at run time (e.g. annealed by a callback). A loss made
+    with :meth:`from_options` from another loss follows that loss's options: an assignment of
+    its ``kd_ratio`` reaches the derived loss at its next call.
 
     Raises:
         ValueError: for a non-positive or non-finite temperature, a negative chunk_size, a
@@ -85,26 +92,106 @@ class KDLossBase(nn.Module):
         kd_ratio: float = 1.0,
     ) -> None:
         super().__init__()
-        check_int("ignore_index", ignore_index)
-        check_int("chunk_size (0 = unchunked)", chunk_size, 0)
-        check_bool("fp32_upcast", fp32_upcast)
-        self.ignore_index = ignore_index
-        self.temperature = check_temperature(temperature)
-        self.fp32_upcast = fp32_upcast
-        self.tp_group = tp_group
-        self.chunk_size = chunk_size
-        self.divergence = resolve_divergence(divergence)
-        self.kd_ratio = kd_ratio
+        options = KDOptions(
+            ignore_index, temperature, fp32_upcast, tp_group, chunk_size,
+            divergence=divergence, kd_ratio=kd_ratio,
+        )  # fmt: skip
+        self._options = self.check_options(options)
+        self._derivation: _Derivation | None = None
+        self._derived_from: KDOptions | None = None  # the source options _options came from
+
+    @classmethod
+    def from_options(cls, source: KDOptions | KDLossBase, **changes: Any) -> Self:
+        """A loss of this class with the options ``source`` gives, ``changes`` applied.
+
+        Args:
+            source: an options value (copied), or a loss whose options the new loss follows:
+                assigning ``source.kd_ratio`` later changes the new loss's too, unless
+                ``changes`` (or an assignment of the new loss's own ``kd_ratio``) sets it.
+            **changes: options to set, e.g. ``kd_ratio=0.0`` or ``chunk_size=1024``.
+
+        Raises:
+            ValueError: for a source that is neither, an unknown option, or a value this class
+                refuses (e.g. a divergence ``TopKKDLoss`` does not support).
+        """
+        if isinstance(source, KDOptions):
+            return cls(**source.replace(**changes).as_kwargs())
+        if not isinstance(source, KDLossBase):
+            raise ValueError(
+                f"source must be a KDOptions or a distillation loss, got {type(source).__name__}."
+            )
+        loss = cls(**source.options.replace(**changes).as_kwargs())
+        loss.follow(source, **changes)
+        return loss
+
+    def follow(self, source: KDLossBase, **changes: Any) -> None:
+        """From now on, take the options of ``source`` as they are at each call, with
+        ``changes`` applied (what :meth:`from_options` does with a loss).
+
+        Raises:
+            ValueError: for an unknown option, or options this loss refuses.
+        """
+        options = self.check_options(source.options.replace(**changes))
+        self._derivation = _Derivation(source, dict(changes))
+        self._options, self._derived_from = options, source.options
+
+    def check_options(self, options: KDOptions) -> KDOptions:
+        """``options`` if this loss supports them (subclasses refuse what they cannot do).
+
+        Raises:
+            ValueError: for options this loss does not support.
+        """
+        return options
+
+    @property
+    def options(self) -> KDOptions:
+        """The loss's options (a frozen value; for a derived loss, its source's as of now)."""
+        derivation = self._derivation
+        if derivation is not None:
+            current = derivation.source.options
+            if current is not self._derived_from:
+                self._options = self.check_options(current.replace(**derivation.changes))
+                self._derived_from = current
+        return self._options
+
+    @property
+    def ignore_index(self) -> int:
+        return self.options.ignore_index
+
+    @property
+    def temperature(self) -> float:
+        return self.options.temperature
+
+    @property
+    def fp32_upcast(self) -> bool:
+        return self.options.fp32_upcast
+
+    @property
+    def tp_group(self) -> torch.distributed.ProcessGroup | None:
+        return self.options.tp_group
+
+    @property
+    def chunk_size(self) -> int:
+        return self.options.chunk_size
+
+    @property
+    def divergence(self) -> Divergence:
+        return self.options.divergence
 
     @property
     def kd_ratio(self) -> float:
         """Weight of the divergence in [0, 1] (the rest weighs the cross-entropy); assigning
-        it is checked like the constructor argument."""
-        return self._kd_ratio
+        it is checked like the constructor argument (and, on a derived loss, stops it
+        following its source's)."""
+        return self.options.kd_ratio
 
     @kd_ratio.setter
     def kd_ratio(self, value: float) -> None:
-        self._kd_ratio = check_unit_interval("kd_ratio", value)
+        value = check_unit_interval("kd_ratio", value)
+        if self._derivation is not None:
+            source, changes = self._derivation
+            self._derivation = _Derivation(source, {**changes, "kd_ratio": value})
+        self._options = self.options.replace(kd_ratio=value)
 
     def extra_repr(self) -> str:
         return (

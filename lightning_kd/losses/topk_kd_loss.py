@@ -18,6 +18,7 @@ from lightning_kd.losses.engine import PassSpec, distill_over_rows
 from lightning_kd.losses.input_checks import check_label_range, check_normaliser, local_labels
 from lightning_kd.losses.kd_loss import KDLossOutput
 from lightning_kd.losses.loss_base import KDLossBase
+from lightning_kd.losses.options import KDOptions
 from lightning_kd.losses.topk_buckets import BUCKETED, pack_topk
 from lightning_kd.losses.topk_checks import check_topk_shapes, check_topk_values
 from lightning_kd.losses.vocab_parallel import resolve_vocab_parallel
@@ -75,22 +76,10 @@ class TopKKDLoss(KDLossBase):
             two above.
     """
 
-    def __init__(
-        self,
-        ignore_index: int = -100,
-        temperature: float = 1.0,
-        fp32_upcast: bool = True,
-        tp_group: torch.distributed.ProcessGroup | None = None,
-        chunk_size: int = 0,
-        *,
-        divergence: str | Divergence = "forward_kl",
-        kd_ratio: float = 1.0,
-    ) -> None:
-        super().__init__(
-            ignore_index, temperature, fp32_upcast, tp_group, chunk_size,
-            divergence=divergence, kd_ratio=kd_ratio,
-        )  # fmt: skip
-        self.divergence = _check_bucketed(self.divergence)
+    def check_options(self, options: KDOptions) -> KDOptions:
+        """Refuse a divergence without a bucketed form (see the class docstring)."""
+        _check_bucketed(options.divergence)
+        return options
 
     def forward(
         self,

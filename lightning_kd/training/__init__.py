@@ -1,7 +1,10 @@
 """Lightning training: ``DistillationModule`` and the parts it composes, ``CausalLMModule``.
 
 - :mod:`~lightning_kd.training.distillation`: the module (steps, hooks, override points).
-- :mod:`~lightning_kd.training.teacher`: build, load and freeze the teacher.
+- :mod:`~lightning_kd.training.teachers`: the kinds of teacher (live, fused head, cache) behind
+  one interface, :class:`~lightning_kd.training.teachers.TeacherBackend`.
+- :mod:`~lightning_kd.training.sequences`: where each step's token sequences come from.
+- :mod:`~lightning_kd.training.teacher`: build, load and freeze a teacher model.
 - :mod:`~lightning_kd.training.vocabulary`: padded-vocabulary reconciliation.
 - :mod:`~lightning_kd.training.token_window`: exact per-token normalisation of gradients.
 - :mod:`~lightning_kd.training.checkpoint_policy`: teacher-free checkpoints, recorded settings.

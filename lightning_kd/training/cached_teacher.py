@@ -1,16 +1,12 @@
-"""The offline teacher of ``DistillationModule(teacher=None, teacher_cache=DIR)``.
+"""Opening, checking and reading the teacher cache of ``DistillationModule(teacher_cache=DIR)``.
 
 A cache written once by ``lightning-kd cache-teacher`` (:mod:`lightning_kd.teacher_cache`)
 holds, for every sequence of each split, the teacher's log-probabilities at the run's
 temperature: its top-k tokens, or (``top_k=0``) the whole distribution. Training from it builds
 no teacher. This module opens the cache, checks that it matches the run (vocabulary,
 temperature, tokenizer, the data of every split it is read for), reads the rows of a batch by
-their ``index`` and turns them into the loss:
-
-- exact caches go through the module's own ``KDLoss``, with ``T · log P`` as the teacher's
-  logits (``softmax(T · log P / T) = P``), vocabulary-sharded like the student's under TP;
-- top-k caches go through :class:`~lightning_kd.losses.TopKKDLoss` with the loss's settings
-  (the top-k tokens plus one bucket for the rest of the vocabulary).
+their ``index``. The loss against it is the cache teacher's
+(:mod:`lightning_kd.training.teachers.cached`).
 """
 
 from __future__ import annotations
@@ -20,10 +16,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.distributed.tensor import DTensor, distribute_tensor
 
-from lightning_kd.losses.kd_loss import KDLoss, KDLossOutput
-from lightning_kd.losses.topk_kd_loss import TopKKDLoss
+from lightning_kd.losses.kd_loss import KDLoss
 from lightning_kd.teacher_cache import (
     CachedTeacher,
     TeacherCache,
@@ -54,7 +48,7 @@ class CachedTeacherSource:
             ValueError: for another divergence with a top-k cache.
         """
         top_k = self.cache.metadata.top_k
-        name = getattr(getattr(loss, "divergence", None), "name", "forward_kl")
+        name = loss.divergence.name
         if top_k > 0 and name != "forward_kl":
             raise ValueError(
                 f"teacher cache {self.directory} holds the teacher's top-{top_k}: train from it "
@@ -106,27 +100,6 @@ class CachedTeacherSource:
         cached = self.cache.read(split, batch["index"].cpu(), (labels != ignore_index).cpu())
         ids = cached.ids.to(labels.device) if cached.ids is not None else None
         return CachedTeacher(ids, cached.logprobs.to(labels.device))
-
-
-def cached_kd_loss(
-    loss: KDLoss, student_logits: Tensor, cached: CachedTeacher, labels: Tensor
-) -> KDLossOutput:
-    """The distillation loss against a cached teacher (``return_per_token=True``)."""
-    if cached.ids is None:  # exact: the whole distribution, through KDLoss itself
-        teacher_logits = cached.logprobs * loss.temperature
-        if isinstance(student_logits, DTensor):
-            teacher_logits = distribute_tensor(
-                teacher_logits.to(student_logits.device),
-                student_logits.device_mesh,
-                student_logits.placements,
-                src_data_rank=None,  # every rank holds the full rows: no communication
-            )
-        return loss(student_logits, teacher_logits, labels, return_per_token=True)
-    sparse = TopKKDLoss(
-        loss.ignore_index, loss.temperature, loss.fp32_upcast, loss.tp_group, loss.chunk_size,
-        divergence=loss.divergence, kd_ratio=loss.kd_ratio,
-    )  # fmt: skip
-    return sparse(student_logits, cached.ids, cached.logprobs, labels, return_per_token=True)
 
 
 def cached_teacher_ce(

@@ -2,8 +2,12 @@
 
 The module composes small parts, each in its own file of :mod:`lightning_kd.training`:
 
-- :class:`~lightning_kd.training.teacher.TeacherSource` builds, loads and freezes the teacher;
-  :func:`~lightning_kd.training.vocabulary.reconcile_vocabularies` aligns padded vocabularies.
+- A teacher backend (:mod:`lightning_kd.training.teachers`: a live model, the same with the
+  lm_heads fused into the loss, or a teacher cache) builds and places the teacher, hands the
+  loss its output for a batch, computes the loss and the teacher's evaluation cross-entropy,
+  and names the settings checkpoints record. The module never branches on the kind.
+- A sequence source (:mod:`lightning_kd.training.sequences`) gives each step's batch (by
+  default the data loader's, as is).
 - :mod:`lightning_kd.parallel` applies the TP plans and FSDP2 (with a precision policy from
   the trainer) on the mesh of Lightning's ``ModelParallelStrategy`` and checks that the logits
   are vocabulary-sharded DTensors under TP; under TP the logits go to the loss unsharded.
@@ -20,6 +24,7 @@ Override points for subclasses: :meth:`run_student`, :meth:`run_teacher`,
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -28,7 +33,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import ParallelStyle
@@ -37,7 +42,6 @@ from typing_extensions import override
 
 from lightning_kd.checks import check_bool, check_unit_interval
 from lightning_kd.losses.kd_loss import KDLoss
-from lightning_kd.models.contract import lm_head_width, packing_kwargs
 from lightning_kd.parallel.block_wrappers import checkpoint_blocks, compile_blocks
 from lightning_kd.parallel.fsdp import apply_fsdp, mixed_precision_policy, place_offloaded
 from lightning_kd.parallel.grad_clip import clip_grad_norm
@@ -54,33 +58,20 @@ from lightning_kd.parallel.plans import (
     check_vocab_parallel_logits,
     resolve_tensor_parallel_plan,
 )
-from lightning_kd.training.cached_teacher import (
-    SPLIT_OF_STAGE,
-    CachedTeacherSource,
-    cached_kd_loss,
-    cached_teacher_ce,
-)
 from lightning_kd.training.checkpoint_policy import (
     check_settings,
     record_settings,
     teacher_free_checkpoints,
 )
 from lightning_kd.training.eval_metrics import EvalSums
-from lightning_kd.training.fused_head import (
-    FusedHeadOutput,
-    fused_cross_entropy,
-    fused_head_of,
-    fused_kd_loss,
-    head_is_tied,
-    register_fused_methods,
-)
 from lightning_kd.training.loss_terms import LossTerms, find_logits, logits_of
 from lightning_kd.training.memory_estimate import estimate_run_memory
-from lightning_kd.training.module_args import check_teacher_choice, resolve_loss
+from lightning_kd.training.module_args import resolve_loss
 from lightning_kd.training.optim import build_optimizers, default_optimizer
+from lightning_kd.training.sequences import DataLoaderSequences, SequenceSource
 from lightning_kd.training.teacher import ModelOrFactory, TeacherSource, build_model, freeze
+from lightning_kd.training.teachers import TeacherBackend, select_teacher
 from lightning_kd.training.token_window import TokenWindow
-from lightning_kd.training.vocabulary import reconcile_vocabularies
 
 __all__ = ["DistillationModule", "LossTerms", "logits_of"]
 
@@ -165,6 +156,15 @@ class DistillationModule(LightningModule):
             through DCP's ``HuggingFaceStorageReader``, a ``torch.save`` file memory-mapped);
             see :mod:`lightning_kd.parallel.meta_init`. Randomly initialised models are built
             in full as without it (same weights for every layout). No effect without a mesh.
+        teacher_backend: another kind of teacher, instead of ``teacher`` / ``teacher_cache``
+            (a :class:`~lightning_kd.training.teachers.TeacherBackend`; see that module for how
+            to write one).
+
+    Attributes:
+        loss: the distillation loss (``kd_loss`` is its deprecated name).
+        teacher_backend: the kind of teacher (chosen from the arguments above).
+        sequence_source: gives each step's batch (default: the data loader's, as is; see
+            :mod:`lightning_kd.training.sequences`). Assign another before fitting.
 
     A per-device memory estimate (:mod:`lightning_kd.training.memory_estimate`) is printed on
     rank 0 before the first training step.
@@ -172,9 +172,10 @@ class DistillationModule(LightningModule):
     Raises:
         ValueError: for a ``kd_ratio`` outside [0, 1] or one that contradicts the loss's, a
             missing teacher checkpoint, a non-positive ``shared_vocab_size``, both or neither
-            of ``teacher`` and ``teacher_cache``, a missing or malformed teacher cache (or a
-            top-k one with another divergence than forward KL), ``fused_head`` with a teacher
-            cache or a loss that is not a ``KDLoss``, or a flag that is not a bool.
+            of ``teacher``, ``teacher_cache`` and ``teacher_backend``, a missing or malformed
+            teacher cache (or a top-k one with another divergence than forward KL),
+            ``fused_head`` with a teacher cache, a loss that is not a ``KDLoss``, or a flag
+            that is not a bool.
     """
 
     def __init__(
@@ -197,6 +198,7 @@ class DistillationModule(LightningModule):
         compile: bool = False,
         teacher_offload: bool = False,
         sharded_loading: bool = False,
+        teacher_backend: TeacherBackend | None = None,
     ) -> None:
         super().__init__()
         check_bool("fused_head", fused_head)
@@ -208,31 +210,23 @@ class DistillationModule(LightningModule):
         self.sharded_loading = check_bool("sharded_loading", sharded_loading)
         self._weight_sources: dict[str, WeightSource] = {}  # role -> source, until materialised
         self._memory_reported = False
-        check_teacher_choice(teacher, teacher_cache, teacher_checkpoint, fused_head)
+        self._described = False
         if shared_vocab_size is not None and shared_vocab_size < 1:
             raise ValueError(f"shared_vocab_size must be >= 1, got {shared_vocab_size!r}.")
-        self.teacher_source = (
-            TeacherSource(teacher, teacher_checkpoint, teacher_checkpoint_prefix)
-            if teacher is not None
-            else None
-        )
+        # The teacher arguments, kept to switch fused_head later (see its setter).
+        self._select_teacher = functools.partial(
+            select_teacher, teacher, teacher_cache, teacher_checkpoint,
+            teacher_checkpoint_prefix, teacher_backend=teacher_backend,
+        )  # fmt: skip
+        backend = self._select_teacher(fused_head=fused_head)
         self.teacher_cache = teacher_cache
-        self._cache = None if teacher_cache is None else CachedTeacherSource(teacher_cache)
-        self._checked_splits: set[str] = set()
-        self.kd_loss = resolve_loss(loss, kd_ratio)
-        if self._cache is not None:
-            self._cache.check_loss(self.kd_loss)
-        if fused_head and not isinstance(self.kd_loss, KDLoss):
-            raise ValueError(
-                "fused_head=True computes the loss with LinearKDLoss from a KDLoss's settings; "
-                f"got a {type(self.kd_loss).__name__} loss."
-            )
+        self.loss = resolve_loss(loss, kd_ratio)
+        self._use_backend(backend)
+        self.sequence_source: SequenceSource = DataLoaderSequences()
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.save_teacher = save_teacher
         self.shared_vocab_size = shared_vocab_size
-        self.fused_head = fused_head
-        self._owners: dict[str, nn.Module] = {}  # role -> module whose FSDP2 unit has the head
         self._plans = {"student": student_tp_plan, "teacher": teacher_tp_plan}
         self._student_factory = None if isinstance(student, nn.Module) else student
         self.student = student if isinstance(student, nn.Module) else None
@@ -246,23 +240,71 @@ class DistillationModule(LightningModule):
         self._step_start: float | None = None
         teacher_free_checkpoints(self, "teacher")
 
+    def _use_backend(self, backend: TeacherBackend) -> None:
+        """Make ``backend`` the teacher backend; it builds its loss objects once, here."""
+        backend.setup(self.loss)
+        self.teacher_backend = backend
+
+    @property
+    def kd_loss(self) -> KDLoss:
+        """Deprecated name of :attr:`loss` (the loss object; ``kd_loss`` names the divergence
+        term in :class:`LossTerms` and the logged metric). Removed in 0.4."""
+        return self.loss
+
     @property
     def kd_ratio(self) -> float:
         """The loss's ``kd_ratio`` (weight of the divergence in the objective); assigning it
-        sets the loss's (checked to be in [0, 1]), e.g. from a callback that anneals it."""
-        return float(getattr(self.kd_loss, "kd_ratio", 1.0))
+        sets the loss's (checked to be in [0, 1]), e.g. from a callback that anneals it. The
+        losses the teacher backend derived from it follow."""
+        return self.loss.kd_ratio
 
     @kd_ratio.setter
     def kd_ratio(self, value: float) -> None:
-        self.kd_loss.kd_ratio = check_unit_interval("kd_ratio", value)
+        self.loss.kd_ratio = check_unit_interval("kd_ratio", value)
+
+    @property
+    def fused_head(self) -> bool:
+        """Whether the loss reads both models' hidden states and heads instead of logits.
+        Assigning it switches between the live and the fused-head teacher (the teacher-cache
+        writer turns it off to read the teacher's logits); set it before ``configure_model``.
+        """
+        return self.teacher_backend.fused_head
+
+    @fused_head.setter
+    def fused_head(self, value: bool) -> None:
+        if check_bool("fused_head", value) != self.fused_head:
+            self._use_backend(self._select_teacher(fused_head=value))
+
+    @property
+    def teacher_source(self) -> TeacherSource | None:
+        """Where the teacher model comes from (None for a teacher without a model)."""
+        return self.teacher_backend.source
 
     @property
     def teacher_checkpoint(self) -> str | None:
-        return self.teacher_source.checkpoint if self.teacher_source is not None else None
+        source = self.teacher_source
+        return source.checkpoint if source is not None else None
 
     @property
     def teacher_checkpoint_prefix(self) -> str:
-        return self.teacher_source.checkpoint_prefix if self.teacher_source is not None else ""
+        source = self.teacher_source
+        return source.checkpoint_prefix if source is not None else ""
+
+    @property
+    def student_factory(self) -> ModelOrFactory | None:
+        """The zero-argument factory the student is built from (None when given built)."""
+        return self._student_factory
+
+    def export_model(self, build: bool = False) -> tuple[nn.Module | None, str]:
+        """(the student, ``"student."``: its key prefix in checkpoints), for export.
+
+        Args:
+            build: build the student from its factory when it is not built yet (on CPU; the
+                teacher is not built).
+        """
+        if self.student is None and build:
+            return build_model(self._student_factory, "student"), "student."
+        return self.student, "student."
 
     # ------------------------------------------------------------------ model setup
     def tensor_parallel_plan(self, model: nn.Module, role: str, tp_size: int) -> dict:
@@ -287,28 +329,13 @@ class DistillationModule(LightningModule):
             if self.student is None:
                 self.student = build_model(self._student_factory, "student")
         if not self._prepared:  # once, mesh or not: a second load would hit a restricted head
-            if self.teacher_source is not None:
-                source = self.teacher_source
-                self.teacher = self._build_on_meta(
-                    "teacher", source.model, source.checkpoint, source.checkpoint_prefix
-                )
-                with torch.random.fork_rng(devices=[]):  # the RNG stream is the same without
-                    if self.teacher is None:  # a teacher (teacher caches)
-                        self.teacher = self.teacher_source.build()
-                reconcile_vocabularies(self.student, self.teacher, self.shared_vocab_size)
+            self.teacher = self.teacher_backend.build(
+                self.student, self.shared_vocab_size, self._build_on_meta
+            )
             self._prepared = True
         if self.teacher is not None:
             freeze(self.teacher)  # also covers modules restrict_vocab created
-        if self.fused_head and not self._owners:
-            for name in ("run_student", "run_teacher"):
-                if getattr(type(self), name) is not getattr(DistillationModule, name):
-                    rank_zero_warn(
-                        f"fused_head=True but {type(self).__name__}.{name} is overridden: the "
-                        "loss is fused only if it returns a FusedHeadOutput (e.g. "
-                        f"super().{name}(batch)); outputs with logits run unfused."
-                    )
-            for role in ("student", "teacher"):  # fail early, before any parallelisation
-                fused_head_of(getattr(self, role), role)
+        self.teacher_backend.prepare(self)  # fail early, before any parallelisation
         mesh = self.device_mesh
         if mesh is None and self.teacher_offload and self.teacher is not None:
             raise ValueError(
@@ -316,8 +343,8 @@ class DistillationModule(LightningModule):
                 "ModelParallelStrategy (a device mesh); this run has none."
             )
         if mesh is None or self._parallelized:
-            for role in ("student", "teacher"):
-                self._find_head_owner(role)
+            for role, model in self._models():
+                self.teacher_backend.place(role, model)
             if mesh is None:  # no parallelisation: the block options apply here (idempotent)
                 for role in ("teacher", "student"):
                     self._apply_block_options(role)
@@ -326,22 +353,19 @@ class DistillationModule(LightningModule):
         precision = self.trainer.precision
         for role in ("teacher", "student"):
             model = getattr(self, role)
-            if model is None:  # trained from a teacher cache
+            if model is None:  # a teacher without a model (e.g. a teacher cache)
                 continue
             if tp_mesh.size() > 1:
                 plan = self.tensor_parallel_plan(model, role, tp_mesh.size())
                 apply_tensor_parallel(model, tp_mesh, plan)
-            self._find_head_owner(role)  # after TP, which may untie a head
+            extra = self.teacher_backend.place(role, model)  # after TP, which may untie a head
             self._apply_block_options(role)  # after TP, before FSDP2
             offload = self.teacher_offload and role == "teacher"
             if dp_mesh.size() > 1 or offload:
                 policy = mixed_precision_policy(precision, trainable=role == "student")
-                owner = self._owners.get(role, model)
-                extra = (owner,) if owner is not model else ()
                 apply_fsdp(model, dp_mesh, reshard_after_forward=True, mp_policy=policy,
                            extra_units=extra, offload=offload)  # fmt: skip
-                if self.fused_head:
-                    register_fused_methods(model, owner)
+                self.teacher_backend.after_fsdp(role, model)
         if dp_mesh.size() > 1:
             # Trainable modules a subclass adds must stay in sync across replicas too.
             policy = mixed_precision_policy(precision, trainable=True)
@@ -386,17 +410,26 @@ class DistillationModule(LightningModule):
         if self.teacher_offload and self.teacher is not None:
             place_offloaded(self.teacher, self.device)
 
+    def _describe_teacher(self) -> None:
+        """Print the teacher backend's description once (rank 0), when a run first starts."""
+        if not self._described:
+            self._described = True
+            rank_zero_info(self.teacher_backend.describe())
+
     @override
     def on_fit_start(self) -> None:
         self._place_offloaded_teacher()
+        self._describe_teacher()
 
     @override
     def on_validation_start(self) -> None:
         self._place_offloaded_teacher()
+        self._describe_teacher()
 
     @override
     def on_test_start(self) -> None:
         self._place_offloaded_teacher()
+        self._describe_teacher()
 
     @override
     def on_predict_start(self) -> None:
@@ -411,14 +444,10 @@ class DistillationModule(LightningModule):
             if estimate is not None:
                 rank_zero_info(estimate.table())
 
-    def _find_head_owner(self, role: str) -> None:
-        """With ``fused_head``: the module whose FSDP2 unit will hold the ``role`` model's head
-        parameters: the head itself, or the model when the head is tied to a parameter
-        outside it (see :mod:`lightning_kd.training.fused_head`). Once per role."""
-        if self.fused_head and role not in self._owners:
-            model = getattr(self, role)
-            head = fused_head_of(model, role)
-            self._owners[role] = model if head_is_tied(model, head) else head
+    def _models(self) -> list[tuple[str, nn.Module]]:
+        """``(role, model)`` of the models built so far (a teacher cache has no teacher)."""
+        models = ((role, getattr(self, role)) for role in ("student", "teacher"))
+        return [(role, model) for role, model in models if model is not None]
 
     @override
     def train(self, mode: bool = True) -> DistillationModule:
@@ -436,7 +465,7 @@ class DistillationModule(LightningModule):
         ]  # fmt: skip
 
     def _extra_trainable_modules(self) -> list[nn.Module]:
-        skip = {id(self.student), id(self.teacher), id(self.kd_loss)}
+        skip = {id(self.student), id(self.teacher), id(self.loss)}
         return [
             m for m in self.children()
             if id(m) not in skip and any(p.requires_grad for p in m.parameters())
@@ -451,21 +480,15 @@ class DistillationModule(LightningModule):
     # ------------------------------------------------------------------ checkpoints
     def _settings(self) -> dict[str, Any]:
         """The run's configuration that a checkpoint records and a load checks."""
+        options = self.loss.options
         return {
             "kd_ratio": self.kd_ratio,
-            **(self.teacher_source.settings() if self.teacher_source is not None else {}),
-            **self._cache_settings(),
+            **self.teacher_backend.settings(),
             "shared_vocab_size": self.shared_vocab_size,
-            "temperature": getattr(self.kd_loss, "temperature", None),
-            "divergence": repr(getattr(self.kd_loss, "divergence", None)),
-            "ignore_index": getattr(self.kd_loss, "ignore_index", None),
+            "temperature": options.temperature,
+            "divergence": repr(options.divergence),
+            "ignore_index": options.ignore_index,
         }
-
-    def _cache_settings(self) -> dict[str, Any]:
-        if self._cache is None:
-            return {}
-        teacher = self._cache.cache.metadata.teacher
-        return {"teacher_cache": self.teacher_cache, "teacher_cache_teacher": teacher}
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -485,42 +508,13 @@ class DistillationModule(LightningModule):
     # ------------------------------------------------------------------ override points
     def run_student(self, batch: Mapping[str, Tensor]) -> Any:
         """The student's output on ``batch`` (logits [B, S, V] or an object with ``.logits``;
-        with ``fused_head`` a :class:`FusedHeadOutput`)."""
-        return self._run("student", batch)
+        with ``fused_head`` a :class:`FusedHeadOutput`), from the teacher backend."""
+        return self.teacher_backend.run_student(self, batch)
 
     def run_teacher(self, batch: Mapping[str, Tensor]) -> Any:
         """The teacher's output on ``batch``; called under ``torch.no_grad()``. With a
         ``teacher_cache``, the cached rows of the batch (a ``CachedTeacher``)."""
-        if self._cache is not None:
-            return self._read_cache(batch)
-        return self._run("teacher", batch)
-
-    def _read_cache(self, batch: Mapping[str, Tensor]) -> Any:
-        try:
-            stage = self.trainer.state.stage
-        except RuntimeError:  # not attached to a trainer: read the training split
-            stage = None
-        split = SPLIT_OF_STAGE.get(stage.value if stage is not None else "train", "train")
-        if split not in self._checked_splits:  # once per split, on first use
-            self._cache.check(self.trainer.datamodule, self.kd_loss,
-                              lm_head_width(self.student), (split,))  # fmt: skip
-            if not self._checked_splits:
-                rank_zero_info(f"training from the teacher cache {self.teacher_cache}: "
-                               f"{self._cache.cache.metadata.teacher}")  # fmt: skip
-            self._checked_splits.add(split)
-        return self._cache.read(batch, split, self.kd_loss.ignore_index)
-
-    def _run(self, role: str, batch: Mapping[str, Tensor]) -> Any:
-        """Run the ``role`` model on ``batch``: ``input_ids`` [B, S], and ``position_ids``
-        [B, S] when the batch carries them (packed sequences; both models get the same)."""
-        model = getattr(self, role)
-        method = "hidden_states" if self.fused_head else "forward"
-        kwargs = packing_kwargs(model, role, method, batch)
-        if not self.fused_head:
-            return model(batch["input_ids"], **kwargs)
-        head = model.output_head()
-        hidden = model.hidden_states(batch["input_ids"], **kwargs)
-        return FusedHeadOutput(hidden, head, self._owners[role])
+        return self.teacher_backend.run_teacher(self, batch)
 
     def compute_loss(
         self, student_output: Any, teacher_output: Any, batch: Mapping[str, Tensor]
@@ -528,26 +522,13 @@ class DistillationModule(LightningModule):
         """Per-token mean losses of one micro-batch from the two models' outputs; the one
         objective of training, validation and test.
 
-        The loss computes the mix, the divergence, the student's cross-entropy and the
-        per-token divergence in one bounded pass (no ``[N, V]`` fp32 copy of the logits).
-        Subclasses that add terms should return per-token means too (the module turns them
-        into sums over the accumulation window).
+        The teacher backend's loss computes the mix, the divergence, the student's
+        cross-entropy and the per-token divergence in one bounded pass (no ``[N, V]`` fp32
+        copy of the logits). Subclasses that add terms should return per-token means too (the
+        module turns them into sums over the accumulation window).
         """
-        if self._cache is not None:
-            kd = cached_kd_loss(
-                self.kd_loss, logits_of(student_output), teacher_output, batch["labels"]
-            )
-            return LossTerms(kd.loss, kd.div_loss, kd.ce_loss, kd.per_token_div, kd.valid_mask)
-        if isinstance(student_output, FusedHeadOutput):
-            kd = fused_kd_loss(self.kd_loss, student_output, teacher_output, batch["labels"])
-            return LossTerms(kd.loss, kd.div_loss, kd.ce_loss, kd.per_token_div, kd.valid_mask)
-        kd = self.kd_loss(
-            logits_of(student_output),
-            logits_of(teacher_output),
-            batch["labels"],
-            return_per_token=True,
-        )
-        return LossTerms(kd.loss, kd.div_loss, kd.ce_loss, kd.per_token_div, kd.valid_mask)
+        out = self.teacher_backend.loss(student_output, teacher_output, batch)
+        return LossTerms(out.loss, out.div_loss, out.ce_loss, out.per_token_div, out.valid_mask)
 
     # ------------------------------------------------------------------ steps
     def _forward_both(self, batch: Mapping[str, Tensor]) -> tuple[Any, Any]:
@@ -555,7 +536,7 @@ class DistillationModule(LightningModule):
             teacher_output = self.run_teacher(batch)
         student_output = self.run_student(batch)
         tp_size = tensor_parallel_size(self.device_mesh)
-        tp_group = getattr(self.kd_loss, "tp_group", None)
+        tp_group = self.loss.tp_group
         for role, output in (("student", student_output), ("teacher", teacher_output)):
             logits = find_logits(output)
             if logits is not None:
@@ -571,6 +552,7 @@ class DistillationModule(LightningModule):
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> dict[str, Any]:
         if self._step_start is None:
             self._step_start = time.perf_counter()
+        batch = self.sequence_source(self, batch, "train")
         terms = self.compute_loss(*self._forward_both(batch), batch)
         tokens = int(terms.valid_mask.sum())
         self._window.add(tokens)
@@ -630,47 +612,21 @@ class DistillationModule(LightningModule):
             )
 
     # ------------------------------------------------------------------ evaluation
-    def _eval_step(self, batch: Mapping[str, Tensor]) -> None:
+    def _eval_step(self, batch: Mapping[str, Tensor], stage: str) -> None:
         """One evaluation batch: the training objective plus both models' cross-entropy (the
-        student's from :meth:`compute_loss`, the teacher's in the loss's bounded pass)."""
+        student's from :meth:`compute_loss`, the teacher's from the teacher backend, None when
+        it does not know it)."""
+        batch = self.sequence_source(self, batch, stage)
         student_output, teacher_output = self._forward_both(batch)
         terms = self.compute_loss(student_output, teacher_output, batch)
         tokens = int(terms.valid_mask.sum())
-        if self._cache is not None:
-            ignore = self.kd_loss.ignore_index
-            temperature = self.kd_loss.temperature
-            teacher_ce = cached_teacher_ce(teacher_output, batch["labels"], ignore, temperature)
-            self._eval.add(
-                _plain(terms.loss),
-                _plain(terms.kd_loss),
-                _plain(terms.ce_loss) * tokens,
-                None if teacher_ce is None else _plain(teacher_ce),
-                tokens,
-            )
-            return
-        if isinstance(teacher_output, FusedHeadOutput):
-            teacher_ce = fused_cross_entropy(self.kd_loss, teacher_output, batch["labels"])
-        else:
-            teacher_logits = logits_of(teacher_output)
-            teacher_ce = self._cross_entropy_loss()(teacher_logits, teacher_logits, batch["labels"])
+        teacher_ce = self.teacher_backend.teacher_cross_entropy(teacher_output, batch)
         self._eval.add(
             _plain(terms.loss),
             _plain(terms.kd_loss),
             _plain(terms.ce_loss) * tokens,
-            _plain(teacher_ce) * tokens,
+            None if teacher_ce is None else _plain(teacher_ce),
             tokens,
-        )
-
-    def _cross_entropy_loss(self) -> KDLoss:
-        """A label-only KDLoss (``kd_ratio=0``) with the distillation loss's settings: the
-        teacher's cross-entropy, chunked like training (no fp32 copy of its logits)."""
-        loss = self.kd_loss
-        return KDLoss(
-            getattr(loss, "ignore_index", -100),
-            fp32_upcast=getattr(loss, "fp32_upcast", True),
-            tp_group=getattr(loss, "tp_group", None),
-            chunk_size=getattr(loss, "chunk_size", 0),
-            kd_ratio=0.0,
         )
 
     def _log_eval_epoch(self, prefix: str) -> None:
@@ -685,12 +641,16 @@ class DistillationModule(LightningModule):
     def _start_eval_epoch(self) -> None:
         self._eval = EvalSums()
 
-    def _eval_batch(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
-        self._eval_step(batch)
-
     # Validation and test share one implementation; only the metric prefix differs.
     on_validation_epoch_start = on_test_epoch_start = _start_eval_epoch
-    validation_step = test_step = _eval_batch
+
+    @override
+    def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    @override
+    def test_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
 
     @override
     def on_validation_epoch_end(self) -> None:

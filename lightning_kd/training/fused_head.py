@@ -1,4 +1,4 @@
-"""The fused-head path of ``DistillationModule(fused_head=True)``: no ``[N, V]`` logits.
+"""FSDP2 mechanics of the fused-head teacher (:mod:`lightning_kd.training.teachers.fused`).
 
 Each model runs up to its final hidden states (:class:`~lightning_kd.models.contract.
 SupportsFusedHead`), and :class:`~lightning_kd.losses.LinearKDLoss` reads both heads' weights,
@@ -32,8 +32,6 @@ from typing import Any, NamedTuple
 from torch import Tensor, nn
 from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
 
-from lightning_kd.losses.kd_loss import KDLoss, KDLossOutput
-from lightning_kd.losses.linear_kd_loss import LinearKDLoss
 from lightning_kd.models.contract import SupportsFusedHead
 
 #: The name of the method added to a head's owner to run the loss as one of its forwards.
@@ -123,53 +121,3 @@ def gathered(owner: nn.Module) -> Iterator[None]:
         yield
     finally:
         owner.reshard()
-
-
-def linear_loss_like(loss: KDLoss, kd_ratio: float | None = None) -> LinearKDLoss:
-    """The fused form of ``loss``: a :class:`LinearKDLoss` with its options (an unchunked
-    ``KDLoss`` becomes 1024 valid tokens per chunk), optionally another ``kd_ratio``."""
-    linear = LinearKDLoss.from_kd_loss(loss)
-    if kd_ratio is None:
-        return linear
-    return LinearKDLoss(
-        linear.ignore_index, linear.temperature, linear.fp32_upcast, linear.tp_group,
-        linear.chunk_size, divergence=linear.divergence, kd_ratio=kd_ratio,
-    )  # fmt: skip
-
-
-def fused_kd_loss(
-    loss: KDLoss, student: FusedHeadOutput, teacher: Any, labels: Tensor
-) -> KDLossOutput:
-    """The distillation loss from both heads (``return_per_token=True``): the student's head
-    gathered as a forward of its FSDP2 unit (its gradient is reduce-scattered), the frozen
-    teacher's gathered around it.
-
-    Raises:
-        ValueError: when the teacher's output is not a :class:`FusedHeadOutput` too.
-    """
-    if not isinstance(teacher, FusedHeadOutput):
-        raise ValueError(
-            "with fused_head=True, run_student and run_teacher must both return a "
-            f"FusedHeadOutput, got {type(teacher).__name__} for the teacher."
-        )
-    linear = linear_loss_like(loss)
-
-    def fused(student_hidden: Tensor) -> KDLossOutput:
-        # Read the weights here, inside the gathered forward: outside it they are shards.
-        return linear(
-            student_hidden, student.head.weight, teacher.hidden, teacher.head.weight, labels,
-            student_bias=student.head.bias, teacher_bias=teacher.head.bias,
-            return_per_token=True,
-        )  # fmt: skip
-
-    with gathered(teacher.owner):
-        return call_as_forward(student.owner, fused, student.hidden)
-
-
-def fused_cross_entropy(loss: KDLoss, output: FusedHeadOutput, labels: Tensor) -> Tensor:
-    """A frozen model's mean cross-entropy on ``labels`` from its hidden states and head,
-    with ``loss``'s settings (0-dim; no logits)."""
-    linear = linear_loss_like(loss, kd_ratio=0.0)
-    with gathered(output.owner):
-        head = output.head
-        return linear(output.hidden, head.weight, None, None, labels, student_bias=head.bias)

@@ -59,6 +59,13 @@ class CausalLMModule(LightningModule):
         if self.model is None:
             self.model = self._factory()
 
+    def export_model(self, build: bool = False) -> tuple[nn.Module | None, str]:
+        """(the model, ``"model."``: its key prefix in checkpoints), for export; with
+        ``build``, built from its factory when it is not built yet."""
+        if self.model is None and build:
+            return self._factory(), "model."
+        return self.model, "model."
+
     def _loss(self, batch: Mapping[str, Tensor]) -> Tensor:
         kwargs = packing_kwargs(self.model, "model", "forward", batch)
         logits = logits_of(self.model(batch["input_ids"], **kwargs))

@@ -226,7 +226,7 @@ def _estimate(module: Any, input_ids: Tensor) -> MemoryEstimate:
         tp_size=tensor_parallel_size(mesh),
         dp_size=mesh[DP_DIM].size() if mesh is not None else 1,
         precision=module.trainer.precision,
-        chunk_size=getattr(module.kd_loss, "chunk_size", 0),
+        chunk_size=module.loss.chunk_size,
         fused_head=module.fused_head,
         activation_checkpointing=module.activation_checkpointing,
         teacher_offload=module.teacher_offload,

@@ -1,8 +1,8 @@
-"""Where the teacher comes from: build it, load its weights, freeze it.
+"""Where a teacher model comes from: build it, load its weights, freeze it.
 
-:class:`TeacherSource` is the one object :class:`~lightning_kd.DistillationModule` asks for its
-teacher. Today it builds a live model (an instance or a factory) and loads a weights file; it is
-also where other sources (e.g. a cached teacher distribution) will plug in.
+:class:`TeacherSource` builds a model (an instance or a factory) and loads a weights file; the
+live and fused-head teacher backends (:mod:`lightning_kd.training.teachers`) build their
+teacher through it. Other kinds of teacher are backends of their own.
 """
 
 from __future__ import annotations
