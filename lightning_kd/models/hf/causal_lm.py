@@ -231,8 +231,9 @@ class HFCausalLM(nn.Module):
         ``[B, S, V]``. See :func:`~lightning_kd.models.hf.tp_plan.plan_from_config`.
 
         Asking for the plan changes nothing: a tied lm_head is untied (:meth:`untie_lm_head`)
-        where a plan is applied, by ``lightning_kd.parallel.plans.apply_tensor_parallel``, for
-        this plan and explicit ones alike. Calling ``parallelize_module`` directly, run
+        where a plan is applied, by ``lightning_kd.parallel.plans.apply_tensor_parallel`` (the
+        first step of ``lightning_kd.parallel.parallelize_model``), for this plan and explicit
+        ones alike. Calling ``parallelize_module`` directly, run
         ``untie_planned_weights(model, plan)`` first.
 
         Raises:
