@@ -37,15 +37,12 @@ def parallelize(model: torch.nn.Module, dp: int, tp: int) -> torch.nn.Module:
     FSDP2 over DP=``dp`` on a CPU mesh of this worker's process group, in place."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    from lightning_kd.parallel.fsdp import apply_fsdp
-    from lightning_kd.parallel.plans import apply_tensor_parallel
+    from lightning_kd.parallel.pipeline import parallelize_model
 
     mesh = init_device_mesh("cpu", (dp, tp), mesh_dim_names=("data_parallel", "tensor_parallel"))
-    if tp > 1:
-        apply_tensor_parallel(model, mesh["tensor_parallel"], model.tensor_parallel_plan(tp))
-    if dp > 1:
-        apply_fsdp(model, mesh["data_parallel"], reshard_after_forward=True)
-    return model
+    return parallelize_model(
+        model, tp_mesh=mesh["tensor_parallel"], dp_mesh=mesh["data_parallel"], fsdp=dp > 1
+    )
 
 
 def exit_now(code: int = 0) -> None:

@@ -42,15 +42,9 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("cli", "demo", "__main__", "__init__"),
 )
 
-#: (importing module, imported module) pairs allowed to point up, each with its reason.
-#: Temporary entries of issue 21: the teacher-backends and pipeline branches remove these two
-#: edges; delete the entries when they are merged (a stale entry fails the test below).
-ALLOWED_UPWARD: dict[tuple[str, str], str] = {
-    (
-        "lightning_kd.models.hf.tp_plan",
-        "lightning_kd.parallel.plans",
-    ): "issue 21 §4: removed by the parallelize-pipeline branch",
-}
+#: (importing module, imported module) pairs allowed to point up, each with its reason (none
+#: today; a stale entry fails the test below).
+ALLOWED_UPWARD: dict[tuple[str, str], str] = {}
 
 LAYER_OF = {part: i for i, layer in enumerate(LAYERS) for part in layer}
 

@@ -18,7 +18,6 @@ from lightning_kd import TinyLlama
 from lightning_kd.parallel.meta_init import (
     WeightSource,
     build_on_meta,
-    is_meta,
     load_hf_directory,
     materialize,
     recompute_buffers,
@@ -27,6 +26,10 @@ from tests.distributed import parallelize, run_workers
 
 SCRIPT = Path(__file__).parent / "scripts" / "sharded_loading_run.py"
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def is_meta(model: nn.Module) -> bool:
+    return any(t.is_meta for t in (*model.parameters(), *model.buffers()))
 
 
 def tiny() -> TinyLlama:

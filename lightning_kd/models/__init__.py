@@ -7,6 +7,7 @@
 
 from lightning_kd.models.contract import (
     CausalLM,
+    SupportsBufferInit,
     SupportsFSDP,
     SupportsPackedSequences,
     SupportsTensorParallel,
@@ -17,6 +18,7 @@ from lightning_kd.models.tiny_llama import TinyLlama
 
 __all__ = [
     "CausalLM",
+    "SupportsBufferInit",
     "SupportsFSDP",
     "SupportsPackedSequences",
     "SupportsTensorParallel",

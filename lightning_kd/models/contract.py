@@ -7,7 +7,8 @@ scattering ``getattr`` probes:
 - :class:`CausalLM` (required): ``model(input_ids [B, S] int64)`` returns logits ``[B, S, V]``
   (under tensor parallelism a DTensor sharded on V), or a mapping / object with ``logits``.
 - :class:`SupportsTensorParallel`: ``tensor_parallel_plan(tp_size)`` returns a
-  ``{module path: ParallelStyle}`` plan whose lm_head keeps a vocabulary-sharded DTensor output.
+  ``{module path: ParallelStyle}`` plan whose lm_head keeps a vocabulary-sharded DTensor output
+  (keys may hold fnmatch wildcards between dots, see :func:`plan_key_matches`).
 - :class:`SupportsFSDP`: ``fsdp_units()`` lists the blocks FSDP2 shards before the root.
 - :class:`SupportsVocabulary`: ``vocab_size`` (lm_head width), ``tokenizer_vocab()`` (token → id
   map or None) and ``restrict_vocab(size)`` (drop padded rows), for vocabulary reconciliation.
@@ -19,9 +20,16 @@ scattering ``getattr`` probes:
 - :class:`SupportsPackedSequences`: ``forward`` and ``hidden_states`` take ``position_ids``
   [B, S] and keep the documents packed in one row apart (no attention across documents), for
   batches that carry ``position_ids``.
+- :class:`SupportsBufferInit`: ``init_non_persistent_buffers()`` recomputes the buffers that
+  are not in the state dict (RoPE tables, rotary ``inv_freq``) in place, which a model built on
+  the meta device needs after ``to_empty`` (sharded loading,
+  :func:`~lightning_kd.parallel.meta_init.materialize`).
 
 :class:`~lightning_kd.models.hf.HFCausalLM` implements all of them; :class:`~lightning_kd.TinyLlama`
 all but :class:`SupportsUntiedHead` (a tied TinyLlama is refused under tensor parallelism).
+
+This package depends on torch only: the parallel layer (:mod:`lightning_kd.parallel`) imports
+the contract, never the other way round.
 
 Packed batches: ``position_ids`` [B, S] int64 restart at 0 at the first token of every document
 and count up by one within it; the trailing padding of a row is a document of its own. A
@@ -32,6 +40,7 @@ builds the block-diagonal causal attention mask.
 
 from __future__ import annotations
 
+import fnmatch
 import inspect
 from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
@@ -53,6 +62,13 @@ class SupportsTensorParallel(Protocol):
     """A model that knows its own tensor-parallel plan."""
 
     def tensor_parallel_plan(self, tp_size: int) -> Mapping[str, ParallelStyle]: ...
+
+
+def plan_key_matches(module_path: str, pattern: str) -> bool:
+    """Whether the plan key ``pattern`` names ``module_path``, matched between dots atom by atom
+    as ``parallelize_module`` does (a ``*`` never crosses a dot)."""
+    parts, atoms = module_path.split("."), pattern.split(".")
+    return len(parts) == len(atoms) and all(map(fnmatch.fnmatchcase, parts, atoms))
 
 
 @runtime_checkable
@@ -120,6 +136,29 @@ class SupportsPackedSequences(Protocol):
     ) -> Any: ...
 
     def hidden_states(self, input_ids: Tensor, position_ids: Tensor | None = None) -> Tensor: ...
+
+
+@runtime_checkable
+class SupportsBufferInit(Protocol):
+    """A model that can recompute its non-persistent buffers in place.
+
+    ``init_non_persistent_buffers()`` refills every non-persistent buffer of the model and its
+    submodules (those ``state_dict`` leaves out, e.g. RoPE cos/sin tables or rotary
+    ``inv_freq``) with the values its constructor would give them, on the device and in the
+    dtype they already have. It reads no parameter and touches none. Needed after
+    ``to_empty()`` (a model built on the meta device, then materialised), which leaves those
+    buffers uninitialised.
+    """
+
+    def init_non_persistent_buffers(self) -> None: ...
+
+
+def non_persistent_buffers(module: nn.Module) -> list[str]:
+    """Names of ``module``'s own (not its submodules') non-persistent buffers that are set."""
+    persistent = {key for key in module.state_dict(keep_vars=True) if "." not in key}
+    return [
+        n for n, b in module.named_buffers(recurse=False) if n not in persistent and b is not None
+    ]
 
 
 def accepts_position_ids(model: nn.Module, method: str = "forward") -> bool:

@@ -167,7 +167,7 @@ class TinyLlama(nn.Module):
         self.norm = RMSNorm(dim, norm_eps)
         self.lm_head = nn.Linear(dim, vocab_size, bias=False)
         cos, sin = rope_tables(dim // n_heads, max_seq_len, rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_cos", cos, persistent=False)  # [max_seq_len, head_dim / 2]
         self.register_buffer("rope_sin", sin, persistent=False)
         for module in self.modules():
             if isinstance(module, nn.Linear | nn.Embedding):
@@ -283,3 +283,12 @@ class TinyLlama(nn.Module):
     def fsdp_units(self) -> list[nn.Module]:
         """Submodules to wrap with FSDP2 ``fully_shard`` before the root (one per block)."""
         return list(self.layers)
+
+    def init_non_persistent_buffers(self) -> None:
+        """Recompute the RoPE tables ``rope_cos`` / ``rope_sin`` [max_seq_len, head_dim / 2]
+        (fp32) in place, e.g. after ``to_empty`` left them uninitialised (sharded loading)."""
+        head_dim = self.embed.embedding_dim // self.n_heads
+        cos, sin = rope_tables(head_dim, self.rope_cos.shape[0], self.rope_theta)
+        with torch.no_grad():
+            self.rope_cos.copy_(cos)
+            self.rope_sin.copy_(sin)

@@ -22,6 +22,7 @@ from lightning_kd.checkpoint import (
 from lightning_kd.parallel.fsdp import apply_fsdp, mixed_precision_policy
 from lightning_kd.parallel.grad_clip import clip_grad_norm, total_grad_norm
 from lightning_kd.parallel.mesh import DataParallel, data_parallel, data_parallel_group, dp_sum
+from lightning_kd.parallel.pipeline import parallelize_model
 from lightning_kd.parallel.plans import (
     apply_tensor_parallel,
     check_vocab_parallel_logits,
@@ -57,6 +58,7 @@ __all__ = [
     "dp_sum",
     "inspect_checkpoint",
     "mixed_precision_policy",
+    "parallelize_model",
     "resolve_last_checkpoint",
     "resolve_tensor_parallel_plan",
     "total_grad_norm",

@@ -12,8 +12,9 @@ the state-dict keys unchanged, so a checkpoint saved with either option loads wi
   keeps its parameters and keys; the compiled call replaces ``__call__``).
 
 Order, as in torchtitan: tensor parallelism, then activation checkpointing, then compile, then
-FSDP2. FSDP2's hooks then sit around the checkpointed call: parameters are gathered before the
-forward and again (pre-backward hook) before the recomputation in backward.
+FSDP2 (:func:`~lightning_kd.parallel.pipeline.parallelize_model` holds it). FSDP2's hooks then
+sit around the checkpointed call: parameters are gathered before the forward and again
+(pre-backward hook) before the recomputation in backward.
 """
 
 from __future__ import annotations

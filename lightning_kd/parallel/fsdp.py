@@ -12,6 +12,9 @@ Cost: a host-to-device copy of the whole model's weights (its local shard on eac
 forward, on top of the usual all-gather; device memory holds about one unit's weights at a time.
 :func:`place_offloaded` puts such a model's parameters back in host memory after Lightning
 moved the module to its device.
+
+FSDP2 comes after tensor parallelism and the block options, before materialisation: see
+:func:`~lightning_kd.parallel.pipeline.parallelize_model`.
 """
 
 from __future__ import annotations

@@ -14,7 +14,10 @@ start. With ``DistillationModule(sharded_loading=True)`` and a device mesh:
    the TP plan and FSDP2 on the meta model.
 3. :func:`materialize` allocates only this rank's shard of every parameter
    (``to_empty``), restores tied parameters, reads the weights and recomputes the
-   non-persistent buffers (TinyLlama's RoPE tables, Hugging Face rotary ``inv_freq``):
+   non-persistent buffers through the model contract's ``init_non_persistent_buffers()``
+   (:class:`~lightning_kd.models.contract.SupportsBufferInit`: TinyLlama's RoPE tables,
+   Hugging Face rotary ``inv_freq``; a model with such buffers and no such method is refused
+   before anything is allocated):
 
    - a Hugging Face directory (``HFCausalLM(pretrained_path=...)``) is read through PyTorch's
      distributed checkpoint with its Hugging Face storage reader
@@ -31,11 +34,13 @@ start. With ``DistillationModule(sharded_loading=True)`` and a device mesh:
 
    Rows beyond a restricted (padded) vocabulary are never copied: tensors whose first
    dimension the reconciliation cut are read as their first rows.
+
+:func:`~lightning_kd.parallel.pipeline.parallelize_model` runs step 3 as the last of its order.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,7 +48,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from lightning_kd.models.tiny_llama import TinyLlama, rope_tables
+from lightning_kd.models.contract import SupportsBufferInit, non_persistent_buffers
 from lightning_kd.parallel.distributed_state import (
     is_distributed_checkpoint,
     load_distributed_state,
@@ -53,7 +58,6 @@ from lightning_kd.parallel.distributed_state import (
 __all__ = [
     "WeightSource",
     "build_on_meta",
-    "is_meta",
     "load_dcp_directory",
     "load_hf_directory",
     "load_torch_file",
@@ -80,12 +84,6 @@ class WeightSource:
     path: str
     prefix: str = ""
     role: str = "model"
-
-
-def is_meta(model: nn.Module) -> bool:
-    """Whether any parameter or buffer of ``model`` lives on the meta device."""
-    tensors = [*model.parameters(), *model.buffers()]
-    return any(t.device.type == "meta" for t in tensors)
 
 
 def build_on_meta(
@@ -136,8 +134,10 @@ def materialize(model: nn.Module, device: torch.device, source: WeightSource) ->
 
     Raises:
         ValueError: for keys missing from the source, shapes that do not match, or
-            non-persistent buffers this module cannot recompute.
+            non-persistent buffers no ``init_non_persistent_buffers()`` covers (checked first,
+            before anything is allocated or read; see :func:`recompute_buffers`).
     """
+    _check_buffers_covered(model)
     ties = _tied_names(model)
     model.to_empty(device=device)
     _retie(model, ties)
@@ -357,41 +357,40 @@ def _load_leading_rows(path: str, targets: dict[str, Tensor]) -> None:
 
 # --------------------------------------------------------------------------- buffers
 def recompute_buffers(model: nn.Module) -> None:
-    """Recompute the non-persistent buffers that ``to_empty`` left uninitialised: TinyLlama's
-    RoPE tables, and those of modules that carry an HF ``config`` (e.g. rotary embeddings'
-    ``inv_freq``), taken from a fresh instance of the module's class built from it.
+    """Recompute the non-persistent buffers that ``to_empty`` left uninitialised, through the
+    model contract: ``init_non_persistent_buffers()`` of every module that implements it
+    (:class:`~lightning_kd.models.contract.SupportsBufferInit`; the outermost one of a nested
+    pair covers its subtree, so an inner one is not called twice).
 
     Raises:
-        ValueError: for a module with non-persistent buffers neither case covers.
+        ValueError: for non-persistent buffers in a module that neither implements the method
+            nor sits inside one that does: nothing could recompute them.
     """
-    for name, module in _modules_with_transient_buffers(model):
-        if isinstance(module, TinyLlama):
-            head_dim = module.embed.embedding_dim // module.n_heads
-            cos, sin = rope_tables(head_dim, module.rope_cos.shape[0], module.rope_theta)
-            module.rope_cos.copy_(cos)
-            module.rope_sin.copy_(sin)
-        elif hasattr(module, "config"):
-            with torch.device("cpu"):
-                fresh = type(module)(module.config)
-            for buffer in _transient_buffers(module):
-                getattr(module, buffer).copy_(getattr(fresh, buffer))
-        else:
-            raise ValueError(
-                f"cannot recompute the non-persistent buffers "
-                f"{sorted(_transient_buffers(module))} of {name or 'the model'} "
-                f"({type(module).__name__}) after sharded loading."
-            )
+    _check_buffers_covered(model)
+    for module in _buffer_owners(model):
+        module.init_non_persistent_buffers()
 
 
-def _transient_buffers(module: nn.Module) -> list[str]:
-    """Names of ``module``'s own non-persistent buffers (set, not None)."""
-    persistent = {key for key in module.state_dict(keep_vars=True) if "." not in key}
-    return [
-        n for n, b in module.named_buffers(recurse=False) if n not in persistent and b is not None
-    ]
-
-
-def _modules_with_transient_buffers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+def _buffer_owners(model: nn.Module) -> list[nn.Module]:
+    """The outermost modules of ``model`` (itself included) that implement the contract."""
+    owners: list[tuple[str, nn.Module]] = []
     for name, module in model.named_modules():
-        if _transient_buffers(module):
-            yield name, module
+        inside = any(name.startswith(f"{outer}.") or not outer for outer, _ in owners)
+        if isinstance(module, SupportsBufferInit) and not inside:
+            owners.append((name, module))
+    return [module for _, module in owners]
+
+
+def _check_buffers_covered(model: nn.Module) -> None:
+    owners = {name for name, m in model.named_modules() if isinstance(m, SupportsBufferInit)}
+    for name, module in model.named_modules():
+        buffers = non_persistent_buffers(module)
+        atoms = name.split(".") if name else []
+        covering = {".".join(atoms[:i]) for i in range(len(atoms) + 1)} & owners
+        if buffers and not covering:
+            raise ValueError(
+                f"cannot recompute the non-persistent buffers {sorted(buffers)} of "
+                f"{name or 'the model'} ({type(module).__name__}) after sharded loading: "
+                f"implement init_non_persistent_buffers() on {type(model).__name__} (see "
+                "lightning_kd.models.contract.SupportsBufferInit; TinyLlama and HFCausalLM do)."
+            )

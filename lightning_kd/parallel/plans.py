@@ -10,11 +10,15 @@ are closed here, whatever the plan's source:
 - an lm_head that hands each rank a plain ``[B, S, V/tp]`` slice (``ColwiseParallel()`` with
   its default ``use_local_output=True``) makes the loss treat a slice as the whole vocabulary:
   :func:`check_vocab_parallel_logits` refuses such logits at the loss boundary.
+
+The model-family knowledge (which modules a family splits, how a plan key names a module) lives
+in :mod:`lightning_kd.models`; this module applies plans generically and imports the models'
+contract, never a model family. :func:`~lightning_kd.parallel.pipeline.parallelize_model` calls
+:func:`apply_tensor_parallel` as the first step of its order.
 """
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Mapping
 
 import torch.distributed as dist
@@ -23,7 +27,20 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import ParallelStyle, parallelize_module
 
-from lightning_kd.models.contract import SupportsTensorParallel, SupportsUntiedHead, lm_head_width
+from lightning_kd.models.contract import (
+    SupportsTensorParallel,
+    SupportsUntiedHead,
+    lm_head_width,
+    plan_key_matches,
+)
+
+__all__ = [
+    "apply_tensor_parallel",
+    "check_vocab_parallel_logits",
+    "plan_key_matches",
+    "resolve_tensor_parallel_plan",
+    "untie_planned_weights",
+]
 
 
 def resolve_tensor_parallel_plan(
@@ -51,13 +68,6 @@ def _tied_parameters(model: nn.Module) -> list[list[str]]:
     for name, param in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(param), []).append(name)
     return [group for group in names.values() if len(group) > 1]
-
-
-def plan_key_matches(module_path: str, pattern: str) -> bool:
-    """Whether the plan key ``pattern`` names ``module_path``, matched between dots atom by atom
-    as ``parallelize_module`` does (a ``*`` never crosses a dot)."""
-    parts, atoms = module_path.split("."), pattern.split(".")
-    return len(parts) == len(atoms) and all(map(fnmatch.fnmatchcase, parts, atoms))
 
 
 def _planned(param_name: str, plan: Mapping[str, ParallelStyle]) -> bool:

@@ -8,9 +8,11 @@ The module composes small parts, each in its own file of :mod:`lightning_kd.trai
   and names the settings checkpoints record. The module never branches on the kind.
 - A sequence source (:mod:`lightning_kd.training.sequences`) gives each step's batch (by
   default the data loader's, as is).
-- :mod:`lightning_kd.parallel` applies the TP plans and FSDP2 (with a precision policy from
-  the trainer) on the mesh of Lightning's ``ModelParallelStrategy`` and checks that the logits
-  are vocabulary-sharded DTensors under TP; under TP the logits go to the loss unsharded.
+- :func:`~lightning_kd.parallel.pipeline.parallelize_model` applies, per model and in one
+  order, the TP plan, the fused head's FSDP2 unit, activation checkpointing and compile, FSDP2
+  (with a precision policy from the trainer) and sharded loading's materialisation on the mesh
+  of Lightning's ``ModelParallelStrategy``; :mod:`lightning_kd.parallel.plans` checks that the
+  logits are vocabulary-sharded DTensors under TP (they go to the loss unsharded).
 - :class:`~lightning_kd.training.token_window.TokenWindow` makes the loss an exact per-token
   mean over each accumulation window and all data-parallel ranks.
 - :func:`~lightning_kd.training.checkpoint_policy.teacher_free_checkpoints` keeps the teacher
@@ -42,8 +44,7 @@ from typing_extensions import override
 
 from lightning_kd.checks import check_bool, check_unit_interval
 from lightning_kd.losses.kd_loss import KDLoss
-from lightning_kd.parallel.block_wrappers import checkpoint_blocks, compile_blocks
-from lightning_kd.parallel.fsdp import apply_fsdp, mixed_precision_policy, place_offloaded
+from lightning_kd.parallel.fsdp import mixed_precision_policy, place_offloaded
 from lightning_kd.parallel.grad_clip import clip_grad_norm
 from lightning_kd.parallel.mesh import (
     DP_DIM,
@@ -52,12 +53,9 @@ from lightning_kd.parallel.mesh import (
     data_parallel_group,
     tensor_parallel_size,
 )
-from lightning_kd.parallel.meta_init import WeightSource, build_on_meta, materialize
-from lightning_kd.parallel.plans import (
-    apply_tensor_parallel,
-    check_vocab_parallel_logits,
-    resolve_tensor_parallel_plan,
-)
+from lightning_kd.parallel.meta_init import WeightSource, build_on_meta
+from lightning_kd.parallel.pipeline import parallelize_model
+from lightning_kd.parallel.plans import check_vocab_parallel_logits, resolve_tensor_parallel_plan
 from lightning_kd.training.checkpoint_policy import (
     check_settings,
     record_settings,
@@ -342,43 +340,68 @@ class DistillationModule(LightningModule):
                 "teacher_offload=True streams the teacher with FSDP2 and needs Lightning's "
                 "ModelParallelStrategy (a device mesh); this run has none."
             )
-        if mesh is None or self._parallelized:
-            for role, model in self._models():
-                self.teacher_backend.place(role, model)
-            if mesh is None:  # no parallelisation: the block options apply here (idempotent)
-                for role in ("teacher", "student"):
-                    self._apply_block_options(role)
+        if self._parallelized:
             return
-        tp_mesh, dp_mesh = mesh[TP_DIM], mesh[DP_DIM]
-        precision = self.trainer.precision
-        for role in ("teacher", "student"):
-            model = getattr(self, role)
-            if model is None:  # a teacher without a model (e.g. a teacher cache)
-                continue
-            if tp_mesh.size() > 1:
-                plan = self.tensor_parallel_plan(model, role, tp_mesh.size())
-                apply_tensor_parallel(model, tp_mesh, plan)
-            extra = self.teacher_backend.place(role, model)  # after TP, which may untie a head
-            self._apply_block_options(role)  # after TP, before FSDP2
-            offload = self.teacher_offload and role == "teacher"
-            if dp_mesh.size() > 1 or offload:
-                policy = mixed_precision_policy(precision, trainable=role == "student")
-                apply_fsdp(model, dp_mesh, reshard_after_forward=True, mp_policy=policy,
-                           extra_units=extra, offload=offload)  # fmt: skip
-                self.teacher_backend.after_fsdp(role, model)
+        for role in ("teacher", "student"):  # without a mesh: block options only (idempotent)
+            self._parallelize(role)
+        if mesh is None:
+            return
+        dp_mesh = mesh[DP_DIM]
         if dp_mesh.size() > 1:
             # Trainable modules a subclass adds must stay in sync across replicas too.
-            policy = mixed_precision_policy(precision, trainable=True)
+            policy = mixed_precision_policy(self.trainer.precision, trainable=True)
             for extra in self._extra_trainable_modules():
-                apply_fsdp(extra, dp_mesh, mp_policy=policy)
-        for role, weights in self._weight_sources.items():  # sharded loading: local shards
-            offloaded = self.teacher_offload and role == "teacher"  # CPUOffloadPolicy: on host
-            device = torch.device("cpu") if offloaded else self.trainer.strategy.root_device
-            materialize(getattr(self, role), device, weights)
-        self._weight_sources.clear()
+                parallelize_model(extra, dp_mesh=dp_mesh, fsdp=True, mp_policy=policy)
         if self.teacher is not None:
             freeze(self.teacher)
         self._parallelized = True
+
+    def _parallelize(self, role: str) -> None:
+        """The ``role`` model through :func:`~lightning_kd.parallel.pipeline.parallelize_model`
+        on the device mesh (without one: activation checkpointing and compile only): its TP
+        plan, fused-head owner, block options, FSDP2 with the trainer's precision (and CPU
+        offload for the teacher with ``teacher_offload``), then materialisation of a meta-built
+        model (``sharded_loading``)."""
+        model = getattr(self, role)
+        if model is None:  # trained from a teacher cache
+            return
+        mesh = self.device_mesh
+        tp_mesh = None if mesh is None else mesh[TP_DIM]
+        dp_mesh = None if mesh is None else mesh[DP_DIM]
+        tp_size = 1 if tp_mesh is None else tp_mesh.size()
+        offload = self.teacher_offload and role == "teacher"
+        fsdp = dp_mesh is not None and (dp_mesh.size() > 1 or offload)
+        parallelize_model(
+            model,
+            tp_mesh=tp_mesh,
+            dp_mesh=dp_mesh,
+            plan=self.tensor_parallel_plan(model, role, tp_size) if tp_size > 1 else None,
+            head_owner=lambda m: self._own_unit(role, m),  # after TP, which may untie a head
+            activation_checkpointing=self.activation_checkpointing and role == "student",
+            compile=self.compile_each_block,
+            fsdp=fsdp,
+            mp_policy=(
+                mixed_precision_policy(self.trainer.precision, trainable=role == "student")
+                if fsdp
+                else None
+            ),
+            offload=offload,
+            weights=self._weight_sources.pop(role, None),  # sharded loading: local shards
+            device=None if mesh is None else self.trainer.strategy.root_device,
+        )
+        if fsdp:
+            self.teacher_backend.after_fsdp(role, model)
+
+    def _own_unit(self, role: str, model: nn.Module) -> nn.Module | None:
+        """The submodule the teacher backend wants as an FSDP2 unit of its own (the fused
+        head's owner), asked once TP has run; None for none."""
+        units = self.teacher_backend.place(role, model)
+        if len(units) > 1:
+            raise ValueError(
+                f"{type(self.teacher_backend).__name__}.place returned {len(units)} modules for "
+                f"the {role}; the pipeline shards at most one extra unit per model."
+            )
+        return units[0] if units else None
 
     def _build_on_meta(self, role: str, model: ModelOrFactory, *source: Any) -> nn.Module | None:
         """With ``sharded_loading`` and a mesh: the ``role`` model built on the meta device when
@@ -390,17 +413,6 @@ class DistillationModule(LightningModule):
             return None
         self._weight_sources[role] = built[1]
         return built[0]
-
-    def _apply_block_options(self, role: str) -> None:
-        """Activation checkpointing (student) and compile (both) on the ``role`` model's
-        blocks; idempotent."""
-        model = getattr(self, role)
-        if model is None:
-            return
-        if self.activation_checkpointing and role == "student":
-            checkpoint_blocks(model)
-        if self.compile_each_block:
-            compile_blocks(model)
 
     def _place_offloaded_teacher(self) -> None:
         """With ``teacher_offload``: the teacher's parameters back in host memory after the

@@ -42,7 +42,7 @@ def main() -> None:
     from torch.utils.data import DataLoader
 
     from lightning_kd import DistillationModule, KDLoss, TinyLlama
-    from lightning_kd.parallel.block_wrappers import checkpoint_blocks
+    from lightning_kd.parallel.pipeline import parallelize_model
     from lightning_kd.training.memory_estimate import estimate_memory, model_size
 
     def llama(dim: int, layers: int) -> TinyLlama:
@@ -55,8 +55,7 @@ def main() -> None:
     result = {"baseline": baseline}
     if args.mode == "student":
         student = llama(args.dim, args.layers)
-        if args.ac:
-            checkpoint_blocks(student)
+        parallelize_model(student, activation_checkpointing=args.ac)  # one process: AC only
         for _ in range(args.steps):
             logits = student(ids[:, :-1])
             F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).backward()

@@ -3,7 +3,7 @@
 ``check_all(rank, world)`` runs in every rank of a ``world``-process group (TP = world). For
 TinyLlama (grouped-query attention: 4 query heads, 2 key/value heads, so one local key/value
 head per rank at TP=2) and tiny Hugging Face Llama and Qwen2 models, the TP plan is applied
-with :func:`~lightning_kd.parallel.plans.apply_tensor_parallel` (``parallelize_module``) and
+with :func:`~lightning_kd.parallel.pipeline.parallelize_model` (``parallelize_module``) and
 the packed batch's logits (``full_tensor()`` of the vocabulary-sharded DTensor) and final
 hidden states are compared, within 1e-5, with the same documents run one by one, each alone
 from position 0, by an unsharded copy of the model in the same process. The packed batch
@@ -27,7 +27,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
 from lightning_kd import TinyLlama
-from lightning_kd.parallel.plans import apply_tensor_parallel
+from lightning_kd.parallel.pipeline import parallelize_model
 from tests.distributed import run_workers
 
 VOCAB = 50
@@ -124,7 +124,7 @@ def check_all(rank: int, world: int) -> None:
     for name, build in builders.items():
         reference = build()
         sharded = copy.deepcopy(reference)
-        apply_tensor_parallel(sharded, mesh, sharded.tensor_parallel_plan(world))
+        parallelize_model(sharded, tp_mesh=mesh)
         with torch.no_grad():
             logits = sharded(ids, position_ids=pos)
             hidden = _full(sharded.hidden_states(ids, position_ids=pos))

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_kd import DistillationModule, KDLoss, TinyLlama
 from lightning_kd.cli import shutdown_distributed
-from lightning_kd.training import distillation
+from lightning_kd.parallel import pipeline
 from tests.distributed import exit_now
 from tests.scripts.fit_run import VOCAB, LossRecorder, RandomTokens
 
@@ -118,13 +118,13 @@ def main() -> None:
         return
 
     materialized: list[str] = []  # which models sharded loading materialised
-    real_materialize = distillation.materialize
+    real_materialize = pipeline.materialize
 
     def recording_materialize(model, device, weights):
         materialized.append(type(model).__name__)
         real_materialize(model, device, weights)
 
-    distillation.materialize = recording_materialize
+    pipeline.materialize = recording_materialize
     L.seed_everything(0, verbose=False)
     source = Path(args.source)
     checkpoint, prefix = None, ""

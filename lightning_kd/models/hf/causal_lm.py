@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.tensor.parallel import ParallelStyle
 
-from lightning_kd.models.contract import check_position_ids
+from lightning_kd.models.contract import check_position_ids, non_persistent_buffers
 from lightning_kd.models.hf.loading import local_directory, require_transformers
 from lightning_kd.models.hf.tp_plan import plan_from_config
 
@@ -231,8 +231,9 @@ class HFCausalLM(nn.Module):
         ``[B, S, V]``. See :func:`~lightning_kd.models.hf.tp_plan.plan_from_config`.
 
         Asking for the plan changes nothing: a tied lm_head is untied (:meth:`untie_lm_head`)
-        where a plan is applied, by ``lightning_kd.parallel.plans.apply_tensor_parallel``, for
-        this plan and explicit ones alike. Calling ``parallelize_module`` directly, run
+        where a plan is applied, by ``lightning_kd.parallel.plans.apply_tensor_parallel`` (the
+        first step of ``lightning_kd.parallel.parallelize_model``), for this plan and explicit
+        ones alike. Calling ``parallelize_module`` directly, run
         ``untie_planned_weights(model, plan)`` first.
 
         Raises:
@@ -262,6 +263,34 @@ class HFCausalLM(nn.Module):
         """Decoder layers of the base model (``model.model`` for Llama-style families),
         wrapped by FSDP2 before the root."""
         return list(self.model.base_model.layers)
+
+    def init_non_persistent_buffers(self) -> None:
+        """Recompute the non-persistent buffers (e.g. the rotary embedding's ``inv_freq``) in
+        place, e.g. after ``to_empty`` left them uninitialised (sharded loading).
+
+        transformers builds such buffers in modules constructed from the model's ``config``
+        (``LlamaRotaryEmbedding(config)``, ...): each is taken from a fresh instance of its
+        module's class built on the host from that module's ``config``.
+
+        Raises:
+            ValueError: for a submodule with non-persistent buffers and no ``config`` (no way
+                to rebuild them here).
+        """
+        for name, module in self.model.named_modules():
+            buffers = non_persistent_buffers(module)
+            if not buffers:
+                continue
+            config = getattr(module, "config", None)
+            if config is None:
+                raise ValueError(
+                    f"cannot recompute the non-persistent buffers {sorted(buffers)} of "
+                    f"model.{name} ({type(module).__name__}): the module carries no config to "
+                    "rebuild them from."
+                )
+            with torch.device("cpu"), torch.no_grad():
+                fresh = type(module)(config)
+                for buffer in buffers:
+                    getattr(module, buffer).copy_(getattr(fresh, buffer))
 
 
 def same_tokenizer(a: Mapping[str, int], b: Mapping[str, int]) -> bool:

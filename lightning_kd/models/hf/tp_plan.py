@@ -32,7 +32,7 @@ from torch.distributed.tensor.parallel import (
     SequenceParallel,
 )
 
-from lightning_kd.parallel.plans import plan_key_matches
+from lightning_kd.models.contract import plan_key_matches
 
 
 def _per_head_norm() -> ParallelStyle:
