@@ -65,3 +65,10 @@ def test_each_task_starts_from_the_rng_state_its_rank_started_with(tmp_path):
         pool.run(_draws, 2, str(tmp_path / task))
     a, b = (sorted(p.name for p in (tmp_path / task).iterdir()) for task in ("a", "b"))
     assert len(a) == 2 and a == b
+
+
+def test_spawn_workers_runs_a_task_in_fresh_processes():
+    """The runner for a test about the processes themselves (no pool)."""
+    from tests.helpers.distributed import spawn_workers
+
+    spawn_workers(_sum_of_ranks, 2, 1)
