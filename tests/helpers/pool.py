@@ -40,7 +40,16 @@ def _worker(rank: int, world_size: int, port: int, tasks: Any, results: Any) -> 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     fresh_seed = torch.initial_seed()
-    while (task := tasks.get()) is not None:
+    parent = os.getppid()
+    while True:
+        try:
+            task = tasks.get(timeout=5.0)
+        except queue.Empty:
+            if os.getppid() != parent:  # the test session died: no one to serve
+                exit_now(1)
+            continue
+        if task is None:
+            break
         fn, args = task
         # The state this process started with (a task may have changed it, e.g. a Trainer).
         torch.manual_seed(fresh_seed)
