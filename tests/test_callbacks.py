@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 from lightning_kd import DistillationModule, KDLoss
 from lightning_kd.callbacks import DivergencePlot, PerTokenDivergenceMonitor, TopToken
 from lightning_kd.callbacks._common import divergence_label, per_token_outputs
-from tests.distributed import run_workers
+from tests.helpers.distributed import run_workers
 from tests.scripts.callback_run import Uneven
 from tests.scripts.callback_run import run as callback_run
 from tests.scripts.fit_run import make_models

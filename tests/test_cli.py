@@ -17,15 +17,11 @@ import torch
 import yaml
 
 from lightning_kd import DistillationModule, KDLoss, TinyLlama
-from lightning_kd.cli import KDLightningCLI
+from lightning_kd.cli import KDLightningCLI, main
+from tests.helpers.cli import SMALL_DATA, cli_env
+from tests.helpers.runs import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml")) + sorted((ROOT / "examples").glob("*.yaml"))
-SMALL_DATA = ["--data.init_args.synthetic_chars", "30000", "--data.init_args.batch_size", "4"]
-
-
-def _env() -> dict[str, str]:
-    return dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
@@ -44,27 +40,6 @@ def test_cli_rejects_the_auto_optimizer_that_would_miss_parallelised_parameters(
     # Refused for the --optimizer option itself, not for any other parse error.
     err = capsys.readouterr().err
     assert "error: unrecognized arguments: --optimizer AdamW" in err, err[-2000:]
-
-
-@pytest.fixture(scope="module")
-def teacher_ckpt(tmp_path_factory) -> Path:
-    """A teacher trained for a few steps with configs/teacher.yaml, saved like the demo does."""
-    tmp = tmp_path_factory.mktemp("teacher")
-    cwd = os.getcwd()
-    os.chdir(tmp)
-    try:
-        cli = KDLightningCLI(
-            args=["--config", str(ROOT / "configs/teacher.yaml"), "--trainer.max_steps", "3",
-                  "--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "2",
-                  "--trainer.enable_progress_bar", "false", *SMALL_DATA],
-            run=False,
-        )  # fmt: skip
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-        path = tmp / "teacher.ckpt"
-        cli.trainer.save_checkpoint(path)
-    finally:
-        os.chdir(cwd)
-    return path
 
 
 def _quick_args(teacher: Path, steps: int) -> list[str]:
@@ -141,26 +116,37 @@ def test_hidden_state_example_runs_from_its_config(tmp_path, monkeypatch, teache
 
 def test_plain_pytorch_example_runs():
     proc = subprocess.run([sys.executable, str(ROOT / "examples/kd_loss_plain_pytorch.py")],
-                          env=_env(), capture_output=True, text=True, timeout=120)  # fmt: skip
+                          env=cli_env(), capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "step  59" in proc.stdout
 
 
+def _fit_tp2(run: Path, teacher: Path, *extra: str) -> Path:
+    """quickstart_tp2 for 4 steps as a real ``python -m lightning_kd fit`` on 2 processes, in
+    ``run``; returns ``run``."""
+    run.mkdir()
+    proc = subprocess.run(
+        [sys.executable, "-m", "lightning_kd", "fit", "--config",
+         str(ROOT / "configs/quickstart_tp2.yaml"), *_quick_args(teacher, 4), *extra],
+        cwd=run, env=cli_env(), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    return run
+
+
+@pytest.fixture(scope="module")
+def tp2_live(tmp_path_factory, teacher_ckpt) -> Path:
+    """One quickstart_tp2 run with the live teacher (unfused), shared by the tests that
+    compare against it."""
+    return _fit_tp2(tmp_path_factory.mktemp("tp2") / "live", teacher_ckpt)
+
+
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_quickstart_tp2_runs_on_two_processes_fused_or_not(tmp_path, teacher_ckpt):
-    losses = {}
-    for fused in ("false", "true"):
-        run = tmp_path / f"fused_{fused}"
-        run.mkdir()
-        proc = subprocess.run(
-            [sys.executable, "-m", "lightning_kd", "fit",
-             "--config", str(ROOT / "configs/quickstart_tp2.yaml"), *_quick_args(teacher_ckpt, 3),
-             "--model.init_args.fused_head", fused],
-            cwd=run, env=_env(), capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
-        assert proc.returncode == 0, proc.stderr[-5000:]
-        losses[fused] = _step_losses(run / "runs/quickstart_tp2")
+def test_quickstart_tp2_runs_on_two_processes_fused_or_not(tmp_path, teacher_ckpt, tp2_live):
+    losses = {"false": _step_losses(tp2_live / "runs/quickstart_tp2")}
+    fused = _fit_tp2(tmp_path / "fused_true", teacher_ckpt, "--model.init_args.fused_head", "true")
+    losses["true"] = _step_losses(fused / "runs/quickstart_tp2")
     assert len(losses["false"]) >= 2 and all(v == v for v in losses["false"].values())
     assert losses["true"].keys() == losses["false"].keys()
     for step, value in losses["false"].items():
@@ -221,12 +207,12 @@ def test_killed_run_resumes_from_last_checkpoint(tmp_path, teacher_ckpt):
     straight_dir.mkdir()
     crash_dir.mkdir()
     config = _crash_config(tmp_path, teacher_ckpt, steps, every)
-    subprocess.run(_fit_cmd(config), cwd=straight_dir, env=_env(), check=True, timeout=300,
+    subprocess.run(_fit_cmd(config), cwd=straight_dir, env=cli_env(), check=True, timeout=300,
                    capture_output=True)  # fmt: skip
     straight = _step_losses(straight_dir / "runs/quickstart")
     assert len(straight) == steps
 
-    proc = subprocess.Popen(_fit_cmd(config), cwd=crash_dir, env=_env(),
+    proc = subprocess.Popen(_fit_cmd(config), cwd=crash_dir, env=cli_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     ckpts = crash_dir / "runs/quickstart/checkpoints"
 
@@ -249,7 +235,7 @@ def test_killed_run_resumes_from_last_checkpoint(tmp_path, teacher_ckpt):
     stopped_at = saved["global_step"]
     assert 12 <= stopped_at < steps
 
-    subprocess.run(_fit_cmd(config, "--ckpt_path", "last"), cwd=crash_dir, env=_env(),
+    subprocess.run(_fit_cmd(config, "--ckpt_path", "last"), cwd=crash_dir, env=cli_env(),
                    check=True, timeout=300, capture_output=True)  # fmt: skip
     final = torch.load(ckpts / "last.ckpt", weights_only=False, map_location="cpu")
     assert final["global_step"] == steps
@@ -278,7 +264,7 @@ def test_two_simulated_nodes_with_torchrun(tmp_path, teacher_ckpt):
             "-m", "lightning_kd", "fit", "--config", str(ROOT / "configs/quickstart_tp2.yaml"),
             "--trainer.num_nodes", "2", *_quick_args(teacher_ckpt, 3),
         ]  # fmt: skip
-        procs.append(subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE,
+        procs.append(subprocess.Popen(cmd, cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))  # fmt: skip
     outputs = [p.communicate(timeout=400)[0] for p in procs]
     for proc, out in zip(procs, outputs, strict=True):
@@ -289,14 +275,22 @@ def test_two_simulated_nodes_with_torchrun(tmp_path, teacher_ckpt):
 
 # ---------------------------------------------------------------- offline teacher (cache)
 def _cache_teacher(run: Path, teacher: Path, config: str, top_k: int, *extra: str) -> Path:
-    """``lightning-kd cache-teacher`` for ``config`` with the small data of these tests."""
+    """``lightning-kd cache-teacher`` for ``config`` with the small data of these tests: a
+    subprocess for a multi-process config, in this process (``main``) otherwise."""
     out = run / f"cache_k{top_k}"
-    proc = subprocess.run(
-        [sys.executable, "-m", "lightning_kd", "cache-teacher", "--config", str(ROOT / config),
-         "--output_dir", str(out), "--top_k", str(top_k),
-         "--model.init_args.teacher_checkpoint", str(teacher), *SMALL_DATA, *extra],
-        cwd=run, env=_env(), capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    args = ["cache-teacher", "--config", str(ROOT / config), "--output_dir", str(out),
+            "--top_k", str(top_k), "--model.init_args.teacher_checkpoint", str(teacher),
+            *SMALL_DATA, *extra]  # fmt: skip
+    if "tp2" not in config:
+        cwd = os.getcwd()
+        os.chdir(run)
+        try:
+            assert main(args) == 0
+        finally:
+            os.chdir(cwd)
+        return out
+    proc = subprocess.run([sys.executable, "-m", "lightning_kd", *args], cwd=run, env=cli_env(),
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-5000:]
     return out
 
@@ -392,24 +386,17 @@ def _student_of(checkpoint: Path, out: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_exact_teacher_cache_on_two_tensor_parallel_processes(tmp_path, teacher_ckpt):
+def test_exact_teacher_cache_on_two_tensor_parallel_processes(tmp_path, teacher_ckpt, tp2_live):
     """quickstart_tp2 (TP=2): cache written and read under tensor parallelism; 4 steps from the
     exact cache follow 4 steps with the live teacher within 1e-5 (losses, student weights)."""
     config = "configs/quickstart_tp2.yaml"
     cache = _cache_teacher(tmp_path, teacher_ckpt, config, 0)
+    cached = _fit_tp2(tmp_path / "cached", teacher_ckpt, *_from_cache(cache))
     losses, students = {}, {}
-    for name, extra in (("live", []), ("cached", _from_cache(cache))):
-        run = tmp_path / name
-        run.mkdir()
-        proc = subprocess.run(
-            [sys.executable, "-m", "lightning_kd", "fit", "--config", str(ROOT / config),
-             *_quick_args(teacher_ckpt, 4), *extra],
-            cwd=run, env=_env(), capture_output=True, text=True, timeout=600,
-        )  # fmt: skip
-        assert proc.returncode == 0, proc.stderr[-5000:]
+    for name, run in (("live", tp2_live), ("cached", cached)):
         losses[name] = _step_losses(run / "runs/quickstart_tp2")
         last = run / "runs/quickstart_tp2/checkpoints/last.ckpt"
-        students[name] = _student_of(last, run / "student.pt")
+        students[name] = _student_of(last, tmp_path / f"{name}_student.pt")
     assert len(losses["live"]) == 4 and losses["cached"].keys() == losses["live"].keys()
     for step, value in losses["live"].items():
         assert losses["cached"][step] == pytest.approx(value, rel=1e-5), step

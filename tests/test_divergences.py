@@ -33,7 +33,7 @@ from lightning_kd.losses import (
     resolve_divergence,
 )
 from lightning_kd.losses.divergences import row_sum_of_products
-from tests.reference import assert_rel
+from tests.helpers.reference import assert_rel
 
 NAMES = ["forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl", "skew_reverse_kl"]
 

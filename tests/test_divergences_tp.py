@@ -22,8 +22,8 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 
 from lightning_kd import KDLoss
 from lightning_kd.losses import JSD, SkewKL
-from tests.distributed import CollectiveRecorder, run_workers
-from tests.reference import assert_rel
+from tests.helpers.distributed import CollectiveRecorder, run_workers
+from tests.helpers.reference import assert_rel
 
 LEAD = (2, 6)  # [batch, seq]; 12 tokens
 DIVERGENCES = [

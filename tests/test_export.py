@@ -28,11 +28,11 @@ from lightning_kd.export import (
 )
 from lightning_kd.export.tiny_llama_to_llama import rope_theta_of
 from lightning_kd.models.hf import HFCausalLM
-from tests.distributed import parallelize, run_workers
+from tests.helpers.distributed import parallelize, run_workers
+from tests.helpers.fit import fit_runs
+from tests.helpers.hf import hf_config, save_tokenizer
+from tests.helpers.trainer import cpu_trainer
 from tests.scripts.fit_run import VOCAB, RandomTokens, make_hf_models, make_models
-from tests.test_hf import _config, _save_tokenizer
-from tests.test_module import _trainer
-from tests.test_module_distributed import fit
 
 
 def _ids(vocab: int, seq: int = 20) -> torch.Tensor:
@@ -52,7 +52,7 @@ def _assert_same_logits(directory: Path, student: torch.nn.Module, vocab: int) -
 
 
 def _train(module: DistillationModule, ckpt: Path, steps: int = 2, **trainer_kwargs) -> None:
-    trainer = _trainer(max_steps=steps, **trainer_kwargs)
+    trainer = cpu_trainer(max_steps=steps, **trainer_kwargs)
     trainer.fit(module, DataLoader(RandomTokens(samples=8), batch_size=4))
     trainer.save_checkpoint(ckpt)
 
@@ -93,7 +93,7 @@ def test_tiny_llama_exports_as_llama_with_the_same_logits(tmp_path, kwargs):
 def test_hf_student_exports_under_hf_names(tmp_path, family, tied):
     def student() -> HFCausalLM:
         torch.manual_seed(0)
-        return HFCausalLM(config={**_config(VOCAB, 16, 2, family), "tie_word_embeddings": tied})
+        return HFCausalLM(config={**hf_config(VOCAB, 16, 2, family), "tie_word_embeddings": tied})
 
     module = DistillationModule(student(), make_models()[1], loss=KDLoss(temperature=2.0))
     _train(module, tmp_path / "run.ckpt")
@@ -117,7 +117,7 @@ def test_head_untied_by_tensor_parallelism_is_exported_untied(tmp_path):
 
     def student() -> HFCausalLM:
         torch.manual_seed(0)
-        return HFCausalLM(config={**_config(VOCAB, 16, 1), "tie_word_embeddings": True})
+        return HFCausalLM(config={**hf_config(VOCAB, 16, 1), "tie_word_embeddings": True})
 
     trained = student()
     with pytest.warns(UserWarning, match="untying"):
@@ -138,8 +138,8 @@ def test_padded_vocabulary_student_exports_its_restricted_size_and_tokenizer(tmp
     words = [f"w{i}" for i in range(37)]  # 40 tokens with the specials
     torch.manual_seed(0)
     for name, vocab, hidden in (("teacher", 40, 32), ("student", 48, 16)):
-        HFCausalLM(config=_config(vocab, hidden)).model.save_pretrained(tmp_path / name)
-        _save_tokenizer(tmp_path / name, words)
+        HFCausalLM(config=hf_config(vocab, hidden)).model.save_pretrained(tmp_path / name)
+        save_tokenizer(tmp_path / name, words)
 
     def build() -> DistillationModule:
         return DistillationModule(
@@ -197,7 +197,7 @@ def test_export_errors(tmp_path):
 
 def test_callback_exports_at_the_end_of_fit(tmp_path):
     module = DistillationModule(_tiny(), make_models()[1], loss=KDLoss(temperature=2.0))
-    trainer = _trainer(max_steps=2, callbacks=[ExportOnFitEnd(str(tmp_path / "hf"))])
+    trainer = cpu_trainer(max_steps=2, callbacks=[ExportOnFitEnd(str(tmp_path / "hf"))])
     trainer.fit(module, DataLoader(RandomTokens(samples=8), batch_size=4))
     _assert_same_logits(tmp_path / "hf", module.student, VOCAB)
 
@@ -205,7 +205,7 @@ def test_callback_exports_at_the_end_of_fit(tmp_path):
 # ------------------------------------------------------------------ the command line
 def _cli_config(tmp_path: Path) -> Path:
     words = ["the", "cat", "sat", "on", "mat", "a", "dog"]
-    _save_tokenizer(tmp_path / "tok", words)  # 10 tokens
+    save_tokenizer(tmp_path / "tok", words)  # 10 tokens
     text = tmp_path / "doc.txt"
     text.write_text(" ".join(words[i % 7] for i in range(600)))
     tiny = {"vocab_size": 10, "n_layers": 1, "dim": 16, "n_heads": 2, "n_kv_heads": 1,
@@ -315,31 +315,43 @@ def test_live_sharded_student_is_gathered_and_exported(tmp_path, dp):
     assert (tmp_path / f"hf{dp}" / "model.safetensors").is_file()
 
 
+CHECKPOINT_CASES = {
+    "tiny-tp2": ("tiny", ["--tp", "2"]),
+    "llama-tp2": ("llama", ["--tp", "2"]),
+    "tiny-fsdp2": ("tiny", ["--dp", "2", "--batch-size", "2"]),
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoint_runs(tmp_path_factory):
+    """fit_run.py on 2 processes writing a distributed checkpoint and the full student, each
+    case in its own folder; all of them in one launch."""
+    runs = fit_runs(tmp_path_factory.mktemp("export_fits"))
+    for name, (family, layout) in CHECKPOINT_CASES.items():
+        folder = runs.directory / name
+        runs.add(name, "--devices", "2", *layout, "--steps", "3", "--samples", "12",
+                 "--family", family, "--ckpt-dir", str(folder / "ckpt"), "--ckpt-every", "3",
+                 "--save-student", str(runs.directory / f"{name}-student.pt"))  # fmt: skip
+    return runs
+
+
 @pytest.mark.distributed
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    ("family", "layout"),
-    [
-        ("tiny", ["--tp", "2"]),
-        ("llama", ["--tp", "2"]),
-        ("tiny", ["--dp", "2", "--batch-size", "2"]),
-    ],
-    ids=["tiny-tp2", "llama-tp2", "tiny-fsdp2"],
-)
-def test_distributed_checkpoint_exports_the_trained_student(tmp_path, family, layout):
+@pytest.mark.parametrize("name", list(CHECKPOINT_CASES))
+def test_distributed_checkpoint_exports_the_trained_student(tmp_path, checkpoint_runs, name):
     """fit_run.py on 2 processes (TP=2, or FSDP2 over DP=2) writes a distributed checkpoint
     (DCP shards) and the full student; the export consolidates the checkpoint with DCP on one
     process."""
-    ckpt_dir = tmp_path / "ckpt"
-    fit(tmp_path, family, "--devices", "2", *layout, "--steps", "3", "--samples", "12",
-        "--family", family, "--ckpt-dir", str(ckpt_dir), "--ckpt-every", "3",
-        "--save-student", str(tmp_path / "student.pt"))  # fmt: skip
+    family = CHECKPOINT_CASES[name][0]
+    checkpoint_runs[name]
+    ckpt_dir = checkpoint_runs.directory / name / "ckpt"
     ckpt = ckpt_dir / "epoch=0-step=3.ckpt"
     assert ckpt.is_dir()
     student, teacher = make_models() if family == "tiny" else make_hf_models(family)
     out = export_checkpoint(DistillationModule(student, teacher), ckpt, tmp_path / "hf")
     trained = make_models()[0] if family == "tiny" else make_hf_models(family)[0]
-    trained.load_state_dict(torch.load(tmp_path / "student.pt", weights_only=True))
+    student_file = checkpoint_runs.directory / f"{name}-student.pt"
+    trained.load_state_dict(torch.load(student_file, weights_only=True))
     _assert_same_logits(out, trained, VOCAB)
     config = json.loads((out / "config.json").read_text())
     assert config["tie_word_embeddings"] is False

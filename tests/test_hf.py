@@ -11,7 +11,6 @@ import torch
 
 pytest.importorskip("transformers")
 
-from tokenizers import Tokenizer, models, pre_tokenizers
 from torch import nn
 from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import (
@@ -21,58 +20,57 @@ from torch.distributed.tensor.parallel import (
     SequenceParallel,
 )
 from torch.utils.data import DataLoader
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from lightning_kd import DistillationModule, KDLoss
 from lightning_kd.data import TextDataModule
 from lightning_kd.models.hf import HFCausalLM
 from lightning_kd.parallel.plans import untie_planned_weights
 from lightning_kd.training.distillation import logits_of
-from tests.test_module_distributed import assert_same_trajectory, fit
+from tests.helpers.fit import assert_same_trajectory, fit_runs
+from tests.helpers.hf import hf_config, save_tokenizer
+from tests.helpers.trainer import cpu_trainer
+
+# olmo2 is outside the families the plan was once hard-coded for: its config's plan gathers
+# the q/k/v outputs (colwise_gather_output) and splits the o_proj input (rowwise_split_input).
+FAMILIES = ["llama", "qwen2", "qwen3", "olmo2"]
+PADDED = ["--family", "qwen2", "--teacher-vocab", "44"]
 
 
-def _config(vocab: int, hidden: int = 32, layers: int = 2, model_type: str = "llama") -> dict:
-    return dict(model_type=model_type, vocab_size=vocab, hidden_size=hidden,
-                intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
-                initializer_range=0.2)  # fmt: skip
-
-
-def _save_tokenizer(directory, words: list[str]) -> None:
-    vocab = {w: i for i, w in enumerate(["<unk>", "<eos>", "<pad>", *words])}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>", pad_token="<pad>"
-    )
-    tokenizer.save_pretrained(directory)
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Each family (and a padded teacher vocabulary) on one process and under TP=2: the
+    single-process runs in one launch, the TP=2 runs in another."""
+    runs = fit_runs(tmp_path_factory.mktemp("hf_fits"))
+    for name, args in [*((f, ["--family", f]) for f in FAMILIES), ("pad", PADDED)]:
+        runs.add(f"{name}1", *args)
+        runs.add(f"{name}2", *args, "--devices", "2", "--tp", "2")
+    runs.add("pad2fused", *PADDED, "--devices", "2", "--tp", "2", "--fused-head")
+    return runs
 
 
 # olmo2 is outside the families the plan was once hard-coded for: its config's plan gathers
 # the q/k/v outputs (colwise_gather_output) and splits the o_proj input (rowwise_split_input).
 @pytest.mark.distributed
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "olmo2"])
-def test_tp2_matches_single_process(tmp_path, family):
-    single = fit(tmp_path, f"{family}1", "--family", family)
-    tp2 = fit(tmp_path, f"{family}2", "--family", family, "--devices", "2", "--tp", "2")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tp2_matches_single_process(runs, family):
+    single, tp2 = runs[f"{family}1"], runs[f"{family}2"]
     assert_same_trajectory(tp2, single)
     assert tp2["saw_sharded"] is True and tp2["teacher_unchanged"]
 
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_padded_teacher_vocabulary_on_the_tp_path(tmp_path):
-    args = ["--family", "qwen2", "--teacher-vocab", "44"]
-    single = fit(tmp_path, "pad1", *args)
-    tp2 = fit(tmp_path, "pad2", *args, "--devices", "2", "--tp", "2")
+def test_padded_teacher_vocabulary_on_the_tp_path(runs):
+    single, tp2 = runs["pad1"], runs["pad2"]
     assert_same_trajectory(tp2, single)
     assert tp2["saw_sharded"] is True
 
 
 def test_local_checkpoint_reproduces_logits_and_offline_errors(tmp_path):
     torch.manual_seed(0)
-    built = HFCausalLM(config=_config(50))
+    built = HFCausalLM(config=hf_config(50))
     built.model.save_pretrained(tmp_path / "model")
     loaded = HFCausalLM(pretrained_path=str(tmp_path / "model"))
     ids = torch.randint(0, 50, (2, 9))
@@ -132,7 +130,7 @@ def _signature(style: ParallelStyle) -> tuple:
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral"])
 def test_config_plan_matches_the_former_megatron_plan(family):
-    model = HFCausalLM(config=_config(40, model_type=family))
+    model = HFCausalLM(config=hf_config(40, model_type=family))
     plan = model.tensor_parallel_plan(2)
     assert any("*" in key for key in plan)  # the config's wildcards, not one key per layer
     expected = _coverage(model, _megatron_plan(model))
@@ -144,7 +142,7 @@ def test_config_plan_matches_the_former_megatron_plan(family):
 def test_config_plan_of_a_family_outside_the_four():
     """olmo2: q/k/v gathered and o_proj fed replicated, so its q_norm/k_norm (over the whole
     projection, not per head) stay plain replicated modules."""
-    model = HFCausalLM(config=_config(40, model_type="olmo2"))
+    model = HFCausalLM(config=hf_config(40, model_type="olmo2"))
     covered = _coverage(model, model.tensor_parallel_plan(2))
     gathered = _signature(ColwiseParallel(output_layouts=Replicate()))
     split_input = _signature(RowwiseParallel(input_layouts=Replicate()))
@@ -162,7 +160,7 @@ def test_config_plan_of_a_family_outside_the_four():
 
 
 def test_per_head_norms_the_config_leaves_out_are_still_planned():
-    model = HFCausalLM(config=_config(40, model_type="qwen3"))
+    model = HFCausalLM(config=hf_config(40, model_type="qwen3"))
     full = _coverage(model, model.tensor_parallel_plan(2))
     config = model.model.config
     config.base_model_tp_plan = {
@@ -172,7 +170,7 @@ def test_per_head_norms_the_config_leaves_out_are_still_planned():
 
 
 def test_embeddings_stay_replicated():
-    model = HFCausalLM(config=_config(40))
+    model = HFCausalLM(config=hf_config(40))
     full = _coverage(model, model.tensor_parallel_plan(2))
     config = model.model.config
     config.base_model_tp_plan = {"embed_tokens": "embedding_rowwise", **config.base_model_tp_plan}
@@ -197,7 +195,7 @@ def test_embeddings_stay_replicated():
     ],
 )  # fmt: skip
 def test_plans_that_cannot_be_mapped_are_refused(family, hf_plan, message):
-    model = HFCausalLM(config=_config(40, model_type=family))
+    model = HFCausalLM(config=hf_config(40, model_type=family))
     model.model.config.base_model_tp_plan = hf_plan
     with pytest.raises(ValueError, match=message):
         model.tensor_parallel_plan(2)
@@ -208,11 +206,11 @@ def test_tp_plan_errors_and_tied_heads():
                                   n_head=4))  # fmt: skip
     with pytest.raises(ValueError, match="no tensor-parallel plan for model_type 'gpt2'"):
         gpt2.tensor_parallel_plan(2)
-    llama = HFCausalLM(config=_config(40))
+    llama = HFCausalLM(config=hf_config(40))
     with pytest.raises(ValueError, match="must divide"):
         llama.tensor_parallel_plan(4)
 
-    tied = HFCausalLM(config={**_config(40), "tie_word_embeddings": True})
+    tied = HFCausalLM(config={**hf_config(40), "tie_word_embeddings": True})
     head, embed = tied.model.lm_head, tied.model.model.embed_tokens
     assert head.weight is embed.weight
     n_params = len(list(tied.parameters()))
@@ -230,9 +228,9 @@ def test_padded_vocabulary_is_distilled_over_the_shared_tokenizer(tmp_path):
     words = [f"w{i}" for i in range(37)]  # 40 tokens with the specials
     torch.manual_seed(0)
     for name, vocab, hidden in (("teacher", 48, 32), ("student", 40, 16)):
-        model = HFCausalLM(config=_config(vocab, hidden))
+        model = HFCausalLM(config=hf_config(vocab, hidden))
         model.model.save_pretrained(tmp_path / name)
-        _save_tokenizer(tmp_path / name, words)
+        save_tokenizer(tmp_path / name, words)
     teacher_full = HFCausalLM(pretrained_path=str(tmp_path / "teacher"))
     module = DistillationModule(
         lambda: HFCausalLM(pretrained_path=str(tmp_path / "student")),
@@ -250,12 +248,12 @@ def test_padded_vocabulary_is_distilled_over_the_shared_tokenizer(tmp_path):
         )  # fmt: skip
     torch.testing.assert_close(terms.kd_loss, reference, rtol=1e-5, atol=1e-7)
     only_teacher_tokenizer = DistillationModule(  # a student from a config has none
-        HFCausalLM(config=_config(40, 16)), HFCausalLM(pretrained_path=str(tmp_path / "teacher"))
+        HFCausalLM(config=hf_config(40, 16)), HFCausalLM(pretrained_path=str(tmp_path / "teacher"))
     )
     only_teacher_tokenizer.configure_model()
     assert only_teacher_tokenizer.teacher.vocab_size == 40
 
-    _save_tokenizer(tmp_path / "teacher", list(reversed(words)))  # a different vocabulary
+    save_tokenizer(tmp_path / "teacher", list(reversed(words)))  # a different vocabulary
     refused = DistillationModule(
         lambda: HFCausalLM(pretrained_path=str(tmp_path / "student")),
         lambda: HFCausalLM(pretrained_path=str(tmp_path / "teacher")),
@@ -264,7 +262,7 @@ def test_padded_vocabulary_is_distilled_over_the_shared_tokenizer(tmp_path):
         refused.configure_model()
     with pytest.raises(ValueError, match="shared_vocab_size"):
         DistillationModule(
-            HFCausalLM(config=_config(40)), HFCausalLM(config=_config(48))
+            HFCausalLM(config=hf_config(40)), HFCausalLM(config=hf_config(48))
         ).configure_model()  # fmt: skip
 
 
@@ -284,7 +282,7 @@ def test_raw_hf_model_outputs_are_accepted():
 
 def test_datamodule_with_a_local_hf_tokenizer(tmp_path):
     words = ["the", "cat", "sat", "on", "mat", "a", "dog"]
-    _save_tokenizer(tmp_path / "tok", words)
+    save_tokenizer(tmp_path / "tok", words)
     text = tmp_path / "doc.txt"
     text.write_text(" ".join(words[i % 7] for i in range(400)))
     data = TextDataModule(
@@ -305,19 +303,18 @@ def test_padded_teacher_checkpoint_survives_fit_then_validate(tmp_path):
     """configure_model runs again for validate; the checkpoint must not be reloaded into the
     restricted teacher, and the restricted teacher stays frozen."""
     from tests.scripts.fit_run import RandomTokens  # token ids < 37
-    from tests.test_module import _trainer
 
     torch.manual_seed(0)
-    trained = HFCausalLM(config=_config(48))
+    trained = HFCausalLM(config=hf_config(48))
     torch.save(trained.state_dict(), tmp_path / "teacher.pt")
     module = DistillationModule(
-        lambda: HFCausalLM(config=_config(40, 16, 1)),
-        lambda: HFCausalLM(config=_config(48)),
+        lambda: HFCausalLM(config=hf_config(40, 16, 1)),
+        lambda: HFCausalLM(config=hf_config(48)),
         teacher_checkpoint=str(tmp_path / "teacher.pt"),
         shared_vocab_size=40,
     )
     loader = DataLoader(RandomTokens(samples=4), batch_size=4)
-    trainer = _trainer(max_steps=1, limit_val_batches=1)
+    trainer = cpu_trainer(max_steps=1, limit_val_batches=1)
     trainer.fit(module, loader)
     metrics = trainer.validate(module, loader, verbose=False)[0]
     assert math.isfinite(metrics["val/kd_loss"]) and module.teacher.vocab_size == 40
@@ -328,7 +325,7 @@ def test_padded_teacher_checkpoint_survives_fit_then_validate(tmp_path):
 
 def test_hidden_states_and_output_head_reproduce_the_logits():
     torch.manual_seed(0)
-    model = HFCausalLM(config=_config(40)).eval()
+    model = HFCausalLM(config=hf_config(40)).eval()
     ids = torch.randint(0, 40, (2, 9))
     with torch.no_grad():
         head = model.output_head()
@@ -337,12 +334,12 @@ def test_hidden_states_and_output_head_reproduce_the_logits():
 
 
 def test_output_head_refuses_families_that_post_process_logits():
-    gemma2 = HFCausalLM(config={**_config(40, model_type="gemma2"), "head_dim": 8},
+    gemma2 = HFCausalLM(config={**hf_config(40, model_type="gemma2"), "head_dim": 8},
                         attn_implementation="eager")  # fmt: skip
     assert gemma2.model.config.final_logit_softcapping  # the family's default
     with pytest.raises(ValueError, match=r"final_logit_softcapping=.*fused_head=False"):
         gemma2.output_head()
-    plain = HFCausalLM(config={**_config(40, model_type="gemma2"), "head_dim": 8,
+    plain = HFCausalLM(config={**hf_config(40, model_type="gemma2"), "head_dim": 8,
                                "final_logit_softcapping": None},
                        attn_implementation="eager")  # fmt: skip
     assert plain.output_head() is plain.model.get_output_embeddings()
@@ -350,11 +347,9 @@ def test_output_head_refuses_families_that_post_process_logits():
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_fused_head_with_a_padded_teacher_on_the_tp_path(tmp_path):
+def test_fused_head_with_a_padded_teacher_on_the_tp_path(runs):
     """HF models, a teacher head padded beyond the tokenizer (restricted before sharding), TP=2
     with fused_head: the trajectory of the unfused single-process run."""
-    args = ["--family", "qwen2", "--teacher-vocab", "44"]
-    single = fit(tmp_path, "pad1", *args)
-    fused = fit(tmp_path, "pad2fused", *args, "--devices", "2", "--tp", "2", "--fused-head")
+    single, fused = runs["pad1"], runs["pad2fused"]
     assert_same_trajectory(fused, single)
     assert fused["teacher_unchanged"]

@@ -11,7 +11,7 @@ from lightning_kd import KDLoss, KDLossOutput
 from lightning_kd.losses.divergences import ForwardKL, ReverseKL
 from lightning_kd.losses.engine import PassSpec, distill_over_rows
 from lightning_kd.losses.vocab_softmax import LocalVocabSoftmax
-from tests.reference import (
+from tests.helpers.reference import (
     assert_rel,
     kd_loss_reference,
     per_token_forward_kl,

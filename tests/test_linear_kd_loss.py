@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_kd import KDLoss, LinearKDLoss
 from lightning_kd.losses import JSD, SkewKL
-from tests.reference import assert_rel
+from tests.helpers.reference import assert_rel
 
 LEAD = (3, 7)  # [batch, seq]: 21 tokens
 V, D_S, D_T = 29, 6, 10

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.distributed import run_workers
+from tests.helpers.distributed import run_workers
 from tests.scripts.linear_kd_loss_tp import check_all, check_fsdp_shards_are_not_vocabulary_shards
 
 

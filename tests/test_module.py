@@ -16,22 +16,8 @@ from lightning_kd.losses import JSD, ForwardKL
 from lightning_kd.parallel.grad_clip import clip_grad_norm
 from lightning_kd.parallel.plans import resolve_tensor_parallel_plan as tensor_parallel_plan
 from lightning_kd.training.fused_head import FusedHeadOutput
+from tests.helpers.trainer import cpu_trainer as _trainer
 from tests.scripts.fit_run import RandomTokens, make_models
-
-
-def _trainer(**kwargs) -> L.Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        deterministic=True,
-    )
-    defaults.update(kwargs)
-    return L.Trainer(**defaults)
 
 
 def _module(**kwargs) -> DistillationModule:

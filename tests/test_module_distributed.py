@@ -1,49 +1,20 @@
 """DistillationModule under ModelParallelStrategy on 2 and 4 CPU processes (gloo).
 
-Lightning launches the extra ranks by re-running the script, so each case runs
-``tests/scripts/fit_run.py`` in a subprocess and compares its JSON result with the
-single-process run on the same global batches.
+Lightning launches the extra ranks by re-running the script, so the cases run
+``tests/scripts/fit_run.py`` in subprocesses and compare its JSON results with the
+single-process run on the same global batches. The cases of one world size share a launch
+(:class:`tests.helpers.runs.BatchedRuns`); resuming runs in launches of its own.
 """
 
 from __future__ import annotations
-
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch.distributed.checkpoint import FileSystemReader
 
+from tests.helpers.fit import assert_same_trajectory, fit, fit_runs
+
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
-
-SCRIPT = Path(__file__).parent / "scripts" / "fit_run.py"
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def fit(tmp_path: Path, name: str, *args: str) -> dict:
-    out = tmp_path / f"{name}.json"
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--out", str(out), *args],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return json.loads(out.read_text())
-
-
-def assert_same_trajectory(result: dict, reference: dict, rel: float = 1e-4) -> None:
-    got, want = torch.tensor(result["losses"]), torch.tensor(reference["losses"])
-    assert got.shape == want.shape and len(want) > 0
-    torch.testing.assert_close(got, want, rtol=rel, atol=0)
-    assert result["student_abs_sum"] == pytest.approx(reference["student_abs_sum"], rel=rel)
-
 
 # A max norm far below the gradient norm: AdamW all but undoes a moderate clip (it normalises
 # the update), so only a clip that brings the gradients near Adam's eps changes the trajectory
@@ -51,26 +22,42 @@ def assert_same_trajectory(result: dict, reference: dict, rel: float = 1e-4) -> 
 CLIP = "1e-6"
 
 
+LAYOUTS = {
+    "tp2": ["--devices", "2", "--tp", "2"],
+    "dp2": ["--devices", "2", "--dp", "2", "--batch-size", "2"],
+    "dp2xtp2": ["--devices", "4", "--dp", "2", "--tp", "2", "--batch-size", "2"],
+}
+TIED = ["--devices", "2", "--dp", "2", "--batch-size", "2", "--tie-student"]
+RESUME = ["--devices", "2", "--tp", "2", "--samples", "12"]
+
+
 @pytest.fixture(scope="module")
-def single(tmp_path_factory) -> dict[str, dict]:
-    tmp = tmp_path_factory.mktemp("single")
-    return {
-        "plain": fit(tmp, "plain"),
-        "clip": fit(tmp, "clip", "--clip", CLIP),
-        "short_epochs": fit(tmp, "short", "--samples", "12"),
-    }
+def runs(tmp_path_factory):
+    """Every fit of this module but the resume, each run once: one launch per world size."""
+    runs = fit_runs(tmp_path_factory.mktemp("fits"))
+    runs.add("plain")
+    runs.add("clip", "--clip", CLIP)
+    runs.add("short_epochs", "--samples", "12")
+    runs.add("fused", "--fused-head")
+    for name, args in LAYOUTS.items():
+        runs.add(name, *args)
+        runs.add(f"fused_{name}", *args, "--fused-head")
+    runs.add("tied_fused", *TIED, "--fused-head")
+    runs.add("tied_unfused", *TIED)
+    runs.add("tp2clip", *LAYOUTS["tp2"], "--clip", CLIP)
+    runs.add("first", *RESUME, "--steps", "3", "--ckpt-dir", str(runs.directory / "ckpt"),
+             "--ckpt-every", "3")  # fmt: skip
+    return runs
 
 
-@pytest.mark.parametrize(
-    ("name", "args"),
-    [
-        ("tp2", ["--devices", "2", "--tp", "2"]),
-        ("dp2", ["--devices", "2", "--dp", "2", "--batch-size", "2"]),
-        ("dp2xtp2", ["--devices", "4", "--dp", "2", "--tp", "2", "--batch-size", "2"]),
-    ],
-)
-def test_parallel_runs_match_single_process(tmp_path, single, name, args):
-    result = fit(tmp_path, name, *args)
+@pytest.fixture(scope="module")
+def single(runs) -> dict[str, dict]:
+    return {name: runs[name] for name in ("plain", "clip", "short_epochs")}
+
+
+@pytest.mark.parametrize(("name", "args"), list(LAYOUTS.items()))
+def test_parallel_runs_match_single_process(runs, single, name, args):
+    result = runs[name]
     assert_same_trajectory(result, single["plain"])
     assert result["teacher_unchanged"] and not result["teacher_requires_grad"]
     assert not result["teacher_training"]
@@ -81,60 +68,50 @@ def test_parallel_runs_match_single_process(tmp_path, single, name, args):
         )
 
 
-def test_fused_head_on_one_process_follows_the_unfused_run(tmp_path, single):
-    fused = fit(tmp_path, "fused", "--fused-head")
+def test_fused_head_on_one_process_follows_the_unfused_run(runs, single):
+    fused = runs["fused"]
     assert_same_trajectory(fused, single["plain"], rel=1e-5)
 
 
-@pytest.mark.parametrize(
-    ("name", "args"),
-    [
-        ("tp2", ["--devices", "2", "--tp", "2"]),
-        ("dp2", ["--devices", "2", "--dp", "2", "--batch-size", "2"]),
-        ("dp2xtp2", ["--devices", "4", "--dp", "2", "--tp", "2", "--batch-size", "2"]),
-    ],
-)
-def test_fused_head_under_tp_and_fsdp2_matches_the_unfused_runs(tmp_path, single, name, args):
+@pytest.mark.parametrize(("name", "args"), list(LAYOUTS.items()))
+def test_fused_head_under_tp_and_fsdp2_matches_the_unfused_runs(runs, single, name, args):
     """fused_head=True reads the lm_head weights inside the loss: under FSDP2 they must be
     gathered for it and their gradients reduce-scattered (FSDP2 gathers only around a
     forward method), or the trajectory
     departs from the single-process unfused one (a shard read as the weight fails at once)."""
-    fused = fit(tmp_path, f"fused_{name}", *args, "--fused-head")
+    fused = runs[f"fused_{name}"]
     assert_same_trajectory(fused, single["plain"], rel=1e-4)
     assert fused["teacher_unchanged"] and not fused["teacher_requires_grad"]
-    unfused = fit(tmp_path, f"unfused_{name}", *args)
+    unfused = runs[name]  # the run of test_parallel_runs_match_single_process
     assert_same_trajectory(fused, unfused, rel=1e-5)
 
 
-def test_fused_head_tied_to_the_embedding_under_fsdp2(tmp_path):
+def test_fused_head_tied_to_the_embedding_under_fsdp2(runs):
     """A tied head cannot be an FSDP2 unit of its own: the fused loss then runs as a forward
     of the root's unit, and must still follow the unfused run."""
-    args = ["--devices", "2", "--dp", "2", "--batch-size", "2", "--tie-student"]
-    fused = fit(tmp_path, "tied_fused", *args, "--fused-head")
-    unfused = fit(tmp_path, "tied_unfused", *args)
+    fused, unfused = runs["tied_fused"], runs["tied_unfused"]
     assert_same_trajectory(fused, unfused, rel=1e-5)
 
 
-def test_gradient_clipping_under_tensor_parallelism(tmp_path, single):
+def test_gradient_clipping_under_tensor_parallelism(runs, single):
     # The clip is active: it moves the trajectory by far more than the comparison tolerance
     # (observed: 1.3 % at step 6), so an unclipped TP run could not pass for a clipped one.
     clipped, plain = torch.tensor(single["clip"]["losses"]), torch.tensor(single["plain"]["losses"])
     assert ((clipped - plain).abs() / plain.abs()).max() > 10 * 1e-4
-    result = fit(tmp_path, "tp2clip", "--devices", "2", "--tp", "2", "--clip", CLIP)
+    result = runs["tp2clip"]
     assert_same_trajectory(result, single["clip"], rel=1e-4)
 
 
-def test_distributed_checkpoint_without_teacher_resumes_exactly(tmp_path, single):
-    ckpt_dir = tmp_path / "ckpt"
-    common = ["--devices", "2", "--tp", "2", "--samples", "12"]
-    first = fit(tmp_path, "first", *common, "--steps", "3", "--ckpt-dir", str(ckpt_dir),
-                "--ckpt-every", "3")  # fmt: skip
+def test_distributed_checkpoint_without_teacher_resumes_exactly(tmp_path, runs, single):
+    """The first 3 steps in the module's 2-rank launch, the resume in a fresh one."""
+    first = runs["first"]
+    ckpt_dir = runs.directory / "ckpt"
     ckpt = ckpt_dir / "epoch=0-step=3.ckpt"
     assert ckpt.is_dir(), list(ckpt_dir.iterdir())
     keys = FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata.keys()
     assert any(k.startswith("state_dict.student.") for k in keys)
     assert not any(".teacher." in k or k.startswith("state_dict.teacher") for k in keys), keys
-    resumed = fit(tmp_path, "resumed", *common, "--steps", "6", "--resume", str(ckpt))
+    resumed = fit(tmp_path, "resumed", *RESUME, "--steps", "6", "--resume", str(ckpt))
     assert resumed["global_step"] == 6
     straight = single["short_epochs"]
     torch.testing.assert_close(

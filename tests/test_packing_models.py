@@ -23,7 +23,7 @@ from lightning_kd.models.contract import (
     document_ids,
     packed_causal_mask,
 )
-from tests.distributed import run_workers
+from tests.helpers.distributed import run_workers
 from tests.scripts.packing_tp import (
     VOCAB,
     check_all,

@@ -30,7 +30,7 @@ from lightning_kd.parallel import (
     resolve_tensor_parallel_plan,
 )
 from lightning_kd.parallel.plans import untie_planned_weights
-from tests.distributed import run_workers
+from tests.helpers.distributed import run_workers
 
 SCRIPT = Path(__file__).parent / "scripts" / "parallel_checks.py"
 ROOT = Path(__file__).resolve().parents[1]

@@ -18,7 +18,7 @@ from lightning_kd import TinyLlama
 from lightning_kd.parallel.block_wrappers import CheckpointedForward
 from lightning_kd.parallel.meta_init import WeightSource, materialize, recompute_buffers
 from lightning_kd.parallel.pipeline import parallelize_model
-from tests.distributed import run_workers
+from tests.helpers.distributed import run_workers
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 48

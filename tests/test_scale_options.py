@@ -27,7 +27,7 @@ from lightning_kd.parallel.block_wrappers import (
     compiler_available,
 )
 from lightning_kd.training.memory_estimate import ModelSize, estimate_memory, model_size
-from tests.distributed import run_workers
+from tests.helpers.distributed import run_workers
 from tests.scripts.fit_run import VOCAB, RandomTokens, make_hf_models, make_models
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,9 +5,6 @@ whose losses equal those of the same runs loading the teacher in full on every r
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,10 +19,10 @@ from lightning_kd.parallel.meta_init import (
     materialize,
     recompute_buffers,
 )
-from tests.distributed import parallelize, run_workers
+from tests.helpers.distributed import parallelize, run_workers
+from tests.helpers.runs import BatchedRuns, launch
 
 SCRIPT = Path(__file__).parent / "scripts" / "sharded_loading_run.py"
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def is_meta(model: nn.Module) -> bool:
@@ -260,49 +257,74 @@ def test_the_hf_reader_maps_the_file_for_one_tensor_at_a_time(tmp_path, monkeypa
 
 
 def run(tmp_path: Path, name: str, *args: str) -> dict:
+    """One launch of the script; its JSON result."""
     out = tmp_path / f"{name}.json"
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, str(SCRIPT), *args, "--out", str(out)], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    launch(SCRIPT, [[*args, "--out", str(out)]], tmp_path, f"case_{name}")
     return json.loads(out.read_text()) if out.exists() else {}
+
+
+def make_teacher(source: Path, *args: str) -> None:
+    """The script's ``--make-teacher``, in this process (no interpreter start)."""
+    from tests.scripts import sharded_loading_run
+
+    if not source.exists():
+        sharded_loading_run.make_teacher(
+            sharded_loading_run.parse(["--make-teacher", str(source), *args])
+        )
+
+
+ONLY_SHARDED = ("--teacher-offload", "--compile", "--fused-head")
+# (id, teacher, teacher vocabulary, devices, DP, options). 4 ranks where the DP=2 x TP=2 mesh
+# is the subject; offload and compile are FSDP2 matters (DP=2, TP=1).
+CASES = [
+    ("tiny-padded-tp2", "tiny", "40", "2", "1", ()),  # teacher_checkpoint (torch.save), padded
+    ("tiny-padded-dp2xtp2", "tiny", "40", "4", "2", ()),
+    ("tiny-tied-dp2", "tiny", "37", "2", "2", ("--tied", "--tp", "1")),  # a tied head, FSDP2
+    ("dcp-padded-dp2xtp2", "tiny-dcp", "40", "4", "2", ()),  # a DCP checkpoint directory
+    ("hf-tp2", "hf", "37", "2", "1", ()),  # save_pretrained directory through DCP
+    ("hf-dp2xtp2", "hf", "37", "4", "2", ()),
+    ("hf-padded-dp2xtp2", "hf", "40", "4", "2", ()),  # ... with a padded vocabulary
+    ("hf-offload-dp2", "hf", "37", "2", "2", ("--tp", "1", "--teacher-offload")),  # CPUOffload
+    ("hf-compile-dp2", "hf", "37", "2", "2", ("--tp", "1", "--compile")),  # compiled blocks
+    ("hf-fused-dp2xtp2", "hf", "37", "4", "2", ("--fused-head",)),  # heads: own FSDP2 units
+]  # fmt: skip
+
+
+def _compiles() -> bool:
+    from lightning_kd.parallel.block_wrappers import compiler_available
+
+    return compiler_available()
+
+
+@pytest.fixture(scope="module")
+def loading_runs(tmp_path_factory) -> BatchedRuns:
+    """Each case loading in full and sharded (``--teacher-offload``, ``--compile`` and
+    ``--fused-head`` only on the sharded run: none may change the numbers; other options on
+    both); every case of one world size in one launch."""
+    directory = tmp_path_factory.mktemp("loading")
+    runs = BatchedRuns(SCRIPT, directory)
+    for name, teacher, vocab, devices, dp, options in CASES:
+        if "--compile" in options and not _compiles():
+            continue
+        only_sharded = [o for o in options if o in ONLY_SHARDED]
+        both = [o for o in options if o not in only_sharded]
+        common = ("--teacher", teacher, "--teacher-vocab", vocab, *both)
+        source = directory / "-".join(["src", teacher, vocab, *both]).replace("--", "")
+        make_teacher(source, *common)
+        layout = ("--source", str(source), "--devices", devices, "--dp", dp, *common)
+        runs.add(f"{name}-full", *layout)
+        runs.add(f"{name}-sharded", *layout, "--sharded", *only_sharded)
+    return runs
 
 
 @pytest.mark.distributed
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    ("teacher", "vocab", "devices", "dp", "options"),
-    [
-        ("tiny", "40", "2", "1", ()),  # teacher_checkpoint (torch.save), padded vocabulary
-        ("tiny", "40", "4", "2", ()),
-        ("tiny", "37", "2", "2", ("--tied", "--tp", "1")),  # a tied head survives FSDP2
-        ("tiny-dcp", "40", "4", "2", ()),  # a distributed checkpoint directory through DCP
-        ("hf", "37", "2", "1", ()),  # save_pretrained directory through DCP
-        ("hf", "37", "4", "2", ()),
-        ("hf", "40", "4", "2", ()),  # ... with a padded vocabulary
-        ("hf", "37", "4", "2", ("--teacher-offload",)),  # FSDP2 CPUOffloadPolicy teacher
-        ("hf", "37", "4", "2", ("--compile",)),  # compiled blocks over meta-built models
-        ("hf", "37", "4", "2", ("--fused-head",)),  # the heads as their own FSDP2 units
-    ],
-    ids=["tiny-padded-tp2", "tiny-padded-dp2xtp2", "tiny-tied-dp2", "dcp-padded-dp2xtp2",
-         "hf-tp2", "hf-dp2xtp2", "hf-padded-dp2xtp2", "hf-offload-dp2xtp2",
-         "hf-compile-dp2xtp2", "hf-fused-dp2xtp2"],
-)  # fmt: skip
-def test_sharded_loading_gives_the_same_run(tmp_path, teacher, vocab, devices, dp, options):
-    """Loading in full vs sharded; ``--teacher-offload``, ``--compile`` and ``--fused-head``
-    only on the sharded run (none may change the numbers), other ``options`` on both."""
-    if "--compile" in options:
-        from lightning_kd.parallel.block_wrappers import compiler_available
-
-        if not compiler_available():
-            pytest.skip("torch.compile needs a C++ compiler on CPU; none found")
-    only_sharded = [o for o in options if o in ("--teacher-offload", "--compile", "--fused-head")]
-    both = [o for o in options if o not in only_sharded]
-    common = ("--teacher", teacher, "--teacher-vocab", vocab, *both)
-    run(tmp_path, "make", "--make-teacher", str(tmp_path / "src"), *common)
-    layout = ("--source", str(tmp_path / "src"), "--devices", devices, "--dp", dp, *common)
-    full = run(tmp_path, "full", *layout)
-    sharded = run(tmp_path, "sharded", *layout, "--sharded", *only_sharded)
+@pytest.mark.parametrize("case", CASES, ids=[case[0] for case in CASES])
+def test_sharded_loading_gives_the_same_run(loading_runs, case):
+    """Loading in full vs sharded, the same run."""
+    if "--compile" in case[-1] and not _compiles():
+        pytest.skip("torch.compile needs a C++ compiler on CPU; none found")
+    full, sharded = loading_runs[f"{case[0]}-full"], loading_runs[f"{case[0]}-sharded"]
     assert full["materialized"] == [] and len(sharded["materialized"]) == 1
     assert len(full["losses"]) == 4
     torch.testing.assert_close(
@@ -316,13 +338,13 @@ def test_sharded_loading_gives_the_same_run(tmp_path, teacher, vocab, devices, d
 def test_sharded_loading_holds_about_a_quarter_of_the_teacher_per_rank_at_dp2_x_tp2(tmp_path):
     """``benchmarks/sharded_loading.py`` at a smaller size (a 72 MiB HF Llama teacher): the
     teacher's share of each rank's peak resident memory when training starts (big-teacher run
-    minus tiny-teacher run) is about its quarter (0.29x measured; 2.1x loading in full)."""
+    minus tiny-teacher run) is about its quarter (0.29x measured; 2.1x loading in full). Each
+    run in a fresh launch: a process's peak is the largest since it started."""
     pytest.importorskip("transformers")
     peaks = {}
     for name, hidden, layers in (("big", "512", "6"), ("tiny", "32", "2")):
         source = tmp_path / name
-        run(tmp_path, name, "--make-teacher", str(source), "--teacher", "hf",
-            "--hf-hidden", hidden, "--hf-layers", layers)  # fmt: skip
+        make_teacher(source, "--teacher", "hf", "--hf-hidden", hidden, "--hf-layers", layers)
         peaks[name] = run(tmp_path, name, "--source", str(source), "--teacher", "hf",
                           "--devices", "4", "--dp", "2", "--steps", "1", "--sharded")  # fmt: skip
     teacher_mib = peaks["big"]["teacher_numel"] * 4 / 2**20

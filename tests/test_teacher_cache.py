@@ -28,9 +28,9 @@ from lightning_kd.teacher_cache import (
 from lightning_kd.teacher_cache.codec import decode_topk, encode_topk
 from lightning_kd.teacher_cache.format import METADATA_FILENAME, read_shard_header, shard_path
 from lightning_kd.teacher_cache.writer import STOP_AFTER_ENV, CacheWriteInterrupted
-from tests.distributed import run_workers
-from tests.test_cli import ROOT, SMALL_DATA, _env
-from tests.test_cli import teacher_ckpt as teacher_ckpt  # the fixture
+from tests.helpers.cli import SMALL_DATA, cli_env
+from tests.helpers.distributed import run_workers
+from tests.helpers.runs import ROOT
 
 T = 2.0
 SHARD, BATCH = 4, 2  # micro-batches never cross a shard
@@ -387,14 +387,14 @@ def test_cache_teacher_command_writes_and_reports_mismatches(tmp_path, monkeypat
 
 
 def _run_cli(args: list[str], cwd: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "lightning_kd", *args], cwd=cwd, env=_env(),
+    proc = subprocess.run([sys.executable, "-m", "lightning_kd", *args], cwd=cwd, env=cli_env(),
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-5000:]
 
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_dp2_and_tp2_write_the_same_cache_as_one_process(tmp_path, teacher_ckpt):
+def test_dp2_and_tp2_write_the_same_cache_as_one_process(tmp_path, monkeypatch, teacher_ckpt):
     for name, config, top_k, extra in (
         ("one_exact", "quickstart.yaml", 0, []),
         ("one_topk", "quickstart.yaml", 8, []),
@@ -405,8 +405,12 @@ def test_dp2_and_tp2_write_the_same_cache_as_one_process(tmp_path, teacher_ckpt)
     ):  # fmt: skip
         run = tmp_path / name
         run.mkdir()
-        _run_cli(_cli_args(config, run / "cache", teacher_ckpt, top_k, "--splits", "val", *extra),
-                 run)  # fmt: skip
+        args = _cli_args(config, run / "cache", teacher_ckpt, top_k, "--splits", "val", *extra)
+        if name.startswith("one_"):  # one process: in this process, no interpreter start
+            monkeypatch.chdir(run)
+            assert main(args) == 0
+        else:
+            _run_cli(args, run)
     one_ids, one_lp = _decoded(tmp_path / "one_exact/cache", "val")
     dp_ids, dp_lp = _decoded(tmp_path / "dp2_exact/cache", "val")
     assert one_ids is None and dp_ids is None

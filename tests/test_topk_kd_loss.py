@@ -11,7 +11,7 @@ import torch
 
 from lightning_kd import KDLoss, KDLossOutput, TopKKDLoss
 from lightning_kd.losses import JSD, TVD, ForwardKL, ReverseKL
-from tests.reference import assert_rel
+from tests.helpers.reference import assert_rel
 
 VOCAB = 23
 SHAPE = (3, 13)

@@ -21,8 +21,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from lightning_kd import TopKKDLoss
-from tests.distributed import CollectiveRecorder, run_workers
-from tests.reference import assert_rel
+from tests.helpers.distributed import CollectiveRecorder, run_workers
+from tests.helpers.reference import assert_rel
 
 LEAD = (2, 6)  # [batch, seq]; 12 tokens
 SETTINGS = [  # temperature, chunk_size, vocabulary, k, num_batch_labels

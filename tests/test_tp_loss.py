@@ -21,8 +21,8 @@ from lightning_kd.losses.divergences import ReverseKL
 from lightning_kd.losses.engine import PassSpec, distill_over_rows
 from lightning_kd.losses.vocab_parallel import VocabParallelSoftmax, find_vocab_tp_group
 from lightning_kd.losses.vocab_softmax import LocalVocabSoftmax
-from tests.distributed import CollectiveRecorder, run_workers
-from tests.reference import assert_rel
+from tests.helpers.distributed import CollectiveRecorder, run_workers
+from tests.helpers.reference import assert_rel
 
 LEAD = (2, 6)  # [batch, seq]; 12 tokens
 

@@ -36,7 +36,7 @@ from lightning_kd import DistillationModule, KDLoss
 from lightning_kd.checkpoint.strategy import AtomicModelParallelStrategy
 from lightning_kd.cli import shutdown_distributed
 from lightning_kd.data.sampler import ResumableDataLoader, ResumableSampler
-from tests.distributed import exit_now
+from tests.helpers.distributed import exit_now
 from tests.scripts.fit_run import RandomTokens, make_models
 
 PHASES = (
@@ -199,4 +199,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    exit_now(0)  # see tests/distributed.py: no gloo teardown abort after success
+    exit_now(0)  # see tests/helpers/distributed.py: no gloo teardown abort after success

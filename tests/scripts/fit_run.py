@@ -1,5 +1,6 @@
 """A small distillation run used by the multi-process module tests (run as a script, because
-Lightning's ModelParallelStrategy launches the other ranks by re-running the script).
+Lightning's ModelParallelStrategy launches the other ranks by re-running the script). With
+``--cases FILE`` one launch runs several such fits in turn (:mod:`tests.helpers.runs`).
 
 Writes a JSON file (rank 0) with the per-step KD losses, the student's final weights digest,
 whether the teacher stayed bit-identical, and what the loss saw.
@@ -21,7 +22,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from lightning_kd import DistillationModule, KDLoss, TinyLlama
 from lightning_kd.cli import shutdown_distributed
 from lightning_kd.training.distillation import logits_of
-from tests.distributed import exit_now
+from tests.helpers.distributed import exit_now
+from tests.helpers.runs import run_cases
 
 VOCAB, SEQ, SAMPLES = 37, 12, 48
 
@@ -92,7 +94,7 @@ class LossRecorder(Callback):
             self.losses.append(float(trainer.callback_metrics["train/kd_loss"]))
 
 
-def main() -> None:
+def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--devices", type=int, default=1)
@@ -115,8 +117,11 @@ def main() -> None:
     parser.add_argument("--fused-head", action="store_true", help="DistillationModule(fused_head)")
     parser.add_argument("--divergence", default="forward_kl")
     parser.add_argument("--tie-student", action="store_true", help="tied student lm_head")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
 
+
+def run(args: argparse.Namespace) -> None:
+    """One fit; rank 0 writes its result to ``args.out``."""
     L.seed_everything(0, verbose=False)
     if args.family == "tiny":
         student, teacher = make_models()
@@ -200,9 +205,13 @@ def main() -> None:
             "global_step": trainer.global_step,
         }
         Path(args.out).write_text(json.dumps(result))
+
+
+def main() -> None:
+    run_cases(parse, run)  # one fit, or several (--cases) in this launch
     shutdown_distributed()
 
 
 if __name__ == "__main__":
     main()
-    exit_now(0)  # see tests/distributed.py: no gloo teardown abort after success
+    exit_now(0)  # see tests/helpers/distributed.py: no gloo teardown abort after success

@@ -33,8 +33,8 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 
 from lightning_kd import KDLoss, LinearKDLoss
 from lightning_kd.losses import JSD, SkewKL
-from tests.distributed import CollectiveRecorder, run_workers
-from tests.reference import assert_rel
+from tests.helpers.distributed import CollectiveRecorder, run_workers
+from tests.helpers.reference import assert_rel
 
 LEAD = (2, 6)  # 12 tokens
 D_S, D_T = 5, 8

@@ -28,7 +28,7 @@ from torch.distributed.tensor import DTensor
 
 from lightning_kd import TinyLlama
 from lightning_kd.parallel.pipeline import parallelize_model
-from tests.distributed import run_workers
+from tests.helpers.distributed import run_workers
 
 VOCAB = 50
 PAD_ID = 0

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_kd import DistillationModule, TinyLlama
 from lightning_kd.cli import shutdown_distributed
-from tests.distributed import exit_now
+from tests.helpers.distributed import exit_now
 
 VOCAB, SEQ = 37, 12
 
@@ -125,4 +125,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    exit_now(0)  # see tests/distributed.py: no gloo teardown abort after success
+    exit_now(0)  # see tests/helpers/distributed.py: no gloo teardown abort after success

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import os
 
-from tests.distributed import exit_now
+from tests.helpers.distributed import exit_now
 from tests.scripts import fit_run
 
 OPTIONS = ("activation_checkpointing", "compile", "teacher_offload")

@@ -9,7 +9,8 @@ the other ranks by re-running it.
 ``--teacher tiny-dcp``, a ``save_pretrained`` directory ``DIR/hf`` for ``--teacher hf``) and
 exits. Otherwise rank 0 writes a JSON file with the per-step losses, a
 digest of the teacher's weights after loading and every rank's peak resident memory when
-training starts (loading and sharding done) and at the end.
+training starts (loading and sharding done) and at the end. ``--cases FILE`` runs several such
+runs in turn in one launch (:mod:`tests.helpers.runs`; the memory peaks then mean little).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 from lightning_kd import DistillationModule, KDLoss, TinyLlama
 from lightning_kd.cli import shutdown_distributed
 from lightning_kd.parallel import pipeline
-from tests.distributed import exit_now
+from tests.helpers.distributed import exit_now
+from tests.helpers.runs import run_cases
 from tests.scripts.fit_run import VOCAB, LossRecorder, RandomTokens
 
 
@@ -94,7 +96,7 @@ class StartPeak(Callback):
         self.peak_mib = peak_rss_mib()
 
 
-def main() -> None:
+def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out")
     parser.add_argument("--source", help="the directory --make-teacher wrote")
@@ -112,7 +114,11 @@ def main() -> None:
     parser.add_argument("--teacher-offload", action="store_true")
     parser.add_argument("--compile", action="store_true", help="compile each block")
     parser.add_argument("--fused-head", action="store_true")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> None:
+    """``--make-teacher``, or one fit whose result rank 0 writes to ``args.out``."""
     if args.make_teacher:
         make_teacher(args)
         return
@@ -125,6 +131,13 @@ def main() -> None:
         real_materialize(model, device, weights)
 
     pipeline.materialize = recording_materialize
+    try:
+        fit(args, materialized)
+    finally:
+        pipeline.materialize = real_materialize
+
+
+def fit(args: argparse.Namespace, materialized: list[str]) -> None:
     L.seed_everything(0, verbose=False)
     source = Path(args.source)
     checkpoint, prefix = None, ""
@@ -189,9 +202,13 @@ def main() -> None:
             "teacher_numel": sum(p.numel() for p in module.teacher.parameters()),
         }
         Path(args.out).write_text(json.dumps(result))
+
+
+def main() -> None:
+    run_cases(parse, run)  # one run, or several (--cases) in this launch
     shutdown_distributed()
 
 
 if __name__ == "__main__":
     main()
-    exit_now(0)  # see tests/distributed.py: no gloo teardown abort after success
+    exit_now(0)  # see tests/helpers/distributed.py: no gloo teardown abort after success

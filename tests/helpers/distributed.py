@@ -56,8 +56,17 @@ def exit_now(code: int = 0) -> None:
 
 
 def run_workers(fn: Callable[..., Any], world_size: int, *args: Any) -> None:
-    """Call ``fn(rank, world_size, *args)`` in ``world_size`` spawned processes; re-raise the
-    first worker's exception. ``fn`` must be a module-level function (it is pickled)."""
+    """Call ``fn(rank, world_size, *args)`` on the ranks of a gloo group of ``world_size``
+    worker processes, started once per session (:mod:`tests.helpers.pool`); raise with the
+    failing ranks' tracebacks. ``fn`` must be a module-level function (it is pickled)."""
+    from tests.helpers import pool
+
+    pool.run(fn, world_size, *args)
+
+
+def spawn_workers(fn: Callable[..., Any], world_size: int, *args: Any) -> None:
+    """:func:`run_workers` in ``world_size`` freshly spawned processes (for a test about the
+    processes themselves); re-raise the first worker's exception."""
     mp.spawn(_entry, args=(fn, world_size, _free_port(), args), nprocs=world_size, join=True)
 
 
