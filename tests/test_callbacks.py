@@ -28,6 +28,7 @@ from lightning_kd import DistillationModule, KDLoss
 from lightning_kd.callbacks import DivergencePlot, PerTokenDivergenceMonitor, TopToken
 from lightning_kd.callbacks._common import divergence_label, per_token_outputs
 from tests.helpers.distributed import run_workers
+from tests.helpers.trainer import cpu_trainer
 from tests.scripts.callback_run import Uneven
 from tests.scripts.callback_run import run as callback_run
 from tests.scripts.fit_run import make_models
@@ -107,19 +108,7 @@ class TextLogger(Logger):
 
 
 def _trainer(tmp_path: Path, **kwargs) -> L.Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        devices=1,
-        default_root_dir=tmp_path,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        deterministic=True,
-    )
-    defaults.update(kwargs)
-    return L.Trainer(**defaults)
+    return cpu_trainer(default_root_dir=tmp_path, **kwargs)
 
 
 def _module(**loss_args: Any) -> DistillationModule:

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
-from lightning_kd.parallel.distributed_state import STATE_DICT_KEY, read_distributed_state
+from lightning_kd.checkpoint.distributed_state import STATE_DICT_KEY, read_distributed_state
 
 
 def _prefixed(state: dict[str, Tensor], prefix: str, source: Path) -> dict[str, Tensor]:
@@ -41,7 +41,7 @@ def student_state_from_checkpoint(
     Args:
         path: a single-file checkpoint, or a distributed checkpoint directory (DCP
             ``.metadata`` and shards; torn or inconsistent ones are refused, see
-            :func:`~lightning_kd.parallel.atomic_checkpoint.verify_checkpoint`).
+            :func:`~lightning_kd.checkpoint.verify_checkpoint`).
         prefix: the module attribute holding the model (``"student."`` for
             :class:`~lightning_kd.DistillationModule`, ``"model."`` for ``CausalLMModule``).
 

@@ -48,12 +48,12 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from lightning_kd.models.contract import SupportsBufferInit, non_persistent_buffers
-from lightning_kd.parallel.distributed_state import (
+from lightning_kd.checkpoint.distributed_state import (
     is_distributed_checkpoint,
     load_distributed_state,
     stored_tensors,
 )
+from lightning_kd.models.contract import SupportsBufferInit, non_persistent_buffers
 
 __all__ = [
     "WeightSource",

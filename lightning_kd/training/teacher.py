@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_kd.parallel.distributed_state import (
+from lightning_kd.checkpoint.distributed_state import (
     is_distributed_checkpoint,
     read_distributed_state,
 )
