@@ -75,17 +75,26 @@ def one_line_error(captured: str) -> str:
 
 # ------------------------------------------------------------------ hole 1: nothing on disk
 @pytest.mark.slow
-def test_a_save_that_did_not_reach_the_disk_fails_the_fit(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("older_last", [False, True], ids=["empty-folder", "older-last-ckpt"])
+def test_a_save_that_did_not_reach_the_disk_fails_the_fit(
+    tmp_path, monkeypatch, capsys, older_last
+):
     """Lightning 2.6.6's ``_atomic_save`` swallows ``PermissionError``: a save into a folder
-    that became unwritable "succeeds" with nothing written. Simulated by the same silence."""
+    that became unwritable "succeeds" with nothing written. Simulated by the same silence. A
+    ``last.ckpt`` of an earlier run in the folder is not this save's."""
     import lightning.fabric.plugins.io.torch_io as torch_io
 
     monkeypatch.setattr(torch_io, "_atomic_save", lambda checkpoint, path: None)
     ckpts = tmp_path / "ckpts"
+    if older_last:
+        ckpts.mkdir()
+        (ckpts / "last.ckpt").write_bytes(b"old")
     assert main(["fit", "--config", str(fit_config(tmp_path, ckpts))]) == 1
     error = one_line_error(capsys.readouterr().err)
     assert f"checkpoint '{ckpts / 'last.ckpt'}' was not written" in error
     assert not (ckpts / LOCK_FILENAME).exists()  # released on the way out
+    if older_last:
+        assert (ckpts / "last.ckpt").read_bytes() == b"old"
 
 
 @pytest.mark.slow
@@ -207,7 +216,8 @@ def test_an_intact_checkpoint_is_hashed_once_per_process(tmp_path, monkeypatch):
     hashed.clear()
     verify_checkpoint(last)  # what loading checks: verified already, not hashed again
     assert hashed == []
-    os.utime(last / "meta.pt")  # a file changed since: verified again
+    stat = (last / "meta.pt").stat()  # a file changed since: verified again
+    os.utime(last / "meta.pt", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     verify_checkpoint(last)
     assert set(hashed) == files
 

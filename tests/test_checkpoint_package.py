@@ -137,6 +137,26 @@ def test_a_stale_lock_is_taken_over_with_a_warning(tmp_path):
     lock.release()
 
 
+def test_two_runs_taking_over_one_stale_lock_leave_one_holder(tmp_path):
+    """Both runs read the dead holder; the first takes the lock over, then the second's removal
+    of what it thinks is the stale file must leave the first's lock in place."""
+    dead = {"pid": dead_pid(), "host": socket.gethostname()}
+    path = tmp_path / LOCK_FILENAME
+    path.write_text(json.dumps(dead))
+    first = FolderLock(tmp_path)
+    with pytest.warns(StaleLockWarning):
+        first.acquire()
+    second = FolderLock(tmp_path)
+    second._owner = {"pid": os.getppid(), "host": socket.gethostname()}  # another live run
+    second._remove_stale(dead)  # late: the stale lock it read is gone already
+    assert json.loads(path.read_text())["pid"] == os.getpid()
+    with pytest.raises(ValueError, match=rf"in use by another run \(pid {os.getpid()} on this"):
+        second.acquire()
+    assert first.held and not second.held
+    assert [p.name for p in tmp_path.iterdir()] == [LOCK_FILENAME]  # nothing left aside
+    first.release()
+
+
 def test_a_live_or_foreign_or_unreadable_lock_is_refused(tmp_path):
     path = tmp_path / LOCK_FILENAME
     path.write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname()}))

@@ -39,7 +39,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from lightning_kd.checkpoint.layout import not_written_message
+from lightning_kd.checkpoint.layout import file_signature, not_written_message
 from lightning_kd.checkpoint.lock import FolderLock
 from lightning_kd.io import ensure_writable_dir
 
@@ -138,6 +138,9 @@ class CheckpointOnStop(Callback):
                 self._lock.acquire()
             except ValueError as error:
                 problem = str(error)
+            except OSError as error:  # e.g. a filesystem without hard links
+                folder = self.last_path(trainer).parent
+                problem = f"cannot lock the checkpoint folder {str(folder)!r}: {error}"
         problem = trainer.strategy.broadcast(problem)  # every rank fails together
         if problem is not None:
             raise ValueError(problem)
@@ -165,8 +168,9 @@ class CheckpointOnStop(Callback):
         if self._saved_step == trainer.global_step:
             return
         path = self.last_path(trainer)
+        before = file_signature(path) if trainer.is_global_zero else None  # e.g. a resumed run's
         trainer.save_checkpoint(path, weights_only=False)  # the full state: optimizer, loops
-        problem = not_written_message(path) if trainer.is_global_zero else None
+        problem = not_written_message(path, before) if trainer.is_global_zero else None
         problem = trainer.strategy.broadcast(problem)
         if problem is not None:
             raise ValueError(problem)

@@ -77,12 +77,15 @@ Check = tuple[str | None, int | None, float]  # (problem or None, global_step, m
 
 # Directories whose contents were verified in this process, by the stat of every file: resolving
 # `last` and then loading it hashes the files once.
-_VERIFIED: set[tuple[str, tuple[tuple[str, int, int], ...]]] = set()
+# (A file rewritten or copied in with its old mtime, `cp -p`, still changes inode or ctime.)
+_VERIFIED: set[tuple[str, tuple[tuple[str, int, int, int, int], ...]]] = set()
 
 
-def _fingerprint(path: Path) -> tuple[str, tuple[tuple[str, int, int], ...]]:
+def _fingerprint(path: Path) -> tuple[str, tuple[tuple[str, int, int, int, int], ...]]:
     stats = ((f.name, f.stat()) for f in sorted(path.iterdir()) if f.is_file())
-    return str(path.resolve()), tuple((name, s.st_size, s.st_mtime_ns) for name, s in stats)
+    return str(path.resolve()), tuple(
+        (name, s.st_ino, s.st_size, s.st_mtime_ns, s.st_ctime_ns) for name, s in stats
+    )
 
 
 def load_meta(path: Path, weights_only: bool | None) -> Mapping[str, Any]:

@@ -114,14 +114,35 @@ def encode_marker(marker: Mapping[str, Any]) -> bytes:
     return json.dumps(marker, indent=1).encode()
 
 
-def not_written_message(path: Path) -> str | None:
+def file_signature(path: Path) -> tuple[int, int, int, int] | None:
+    """``(inode, size, mtime_ns, ctime_ns)`` of ``path``, or None when nothing is there: taken
+    before and after a save, equal values mean the save did not replace the file."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def not_written_message(path: Path, before: tuple[int, int, int, int] | None = None) -> str | None:
     """Why a save of ``path`` did not reach the disk (None when it did). Lightning's
     ``_atomic_save`` swallows a ``PermissionError``, so a save into a folder that cannot be
-    written "succeeds" with nothing on disk: look."""
-    if path.exists():
+    written "succeeds" with nothing new on disk: look.
+
+    Args:
+        path: the file just saved.
+        before: :func:`file_signature` of ``path`` taken before the save (None: nothing was
+            there); an unchanged file is an older checkpoint, not this save.
+    """
+    after = file_signature(path)
+    if after is not None and after != before:
         return None
+    found = (
+        "nothing is there after saving"
+        if after is None
+        else "the file there is still the one from before this save"
+    )
     return (
-        f"checkpoint {str(path)!r} was not written: nothing is there after saving. Expected "
-        f"a checkpoint folder this process can write; is {str(path.parent)!r} read-only, "
-        "immutable or full?"
+        f"checkpoint {str(path)!r} was not written: {found}. Expected a checkpoint folder "
+        f"this process can write; is {str(path.parent)!r} read-only, immutable or full?"
     )

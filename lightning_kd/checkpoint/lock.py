@@ -13,6 +13,7 @@ when that run is gone).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -83,7 +84,7 @@ class FolderLock:
             ValueError: another live run holds it (the message names its pid and host), or
                 the lock file is unreadable.
         """
-        for _ in range(2):
+        for _ in range(3):
             if self._create():
                 self.held = True
                 return
@@ -106,7 +107,7 @@ class FolderLock:
                     StaleLockWarning,
                     stacklevel=2,
                 )
-                self.path.unlink(missing_ok=True)
+                self._remove_stale(holder)
                 continue
             where = "this host" if host == self._owner["host"] else f"host {host}"
             raise ValueError(
@@ -115,6 +116,26 @@ class FolderLock:
                 "give this run another checkpoint folder, or wait for that one to end."
             )
         raise ValueError(f"could not take the lock {str(self.path)!r}: it keeps changing.")
+
+    def _remove_stale(self, holder: dict) -> None:
+        """Remove the lock file if it still names the dead ``holder``. Two runs may find the same
+        stale lock: each moves the file aside under a name of its own (one atomic rename) and
+        deletes it only if it is still the dead holder's; a live lock moved aside by mistake
+        (another run took the stale one over in between) goes back in place."""
+        aside = self.path.with_name(f"{LOCK_FILENAME}.stale.{os.getpid()}.{time.time_ns()}")
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:  # another run removed it first
+            return
+        try:
+            moved = json.loads(aside.read_text())
+        except (OSError, ValueError):
+            moved = None
+        if moved is not None and moved != holder:
+            # A third run may have locked in between: it holds the folder then.
+            with contextlib.suppress(FileExistsError):
+                os.link(aside, self.path)
+        aside.unlink(missing_ok=True)
 
     def release(self) -> None:
         """Remove the lock file if this process holds it (idempotent)."""

@@ -71,6 +71,7 @@ from lightning_kd.checkpoint.layout import (
     build_marker,
     discard,
     encode_marker,
+    file_signature,
     listed_files,
     not_written_message,
     staging_path,
@@ -154,8 +155,9 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
             discard(aside)
             path.rename(aside)
         self.barrier()
+        before = file_signature(path) if self.global_rank == 0 else None
         super().save_checkpoint(checkpoint, path)
-        problem = not_written_message(path) if self.global_rank == 0 else None
+        problem = not_written_message(path, before) if self.global_rank == 0 else None
         if self.global_rank == 0 and problem is None:
             discard(aside)
         problem = self.broadcast(problem)  # every rank fails together
