@@ -272,8 +272,8 @@ def test_text_and_plot_name_the_divergence_and_the_metric_keys_do_not(
 def test_divergence_label_falls_back_to_divergence():
     assert divergence_label(_module()) == FORWARD_KL
     assert divergence_label(_module(divergence="tvd")) == KDLoss(divergence="tvd").divergence.label
-    assert divergence_label(FixedDivergence(0)) == "divergence"  # no kd_loss
-    assert divergence_label(SimpleNamespace(kd_loss=SimpleNamespace())) == "divergence"
+    assert divergence_label(FixedDivergence(0)) == "divergence"  # no loss
+    assert divergence_label(SimpleNamespace(loss=SimpleNamespace())) == "divergence"
 
 
 @pytest.mark.parametrize("key", ["per_token_div", "per_token_kl"])

@@ -18,6 +18,7 @@ from lightning_kd.losses.loss_base import KDLossBase
 from lightning_kd.teacher_cache import CachedTeacher
 from lightning_kd.training.fused_head import FusedHeadOutput
 from lightning_kd.training.loss_terms import logits_of
+from lightning_kd.training.teacher import TeacherSource
 from lightning_kd.training.teachers import (
     CacheTeacher,
     FusedHeadTeacher,
@@ -294,3 +295,15 @@ def test_the_sequence_source_gives_the_batch_of_every_step():
              callbacks=[Tokens()]).fit(module, loader, loader)  # fmt: skip
     assert calls == ["train", "train", "val"]
     assert tokens == [4 * 4, 4 * 4]  # 12 positions, the first 2 ignored, the last 6 cut
+
+
+def test_a_users_fused_backend_cannot_be_switched_off():
+    """The teacher-cache writer turns ``fused_head`` off to read logits; a teacher backend of
+    the user's cannot switch kind, so that is an error, not a silent no-op."""
+    student, teacher = make_models()
+    backend = FusedHeadTeacher(TeacherSource(teacher))
+    module = DistillationModule(student, teacher_backend=backend)
+    assert module.fused_head
+    with pytest.raises(ValueError, match="FusedHeadTeacher teacher backend has fused_head=True"):
+        module.fused_head = False
+    assert module.teacher_backend is backend

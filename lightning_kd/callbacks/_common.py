@@ -31,9 +31,9 @@ def data_parallel(pl_module: LightningModule) -> DataParallel:
 
 def divergence_label(pl_module: Any) -> str:
     """A short human-readable name of the divergence ``pl_module`` distils with, for log lines,
-    tables and plots: ``pl_module.kd_loss.divergence.label`` (e.g. ``"JSD(β=0.5)"``) when the
+    tables and plots: ``pl_module.loss.divergence.label`` (e.g. ``"JSD(β=0.5)"``) when the
     module has such a loss, else ``"divergence"``."""
-    divergence = getattr(getattr(pl_module, "kd_loss", None), "divergence", None)
+    divergence = getattr(getattr(pl_module, "loss", None), "divergence", None)
     label = getattr(divergence, "label", None)
     return label if isinstance(label, str) and label else "divergence"
 

@@ -63,7 +63,7 @@ class DivergencePlot(PerTokenDivergenceCallback):
     """Write a two-panel PNG at the end of ``fit``: the histogram of the per-token divergence
     (the loss's chosen divergence, ``T²``-scaled) of the training tokens (log-scaled counts) and
     the mean divergence by position in the sequence. Axes and titles name the divergence by its
-    label (``pl_module.kd_loss.divergence.label``, e.g. ``KL(teacher ‖ student)`` or
+    label (``pl_module.loss.divergence.label``, e.g. ``KL(teacher ‖ student)`` or
     ``JSD(β=0.5)``; ``divergence`` for a module without one).
 
     The per-token divergence comes from the ``training_step`` output (``per_token_div`` and

@@ -76,7 +76,7 @@ class PerTokenDivergenceMonitor(PerTokenDivergenceCallback):
 
     The keys are the same whatever the divergence (0.1 logged ``kl/...``), so that runs with
     different divergences line up on one dashboard; the log line and the table name the
-    divergence by its label (``pl_module.kd_loss.divergence.label``, e.g. ``JSD(β=0.5)``; see
+    divergence by its label (``pl_module.loss.divergence.label``, e.g. ``JSD(β=0.5)``; see
     :func:`~lightning_kd.callbacks._common.divergence_label`).
 
     The per-token divergence comes from the ``training_step`` output (``per_token_div`` and

@@ -336,12 +336,16 @@ def write_teacher_cache(
     if not splits or unknown:
         raise ValueError(f"splits must be a non-empty subset of {SPLITS}, got {splits!r}.")
     ensure_writable_dir(output_dir, "teacher cache output_dir")  # one line naming it
-    if getattr(module, "teacher_cache", None) is not None:
+    backend = getattr(module, "teacher_backend", None)
+    if getattr(module, "teacher_cache", None) is not None or (
+        backend is not None and backend.source is None
+    ):
         raise ValueError(
-            "the config trains from a teacher cache (model.init_args.teacher_cache); caching "
-            "needs the live teacher: set teacher (and teacher_checkpoint) instead."
+            "the config has no teacher model in this process (a teacher cache, or a teacher "
+            "backend without a model); caching needs the live teacher: set teacher (and "
+            "teacher_checkpoint) instead."
         )
-    loss = getattr(module, "kd_loss", None)
+    loss = getattr(module, "loss", None)
     if loss is None or not hasattr(module, "run_teacher"):
         raise ValueError(f"{type(module).__name__} has no teacher and loss to cache (expected a "
                          "DistillationModule).")  # fmt: skip

@@ -271,7 +271,14 @@ class DistillationModule(LightningModule):
     @fused_head.setter
     def fused_head(self, value: bool) -> None:
         if check_bool("fused_head", value) != self.fused_head:
-            self._use_backend(self._select_teacher(fused_head=value))
+            backend = self._select_teacher(fused_head=value)
+            if backend.fused_head != value:  # a teacher_backend of the user's: it is what it is
+                raise ValueError(
+                    f"fused_head={value} but the {type(backend).__name__} teacher backend has "
+                    f"fused_head={backend.fused_head} and cannot switch; expected a teacher= or "
+                    "teacher_cache= run (their backends switch)."
+                )
+            self._use_backend(backend)
 
     @property
     def teacher_source(self) -> TeacherSource | None:

@@ -58,8 +58,10 @@ class TeacherBackend(ABC):
     The module calls :meth:`setup` once with its loss (in its constructor), :meth:`build` and
     :meth:`prepare` once in ``configure_model``, :meth:`place` and :meth:`after_fsdp` around
     the parallelisation of each model, and the ``run_*``, :meth:`loss` and
-    :meth:`teacher_cross_entropy` methods every step. A backend holds no model: the module
-    owns ``student`` and ``teacher`` (so checkpoints keep their keys) and hands them over.
+    :meth:`teacher_cross_entropy` methods every step. The module owns ``student`` and
+    ``teacher`` (so checkpoints keep their keys) and hands them over; a backend keeps only
+    references it needs between calls (e.g. the fused head's FSDP2 unit owners), never
+    parameters of its own.
     """
 
     #: Whether the loss reads both models' hidden states and heads instead of their logits.
