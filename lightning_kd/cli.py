@@ -23,12 +23,13 @@ from urllib.parse import urlparse
 
 import torch.distributed as dist
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_kd.callbacks.checkpoint_on_stop import CheckpointOnStop, Stopped
+from lightning_kd.callbacks.run_progress import run_progress_bar
 from lightning_kd.checkpoint import resolve_last_checkpoint
 from lightning_kd.io import ensure_writable_dir
 
@@ -41,10 +42,41 @@ SUBCOMMAND_ONLY_KEYS = ("ckpt_path", "weights_only", "verbose", "return_predicti
 TRACEBACK_ENV = "LIGHTNING_KD_TRACEBACK"
 
 
+#: The program name in usage and error messages.
+PROG = "lightning-kd"
+
+
+class KDArgumentParser(LightningArgumentParser):
+    """LightningArgumentParser whose command-line errors are two short lines, the error last.
+
+    jsonargparse prints the whole usage (50+ lines for a config's options) before the one
+    line that matters; here it is a pointer to ``--help`` and then the error itself.
+    """
+
+    def error(self, message: str, ex: Exception | None = None) -> Any:
+        if not self.exit_on_error:
+            return super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        prog = parser.prog.replace(" [options]", "")
+        sys.stderr.write(f"tip: `{prog} --help` lists every option\n{prog}: error: {message}\n")
+        self.exit(2)
+
+
 class KDLightningCLI(LightningCLI):
-    """LightningCLI with lightning_kd's defaults (see the module docstring)."""
+    """LightningCLI with lightning_kd's defaults (see the module docstring).
+
+    Also: abbreviated options are refused (``--trainer.max_step`` is not ``max_steps``),
+    command-line errors are reported in two lines (:class:`KDArgumentParser`), and the
+    progress bar counts the whole run (:func:`~lightning_kd.callbacks.run_progress.
+    run_progress_bar`) unless the config names one.
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        parser_kwargs = dict(kwargs.get("parser_kwargs") or {})
+        parser_kwargs.setdefault("allow_abbrev", False)
+        parser_kwargs.setdefault("prog", PROG)
+        kwargs["parser_kwargs"] = parser_kwargs
+        kwargs.setdefault("parser_class", KDArgumentParser)
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("auto_configure_optimizers", False)
@@ -79,10 +111,18 @@ class KDLightningCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The trainer, with :class:`~lightning_kd.callbacks.CheckpointOnStop` added unless the
-        config has one (a preempted or finished fit always leaves a resumable last.ckpt)."""
+        config has one (a preempted or finished fit always leaves a resumable last.ckpt), and
+        Lightning's default progress bar replaced by one that counts the whole run."""
+        configured = self._get(self.config_init, "trainer", default={}).get("callbacks")
+        configured = configured if isinstance(configured, list) else [configured]
+        own_bar = any(isinstance(cb, ProgressBar) for cb in configured)
         trainer = super().instantiate_trainer(**kwargs)
         if not any(isinstance(cb, CheckpointOnStop) for cb in trainer.callbacks):
             trainer.callbacks.append(CheckpointOnStop())
+        default_bar = trainer.progress_bar_callback
+        if default_bar is not None and not own_bar:
+            index = trainer.callbacks.index(default_bar)
+            trainer.callbacks[index] = run_progress_bar()
         return trainer
 
     def _check_checkpoint_source(self) -> None:
@@ -285,8 +325,10 @@ def main(args: list[str] | None = None) -> int:
     - 2: the command line itself was wrong (jsonargparse's usage error).
 
     ``lightning-kd cache-teacher ...`` writes an offline teacher cache instead (see
-    :func:`cache_teacher`), and ``lightning-kd export ...`` writes the student of a
-    checkpoint as a Hugging Face directory (see :func:`export`), with the same exit statuses.
+    :func:`cache_teacher`), ``lightning-kd export ...`` writes the student of a checkpoint
+    as a Hugging Face directory (see :func:`export`) and ``lightning-kd generate ...`` samples
+    text (see :mod:`lightning_kd.generate_cli`), with the same exit statuses. No arguments,
+    ``-h`` or ``--help``: the list of commands (:mod:`lightning_kd.commands`).
     - 143 / 130: the run was stopped by SIGTERM / SIGINT (preemption, ``timeout``, Ctrl-C),
       after saving ``last.ckpt`` when training had started (see
       :class:`~lightning_kd.callbacks.CheckpointOnStop`).
@@ -295,12 +337,19 @@ def main(args: list[str] | None = None) -> int:
     exit status. For the trainer, model and datamodule, build the CLI yourself:
     ``KDLightningCLI(args=[...], run=False)``.
     """
+    from lightning_kd import commands
+    from lightning_kd.generate_cli import GENERATE, generate
+
     argv = list(sys.argv[1:] if args is None else args)
+    if not argv or (len(argv) == 1 and argv[0] in commands.HELP_FLAGS):
+        return commands.main(argv)
     try:
         if argv[:1] == [CACHE_TEACHER]:
             cache_teacher(argv[1:])
         elif argv[:1] == [EXPORT]:
             export(argv[1:])
+        elif argv[:1] == [GENERATE]:
+            generate(argv[1:])
         else:
             KDLightningCLI(args=args)
     except Stopped as stop:  # every rank stopped at the same step: leave together

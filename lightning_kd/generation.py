@@ -13,6 +13,8 @@ signature. :func:`next_token_probs` is the temperature / top-k / top-p filtering
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
 
@@ -74,15 +76,15 @@ def sample(
     temperature: float = 1.0,
     top_p: float = 1.0,
     top_k: int = 0,
-    eos_token_id: int | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
     generator: torch.Generator | None = None,
     *,
     max_context: int | None = None,
 ) -> Tensor:
     """Extend each prompt of ``input_ids`` by up to ``max_new_tokens`` sampled tokens.
 
-    A row stops at its first ``eos_token_id`` (which is kept); rows that stopped are filled
-    with ``eos_token_id`` while the others go on, and sampling ends when every row stopped.
+    A row stops at its first end token (which is kept); rows that stopped are filled with the
+    (first) end token while the others go on, and sampling ends when every row stopped.
 
     Args:
         model: maps ``input_ids [B, S]`` (int64) to logits ``[B, S, V]`` (a tensor or an
@@ -92,7 +94,8 @@ def sample(
         temperature: see :func:`next_token_probs` (``0``: greedy).
         top_p: see :func:`next_token_probs`.
         top_k: see :func:`next_token_probs`.
-        eos_token_id: the token that ends a row (None: every row runs to ``max_new_tokens``).
+        eos_token_id: the token (or tokens) that end a row (None: every row runs to
+            ``max_new_tokens``).
         generator: the random generator to draw with (on the logits' device); a seeded one
             makes the samples reproducible.
         max_context: the model's longest input; longer sequences are cut to their last
@@ -115,6 +118,10 @@ def sample(
     if max_context is not None and max_context < 1:
         raise ValueError(f"max_context must be >= 1 or None, got {max_context}.")
     _check_options(temperature, top_p, top_k)
+    ends = None
+    if eos_token_id is not None:
+        ends = [eos_token_id] if isinstance(eos_token_id, int) else [int(t) for t in eos_token_id]
+        ends = torch.tensor(ends or [-1], dtype=torch.long, device=input_ids.device)
     was_training = model.training
     model.eval()
     try:
@@ -125,11 +132,12 @@ def sample(
             logits = logits_of(model(window))[:, -1, :]
             probs = next_token_probs(logits, temperature, top_p, top_k)
             token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-            if eos_token_id is not None:
-                token = token.masked_fill(done, eos_token_id)
-                done |= token == eos_token_id
-            tokens = torch.cat([tokens, token.to(tokens.device)[:, None]], dim=1)
-            if eos_token_id is not None and bool(done.all()):
+            token = token.to(tokens.device)
+            if ends is not None:
+                token = token.masked_fill(done, int(ends[0]))
+                done |= torch.isin(token, ends)
+            tokens = torch.cat([tokens, token[:, None]], dim=1)
+            if ends is not None and bool(done.all()):
                 break
         return tokens
     finally:
