@@ -14,9 +14,12 @@ arguments instead (``model.init_args.optimizer``), built in ``configure_optimize
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import sys
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -29,6 +32,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_kd.callbacks.checkpoint_on_stop import CheckpointOnStop, Stopped
+from lightning_kd.callbacks.frozen_modules import QuietFrozenModules
 from lightning_kd.callbacks.run_progress import run_progress_bar
 from lightning_kd.checkpoint import resolve_last_checkpoint
 from lightning_kd.io import ensure_writable_dir
@@ -44,6 +48,41 @@ TRACEBACK_ENV = "LIGHTNING_KD_TRACEBACK"
 
 #: The program name in usage and error messages.
 PROG = "lightning-kd"
+#: Lightning's advertisements (``rank_zero_info``), dropped from the log.
+_TIPS = re.compile(r"💡 Tip: For seamless cloud (logging|uploads)")
+#: The shipped configs that train a teacher another shipped config reads (see
+#: :meth:`KDLightningCLI.before_instantiate_classes`): checkpoint → (config, demo command).
+SHIPPED_TEACHERS = {
+    "runs/teacher/checkpoints/last.ckpt": ("teacher.yaml", "python -m lightning_kd.demo"),
+    "runs/chat_teacher/checkpoints/last.ckpt": (
+        "chat_teacher.yaml",
+        "python -m lightning_kd.demo --chat",
+    ),
+}
+
+
+class _DropTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not _TIPS.match(str(record.msg))
+
+
+def quiet_expected_messages() -> None:
+    """Drop the messages every run printed that say nothing about the run (idempotent).
+
+    - Lightning's tips advertising litlogger / litmodels (``rank_zero_info`` log records);
+    - torch's FutureWarning about ``LeafSpec``, raised by Lightning's own ``_pytree`` helper
+      (only from that module: the same warning from user code still shows).
+    """
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropTips) for f in logger.filters):
+            logger.addFilter(_DropTips())
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+        category=FutureWarning,
+        module=r"lightning\.pytorch\.utilities\._pytree",
+    )
 
 
 class KDArgumentParser(LightningArgumentParser):
@@ -81,7 +120,30 @@ class KDLightningCLI(LightningCLI):
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("auto_configure_optimizers", False)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        super().__init__(LightningModule, LightningDataModule, *args, **kwargs)
+        quiet_expected_messages()
+        with warnings.catch_warnings():
+            # Lightning warns whenever `args` is given while sys.argv has arguments: by
+            # design here (cache-teacher, export, generate and the demo build their own).
+            warnings.filterwarnings(
+                "ignore",
+                message=r"LightningCLI's args parameter is intended to run from within Python",
+                category=UserWarning,
+            )
+            super().__init__(LightningModule, LightningDataModule, *args, **kwargs)
+
+    def before_instantiate_classes(self) -> None:
+        """A shipped student config whose shipped teacher was not trained yet: say how to
+        train it (before the model fails to load it)."""
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        init_args = (config or {}).get("model", {}).get("init_args", {}) or {}
+        path = init_args.get("teacher_checkpoint") if hasattr(init_args, "get") else None
+        if isinstance(path, str) and path in SHIPPED_TEACHERS and not Path(path).exists():
+            teacher, demo = SHIPPED_TEACHERS[path]
+            raise ValueError(
+                f"the teacher checkpoint {path!r} does not exist yet: train the teacher first "
+                f"with `lightning-kd fit --config configs/{teacher}` (or run everything with "
+                f"`{demo}`), or set --model.init_args.teacher_checkpoint."
+            )
 
     def setup_parser(
         self, add_subcommands: bool, main_kwargs: dict[str, Any], subparser_kwargs: dict[str, Any]
@@ -119,6 +181,8 @@ class KDLightningCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         if not any(isinstance(cb, CheckpointOnStop) for cb in trainer.callbacks):
             trainer.callbacks.append(CheckpointOnStop())
+        if not any(isinstance(cb, QuietFrozenModules) for cb in trainer.callbacks):
+            trainer.callbacks.append(QuietFrozenModules())
         default_bar = trainer.progress_bar_callback
         if default_bar is not None and not own_bar:
             index = trainer.callbacks.index(default_bar)
