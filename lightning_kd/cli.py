@@ -114,6 +114,11 @@ class KDLightningCLI(LightningCLI):
         parser_kwargs = dict(kwargs.get("parser_kwargs") or {})
         parser_kwargs.setdefault("allow_abbrev", False)
         parser_kwargs.setdefault("prog", PROG)
+        parser_kwargs.setdefault(
+            "description",
+            "lightning-kd: knowledge distillation with "
+            "PyTorch Lightning (`lightning-kd --help` lists every command)",
+        )
         kwargs["parser_kwargs"] = parser_kwargs
         kwargs.setdefault("parser_class", KDArgumentParser)
         kwargs.setdefault("subclass_mode_model", True)

@@ -32,13 +32,19 @@ PLAIN_UNBOUNDED_EVERY = 50
 def run_total_batches(trainer: Trainer) -> int | None:
     """The training batches of the whole run, or None when no finite bound is known.
 
-    ``max_steps`` optimizer steps are ``max_steps × accumulate_grad_batches`` batches;
-    ``max_epochs`` epochs are ``max_epochs × num_training_batches``; the smaller bound wins.
+    ``max_steps`` optimizer steps take ``accumulate_grad_batches`` batches each, except at the
+    end of an epoch, where Lightning steps on what has accumulated; ``max_epochs`` epochs are
+    ``max_epochs × num_training_batches``. The smaller bound wins.
     """
+    per_epoch, accumulate = trainer.num_training_batches, trainer.accumulate_grad_batches
     bounds = []
     if trainer.max_steps is not None and trainer.max_steps >= 0:
-        bounds.append(trainer.max_steps * trainer.accumulate_grad_batches)
-    per_epoch = trainer.num_training_batches
+        if math.isfinite(per_epoch) and per_epoch > 0:
+            steps_per_epoch = math.ceil(per_epoch / accumulate)
+            epochs, steps = divmod(trainer.max_steps, steps_per_epoch)
+            bounds.append(epochs * int(per_epoch) + min(steps * accumulate, int(per_epoch)))
+        else:
+            bounds.append(trainer.max_steps * accumulate)
     if trainer.max_epochs not in (None, -1) and math.isfinite(per_epoch):
         bounds.append(int(trainer.max_epochs) * int(per_epoch))
     return min(bounds) if bounds else None
