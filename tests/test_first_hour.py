@@ -196,7 +196,8 @@ def test_the_cli_picks_plain_lines_off_a_terminal(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cli = KDLightningCLI(args=["--config", TEACHER, "--trainer.logger", "false"], run=False)
     assert isinstance(cli.trainer.progress_bar_callback, PlainProgress)  # pytest's stdout
-    off = ["--config", TEACHER, "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
+    off = ["--config", TEACHER, "--trainer.logger", "false"]
+    off += ["--trainer.enable_progress_bar", "false"]
     assert KDLightningCLI(args=off, run=False).trainer.progress_bar_callback is None
 
 
