@@ -280,3 +280,22 @@ def test_every_quickstart_plots_the_divergence():
         config = yaml.safe_load((ROOT / "configs" / name).read_text())
         paths = [cb["class_path"] for cb in config["trainer"]["callbacks"]]
         assert "lightning_kd.callbacks.DivergencePlot" in paths, name
+
+
+# ------------------------------------------------------------------ 9. TensorBoard
+def test_divergence_plot_goes_to_loggers_with_add_figure(tmp_path):
+    """TensorBoard's ``experiment.add_figure``; a CSV logger (no add_figure) is skipped."""
+    pytest.importorskip("matplotlib")
+    from lightning_kd.callbacks import DivergencePlot
+    from lightning_kd.callbacks.divergence_plot import DivergenceSample
+
+    figures = []
+    board = SimpleNamespace(
+        add_figure=lambda tag, fig, global_step: figures.append((tag, global_step))
+    )
+    csv = SimpleNamespace(experiment=object())
+    trainer = SimpleNamespace(global_step=5, loggers=[csv, SimpleNamespace(experiment=board)])
+    data = DivergenceSample(torch.rand(8), torch.rand(8), torch.ones(4).double(),
+                            torch.ones(4).double(), 8)  # fmt: skip
+    path = DivergencePlot()._write(tmp_path / "p.png", data, "KL", trainer)
+    assert path.is_file() and figures == [("div/per_token", 5)]
