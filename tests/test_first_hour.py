@@ -207,6 +207,11 @@ def test_the_cli_picks_plain_lines_off_a_terminal(tmp_path, monkeypatch):
     off = ["--config", TEACHER, "--trainer.logger", "false"]
     off += ["--trainer.enable_progress_bar", "false"]
     assert KDLightningCLI(args=off, run=False).trainer.progress_bar_callback is None
+    named = ["--config", TEACHER, "--trainer.logger", "false"]
+    named += ["--trainer.callbacks+=lightning_kd.callbacks.RunProgressBar"]  # the config's own
+    bars = [c for c in KDLightningCLI(args=named, run=False).trainer.callbacks
+            if isinstance(c, (RunProgressBar, PlainProgress))]  # fmt: skip
+    assert [type(bar) for bar in bars] == [RunProgressBar]
 
 
 # -------------------------------------------------------------------- 6. warnings
