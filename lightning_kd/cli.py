@@ -295,6 +295,7 @@ def cache_teacher(args: list[str]) -> None:
     parser = argparse.ArgumentParser(
         prog=f"lightning-kd {CACHE_TEACHER}",
         description="Cache the config's teacher distribution (top-k, or exact with --top_k 0).",
+        allow_abbrev=False,
     )
     parser.add_argument("--config", action="append", required=True, help="a config file")
     parser.add_argument("--output_dir", required=True, help="the cache directory")
@@ -357,6 +358,7 @@ def export(args: list[str]) -> None:
     parser = argparse.ArgumentParser(
         prog=f"lightning-kd {EXPORT}",
         description="Write the student of a checkpoint as a Hugging Face model directory.",
+        allow_abbrev=False,
     )
     parser.add_argument("--config", action="append", required=True, help="a config file")
     parser.add_argument("--ckpt_path", required=True, help="checkpoint file or directory")
