@@ -15,6 +15,8 @@ Layout (one package per concern):
 
 ``KDLoss`` needs only PyTorch; the Lightning-based classes are imported on first use, so
 ``from lightning_kd import KDLoss`` works in a plain PyTorch loop without importing Lightning.
+Every top-level name is imported on first use: ``import lightning_kd`` itself imports neither
+torch nor Lightning, so the ``lightning-kd --help`` entry point answers at once.
 """
 
 from __future__ import annotations
@@ -24,10 +26,12 @@ from typing import TYPE_CHECKING, Any
 
 from lightning_kd import compat
 from lightning_kd.compat import MOVED_MODULES as MOVED_MODULES  # 0.2 home of the table
-from lightning_kd.losses.kd_loss import KDLoss, KDLossOutput
-from lightning_kd.models.tiny_llama import TinyLlama
 
 if TYPE_CHECKING:
+    from lightning_kd.losses.kd_loss import KDLoss, KDLossOutput
+    from lightning_kd.losses.linear_kd_loss import LinearKDLoss
+    from lightning_kd.losses.topk_kd_loss import TopKKDLoss
+    from lightning_kd.models.tiny_llama import TinyLlama
     from lightning_kd.training.distillation import DistillationModule
     from lightning_kd.training.lm_module import CausalLMModule
     from lightning_kd.training.loss_terms import LossTerms
@@ -35,8 +39,11 @@ if TYPE_CHECKING:
 _LAZY = {
     "CausalLMModule": "lightning_kd.training.lm_module",
     "DistillationModule": "lightning_kd.training.distillation",
+    "KDLoss": "lightning_kd.losses.kd_loss",
+    "KDLossOutput": "lightning_kd.losses.kd_loss",
     "LinearKDLoss": "lightning_kd.losses.linear_kd_loss",
     "LossTerms": "lightning_kd.training.loss_terms",
+    "TinyLlama": "lightning_kd.models.tiny_llama",
     "TopKKDLoss": "lightning_kd.losses.topk_kd_loss",
 }
 

@@ -14,21 +14,26 @@ arguments instead (``model.init_args.optimizer``), built in ``configure_optimize
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import sys
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 import torch.distributed as dist
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_kd.callbacks.checkpoint_on_stop import CheckpointOnStop, Stopped
+from lightning_kd.callbacks.frozen_modules import QuietFrozenModules
+from lightning_kd.callbacks.run_progress import run_progress_bar
 from lightning_kd.checkpoint import resolve_last_checkpoint
 from lightning_kd.io import ensure_writable_dir
 
@@ -41,15 +46,109 @@ SUBCOMMAND_ONLY_KEYS = ("ckpt_path", "weights_only", "verbose", "return_predicti
 TRACEBACK_ENV = "LIGHTNING_KD_TRACEBACK"
 
 
+#: The program name in usage and error messages.
+PROG = "lightning-kd"
+#: Lightning's advertisements (``rank_zero_info``), dropped from the log.
+_TIPS = re.compile(r"💡 Tip: For seamless cloud (logging|uploads)")
+#: The shipped configs that train a teacher another shipped config reads (see
+#: :meth:`KDLightningCLI.before_instantiate_classes`): checkpoint → (config, demo command).
+SHIPPED_TEACHERS = {
+    "runs/teacher/checkpoints/last.ckpt": ("teacher.yaml", "python -m lightning_kd.demo"),
+    "runs/chat_teacher/checkpoints/last.ckpt": (
+        "chat_teacher.yaml",
+        "python -m lightning_kd.demo --chat",
+    ),
+}
+
+
+class _DropTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not _TIPS.match(str(record.msg))
+
+
+def quiet_expected_messages() -> None:
+    """Drop the messages every run printed that say nothing about the run (idempotent).
+
+    - Lightning's tips advertising litlogger / litmodels (``rank_zero_info`` log records);
+    - torch's FutureWarning about ``LeafSpec``, raised by Lightning's own ``_pytree`` helper
+      (only from that module: the same warning from user code still shows).
+    """
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropTips) for f in logger.filters):
+            logger.addFilter(_DropTips())
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+        category=FutureWarning,
+        module=r"lightning\.pytorch\.utilities\._pytree",
+    )
+
+
+class KDArgumentParser(LightningArgumentParser):
+    """LightningArgumentParser whose command-line errors are two short lines, the error last.
+
+    jsonargparse prints the whole usage (50+ lines for a config's options) before the one
+    line that matters; here it is a pointer to ``--help`` and then the error itself.
+    """
+
+    def error(self, message: str, ex: Exception | None = None) -> Any:
+        if not self.exit_on_error:
+            return super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        prog = parser.prog.replace(" [options]", "")
+        sys.stderr.write(f"tip: `{prog} --help` lists every option\n{prog}: error: {message}\n")
+        self.exit(2)
+
+
 class KDLightningCLI(LightningCLI):
-    """LightningCLI with lightning_kd's defaults (see the module docstring)."""
+    """LightningCLI with lightning_kd's defaults (see the module docstring).
+
+    Also: abbreviated options are refused (``--trainer.max_step`` is not ``max_steps``),
+    command-line errors are reported in two lines (:class:`KDArgumentParser`), and the
+    progress bar counts the whole run (:func:`~lightning_kd.callbacks.run_progress.
+    run_progress_bar`) unless the config names one.
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        parser_kwargs = dict(kwargs.get("parser_kwargs") or {})
+        parser_kwargs.setdefault("allow_abbrev", False)
+        parser_kwargs.setdefault("prog", PROG)
+        parser_kwargs.setdefault(
+            "description",
+            "lightning-kd: knowledge distillation with "
+            "PyTorch Lightning (`lightning-kd --help` lists every command)",
+        )
+        kwargs["parser_kwargs"] = parser_kwargs
+        kwargs.setdefault("parser_class", KDArgumentParser)
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("auto_configure_optimizers", False)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        super().__init__(LightningModule, LightningDataModule, *args, **kwargs)
+        quiet_expected_messages()
+        with warnings.catch_warnings():
+            # Lightning warns whenever `args` is given while sys.argv has arguments: by
+            # design here (cache-teacher, export, generate and the demo build their own).
+            warnings.filterwarnings(
+                "ignore",
+                message=r"LightningCLI's args parameter is intended to run from within Python",
+                category=UserWarning,
+            )
+            super().__init__(LightningModule, LightningDataModule, *args, **kwargs)
+
+    def before_instantiate_classes(self) -> None:
+        """A shipped student config whose shipped teacher was not trained yet: say how to
+        train it (before the model fails to load it)."""
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        init_args = (config or {}).get("model", {}).get("init_args", {}) or {}
+        path = init_args.get("teacher_checkpoint") if hasattr(init_args, "get") else None
+        if isinstance(path, str) and path in SHIPPED_TEACHERS and not Path(path).exists():
+            teacher, demo = SHIPPED_TEACHERS[path]
+            raise ValueError(
+                f"the teacher checkpoint {path!r} does not exist yet: train the teacher first "
+                f"with `lightning-kd fit --config configs/{teacher}` (or run everything with "
+                f"`{demo}`), or set --model.init_args.teacher_checkpoint."
+            )
 
     def setup_parser(
         self, add_subcommands: bool, main_kwargs: dict[str, Any], subparser_kwargs: dict[str, Any]
@@ -79,10 +178,20 @@ class KDLightningCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The trainer, with :class:`~lightning_kd.callbacks.CheckpointOnStop` added unless the
-        config has one (a preempted or finished fit always leaves a resumable last.ckpt)."""
+        config has one (a preempted or finished fit always leaves a resumable last.ckpt), and
+        Lightning's default progress bar replaced by one that counts the whole run."""
+        configured = self._get(self.config_init, "trainer", default={}).get("callbacks")
+        configured = configured if isinstance(configured, list) else [configured]
+        own_bar = any(isinstance(cb, ProgressBar) for cb in configured)
         trainer = super().instantiate_trainer(**kwargs)
         if not any(isinstance(cb, CheckpointOnStop) for cb in trainer.callbacks):
             trainer.callbacks.append(CheckpointOnStop())
+        if not any(isinstance(cb, QuietFrozenModules) for cb in trainer.callbacks):
+            trainer.callbacks.append(QuietFrozenModules())
+        default_bar = trainer.progress_bar_callback
+        if default_bar is not None and not own_bar:
+            index = trainer.callbacks.index(default_bar)
+            trainer.callbacks[index] = run_progress_bar()
         return trainer
 
     def _check_checkpoint_source(self) -> None:
@@ -186,6 +295,7 @@ def cache_teacher(args: list[str]) -> None:
     parser = argparse.ArgumentParser(
         prog=f"lightning-kd {CACHE_TEACHER}",
         description="Cache the config's teacher distribution (top-k, or exact with --top_k 0).",
+        allow_abbrev=False,
     )
     parser.add_argument("--config", action="append", required=True, help="a config file")
     parser.add_argument("--output_dir", required=True, help="the cache directory")
@@ -248,6 +358,7 @@ def export(args: list[str]) -> None:
     parser = argparse.ArgumentParser(
         prog=f"lightning-kd {EXPORT}",
         description="Write the student of a checkpoint as a Hugging Face model directory.",
+        allow_abbrev=False,
     )
     parser.add_argument("--config", action="append", required=True, help="a config file")
     parser.add_argument("--ckpt_path", required=True, help="checkpoint file or directory")
@@ -285,8 +396,10 @@ def main(args: list[str] | None = None) -> int:
     - 2: the command line itself was wrong (jsonargparse's usage error).
 
     ``lightning-kd cache-teacher ...`` writes an offline teacher cache instead (see
-    :func:`cache_teacher`), and ``lightning-kd export ...`` writes the student of a
-    checkpoint as a Hugging Face directory (see :func:`export`), with the same exit statuses.
+    :func:`cache_teacher`), ``lightning-kd export ...`` writes the student of a checkpoint
+    as a Hugging Face directory (see :func:`export`) and ``lightning-kd generate ...`` samples
+    text (see :mod:`lightning_kd.generate_cli`), with the same exit statuses. No arguments,
+    ``-h`` or ``--help``: the list of commands (:mod:`lightning_kd.commands`).
     - 143 / 130: the run was stopped by SIGTERM / SIGINT (preemption, ``timeout``, Ctrl-C),
       after saving ``last.ckpt`` when training had started (see
       :class:`~lightning_kd.callbacks.CheckpointOnStop`).
@@ -295,12 +408,19 @@ def main(args: list[str] | None = None) -> int:
     exit status. For the trainer, model and datamodule, build the CLI yourself:
     ``KDLightningCLI(args=[...], run=False)``.
     """
+    from lightning_kd import commands
+    from lightning_kd.generate_cli import GENERATE, generate
+
     argv = list(sys.argv[1:] if args is None else args)
+    if not argv or (len(argv) == 1 and argv[0] in commands.HELP_FLAGS):
+        return commands.main(argv)
     try:
         if argv[:1] == [CACHE_TEACHER]:
             cache_teacher(argv[1:])
         elif argv[:1] == [EXPORT]:
             export(argv[1:])
+        elif argv[:1] == [GENERATE]:
+            generate(argv[1:])
         else:
             KDLightningCLI(args=args)
     except Stopped as stop:  # every rank stopped at the same step: leave together

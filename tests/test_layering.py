@@ -25,6 +25,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("losses",),
     # The model contract, TinyLlama, Hugging Face models, reading a model's output.
     ("models",),
+    # Sampling text from a model (the reference sampler of `lightning-kd generate`).
+    ("generation",),
     # On-disk checkpoint layout and durable files (used by parallel, data, teacher_cache).
     ("checkpoint",),
     # Meshes, TP plans, FSDP2, sharded loading.
@@ -39,7 +41,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     # DistillationModule and the parts it composes; reads teacher caches.
     ("training",),
     # Entry points and the package's own lazy top-level names.
-    ("cli", "demo", "__main__", "__init__"),
+    ("cli", "commands", "generate_cli", "demo", "__main__", "__init__"),
 )
 
 #: (importing module, imported module) pairs allowed to point up, each with its reason (none

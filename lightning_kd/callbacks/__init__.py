@@ -1,5 +1,6 @@
-"""Lightning callbacks: the per-token divergence monitors, a checkpoint when a run stops, and
-an export of the student to Hugging Face format when ``fit`` ends.
+"""Lightning callbacks: the per-token divergence monitors, a checkpoint when a run stops, an
+export of the student to Hugging Face format when ``fit`` ends, progress over the whole run
+(a bar, or plain lines for logs) and the frozen teacher's eval-mode warning silenced.
 
 The per-token callbacks work for every divergence of :class:`~lightning_kd.KDLoss`: their
 metric keys are ``div/...`` whatever the divergence, and their text and plots name it by its
@@ -18,10 +19,12 @@ from lightning_kd.callbacks.divergence_plot import (
     DivergenceSample,
 )
 from lightning_kd.callbacks.export_on_fit_end import ExportOnFitEnd
+from lightning_kd.callbacks.frozen_modules import QuietFrozenModules
 from lightning_kd.callbacks.per_token_divergence import (
     PerTokenDivergenceMonitor,
     TopToken,
 )
+from lightning_kd.callbacks.run_progress import PlainProgress, RunProgressBar
 from lightning_kd.compat import renamed_attribute
 
 __all__ = [
@@ -30,6 +33,9 @@ __all__ = [
     "DivergenceSample",
     "ExportOnFitEnd",
     "PerTokenDivergenceMonitor",
+    "PlainProgress",
+    "QuietFrozenModules",
+    "RunProgressBar",
     "Stopped",
     "TopToken",
 ]

@@ -199,7 +199,7 @@ class DivergencePlot(PerTokenDivergenceCallback):
             return
         assert self._out_dir is not None
         label = divergence_label(pl_module)
-        self.plot_path = self._write(self._out_dir / self.filename, final, label)
+        self.plot_path = self._write(self._out_dir / self.filename, final, label, trainer)
         self.plotted = final
 
     @override
@@ -268,7 +268,9 @@ class DivergencePlot(PerTokenDivergenceCallback):
         )
 
     # ------------------------------------------------------------------ plotting
-    def _write(self, path: Path, data: DivergenceSample, label: str) -> Path:
+    def _write(
+        self, path: Path, data: DivergenceSample, label: str, trainer: Trainer | None = None
+    ) -> Path:
         Figure, FigureCanvasAgg = _import_matplotlib()
         fig = Figure(figsize=(11, 4), layout="constrained")
         FigureCanvasAgg(fig)
@@ -287,6 +289,11 @@ class DivergencePlot(PerTokenDivergenceCallback):
         by_position.set_title(f"mean {label} by position")
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, format="png", dpi=100)
+        for logger in trainer.loggers if trainer is not None else ():
+            # TensorBoard (and any logger whose experiment has add_figure) shows it too.
+            add_figure = getattr(getattr(logger, "experiment", None), "add_figure", None)
+            if callable(add_figure):
+                add_figure("div/per_token", fig, global_step=trainer.global_step)
         return path
 
     # ------------------------------------------------------------------ state

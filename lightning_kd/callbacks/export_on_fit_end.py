@@ -34,6 +34,7 @@ class ExportOnFitEnd(Callback):
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         from lightning_kd.export import export_student, gather_full_state, run_tokenizer, student_of
+        from lightning_kd.export.hf_export import run_special_tokens
 
         student, _ = student_of(pl_module)
         if student is None:
@@ -41,10 +42,11 @@ class ExportOnFitEnd(Callback):
         writer = trainer.is_global_zero
         state = gather_full_state(student, keep=writer)
         if writer:
+            tokenizer = run_tokenizer(student, trainer.datamodule)
             export_student(
-                student, state, self.output_dir,
-                tokenizer=run_tokenizer(student, trainer.datamodule),
+                student, state, self.output_dir, tokenizer=tokenizer,
                 max_shard_size=self.max_shard_size, overwrite=True,
+                special_tokens=run_special_tokens(trainer.datamodule, tokenizer),
             )  # fmt: skip
             rank_zero_info(f"Exported the student (Hugging Face format) to {self.output_dir}")
         trainer.strategy.barrier("export_on_fit_end")

@@ -15,7 +15,12 @@ from typing import Any, Protocol, runtime_checkable
 
 from torch import nn
 
-from lightning_kd.export.hf_export import DEFAULT_MAX_SHARD_SIZE, export_student, run_tokenizer
+from lightning_kd.export.hf_export import (
+    DEFAULT_MAX_SHARD_SIZE,
+    export_student,
+    run_special_tokens,
+    run_tokenizer,
+)
 from lightning_kd.export.student_state import student_state_from_checkpoint
 
 
@@ -79,7 +84,9 @@ def export_checkpoint(
     """
     student, prefix = student_of(module, build=True)
     state = student_state_from_checkpoint(ckpt_path, prefix)
+    tokenizer = run_tokenizer(student, datamodule)
     return export_student(
-        student, state, output_dir, tokenizer=run_tokenizer(student, datamodule),
+        student, state, output_dir, tokenizer=tokenizer,
         max_shard_size=max_shard_size, overwrite=overwrite,
+        special_tokens=run_special_tokens(datamodule, tokenizer),
     )  # fmt: skip

@@ -15,7 +15,9 @@
   ``model-0000i-of-0000n.safetensors`` with ``model.safetensors.index.json`` when they exceed
   ``max_shard_size``; in the weights' own dtype.
 - ``generation_config.json`` (the pretrained student's own when it has one, else derived from
-  the config, with the tokenizer's BOS/EOS/PAD ids where the config has none).
+  the config). Where the config or generation config has no BOS/EOS/PAD id, the run's
+  tokenizer's are written (:func:`run_special_tokens`; the byte tokenizer's EOS is 256 and PAD
+  257), so ``generate`` stops at the end of a document.
 - the tokenizer, when one is given (``save_pretrained``).
 
 Nothing here builds the exported model: the weights go to disk as they are, so exporting a
@@ -202,7 +204,18 @@ def write_safetensors(
     return [*names, INDEX_FILE]
 
 
-def _generation_config(student: nn.Module, config: Any, tokenizer: Any | None) -> Any:
+#: The special-token fields of a Hugging Face config and generation config.
+SPECIAL_TOKEN_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def _fill_special_tokens(target: Any, special: Mapping[str, int | None]) -> None:
+    """Set each of ``special``'s ids on ``target`` (a config) where ``target`` has none."""
+    for field in SPECIAL_TOKEN_FIELDS:
+        if getattr(target, field, None) is None and special.get(field) is not None:
+            setattr(target, field, int(special[field]))
+
+
+def _generation_config(student: nn.Module, config: Any, special: Mapping[str, int | None]) -> Any:
     from transformers import GenerationConfig
 
     pretrained = getattr(student, "pretrained_path", None)
@@ -214,11 +227,33 @@ def _generation_config(student: nn.Module, config: Any, tokenizer: Any | None) -
             generation = None
     if generation is None:
         generation = GenerationConfig.from_model_config(config)
-    if tokenizer is not None:
-        for field in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            if getattr(generation, field, None) is None:
-                setattr(generation, field, getattr(tokenizer, field, None))
+    _fill_special_tokens(generation, special)
     return generation
+
+
+def run_special_tokens(
+    datamodule: Any | None = None, tokenizer: Any | None = None
+) -> dict[str, int | None]:
+    """The BOS/EOS/PAD ids of the run's tokenizer, under the config's field names.
+
+    Args:
+        datamodule: the run's data module; its ``tokenizer`` (a
+            :class:`~lightning_kd.data.ByteTokenizer` or ``HFTokenizer``) is read.
+        tokenizer: a ``transformers`` tokenizer, read when the data module has none.
+
+    Returns:
+        ``{"bos_token_id": ..., "eos_token_id": ..., "pad_token_id": ...}``, None where the
+        tokenizer has no such token (the byte tokenizer: no BOS, EOS 256, PAD 257).
+    """
+    wrapper = getattr(datamodule, "tokenizer", None) if datamodule is not None else None
+    hf = getattr(wrapper, "hf_tokenizer", None) or (tokenizer if wrapper is None else None)
+    if hf is not None:
+        return {field: getattr(hf, field, None) for field in SPECIAL_TOKEN_FIELDS}
+    return {
+        "bos_token_id": getattr(wrapper, "bos_id", None),
+        "eos_token_id": getattr(wrapper, "eos_id", None),
+        "pad_token_id": getattr(wrapper, "pad_id", None),
+    }
 
 
 def export_student(
@@ -229,6 +264,7 @@ def export_student(
     tokenizer: Any | None = None,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     overwrite: bool = False,
+    special_tokens: Mapping[str, int | None] | None = None,
 ) -> Path:
     """Write ``student`` with the weights ``state`` as a Hugging Face directory.
 
@@ -244,6 +280,9 @@ def export_student(
         tokenizer: a ``transformers`` tokenizer to save alongside (optional).
         max_shard_size: largest safetensors file, bytes or e.g. ``"5GB"``.
         overwrite: replace an earlier export in ``output_dir``.
+        special_tokens: BOS/EOS/PAD ids (:func:`run_special_tokens`) written into
+            ``config.json`` and ``generation_config.json`` where they have none; default:
+            ``tokenizer``'s.
 
     Returns:
         The output directory.
@@ -255,11 +294,13 @@ def export_student(
     """
     max_bytes = parse_size(max_shard_size)
     config, weights = _hf_config_and_weights(student, state)
+    special = run_special_tokens(tokenizer=tokenizer) if special_tokens is None else special_tokens
+    _fill_special_tokens(config, special)
     directory = Path(output_dir)
     _prepare_directory(directory, overwrite)
     config.save_pretrained(directory)
     write_safetensors(weights, directory, max_bytes)
-    _generation_config(student, config, tokenizer).save_pretrained(directory)
+    _generation_config(student, config, special).save_pretrained(directory)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     return directory
