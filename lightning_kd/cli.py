@@ -180,7 +180,8 @@ class KDLightningCLI(LightningCLI):
         """The trainer, with :class:`~lightning_kd.callbacks.CheckpointOnStop` added unless the
         config has one (a preempted or finished fit always leaves a resumable last.ckpt), and
         Lightning's default progress bar replaced by one that counts the whole run."""
-        configured = self._get(self.config_init, "trainer", default={}).get("callbacks")
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        configured = (config.get("trainer") or {}).get("callbacks")
         configured = configured if isinstance(configured, list) else [configured]
         own_bar = any(isinstance(cb, ProgressBar) for cb in configured)
         trainer = super().instantiate_trainer(**kwargs)

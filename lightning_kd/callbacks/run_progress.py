@@ -81,7 +81,8 @@ class RunProgressBar(TQDMProgressBar):
             super().on_train_batch_end(trainer, pl_module, outputs, batch, idx)
             return
         bar, done = self.train_progress_bar, _batches_done(trainer)
-        if bar is not None and not bar.disable and self._should_update(done, bar.total):
+        due = done == bar.total or done % max(self.refresh_rate, 1) == 0 if bar else False
+        if bar is not None and not bar.disable and due:
             bar.n = done
             bar.refresh()
             bar.set_postfix(self.get_metrics(trainer, pl_module))
