@@ -13,7 +13,12 @@ Kept elsewhere because they are data formats, not import paths (removed in the s
   key the callbacks still read (``lightning_kd.callbacks._common.LEGACY_PER_TOKEN_KEY``);
 - 0.1 callback states saved under their old class names (``legacy_state_key``) and their
   ``kl/...`` history keys, read on resume;
-- ``kd_ratio`` set on ``DistillationModule`` instead of on the loss (0.1 configs).
+- ``kd_ratio`` set on ``DistillationModule`` instead of on the loss (0.1 configs);
+- ``lightning_kd.parallel.atomic_checkpoint``: its 0.2 names come from three modules of
+  :mod:`lightning_kd.checkpoint` (layout, inspection, the strategy), so it stays a re-export
+  module that warns on import;
+- ``DistillationModule.kd_loss``, the 0.2 name of the loss object (now ``loss``): a
+  property, since a subclass or a callback reads it as an attribute.
 
 This module imports nothing from lightning_kd, so every package may use it.
 """
@@ -27,7 +32,7 @@ import sys
 import warnings
 from typing import Any
 
-__all__ = ["MOVED_MODULES", "REMOVED_IN", "RENAMED", "install", "renamed_attribute"]
+__all__ = ["MOVED_MODULES", "MOVED_NAMES", "REMOVED_IN", "RENAMED", "install", "renamed_attribute"]
 
 #: The release that removes every shim listed here.
 REMOVED_IN = "0.4.0"
@@ -55,6 +60,26 @@ MOVED_MODULES: dict[str, str] = {
     "lightning_kd.data.datamodule": "lightning_kd.data.text_datamodule",
     "lightning_kd.training.causal_lm": "lightning_kd.training.lm_module",
     "lightning_kd.training.lightning_private": "lightning_kd.lightning_private",
+    "lightning_kd.parallel.distributed_state": "lightning_kd.checkpoint.distributed_state",
+}
+
+_CHECKPOINT_NAMES = (
+    "CheckpointInfo",
+    "TornCheckpointWarning",
+    "UnverifiedCheckpointWarning",
+    "inspect_checkpoint",
+    "resolve_last_checkpoint",
+    "verify_checkpoint",
+)
+
+#: Module → {name: the module it moved to} of public names that moved to another package (0.2 →
+#: 0.3: checkpoints left ``lightning_kd.parallel``); the old module's ``__getattr__`` calls
+#: :func:`renamed_attribute`, which imports the new module on first use.
+MOVED_NAMES: dict[str, dict[str, str]] = {
+    "lightning_kd.parallel": {
+        **{name: "lightning_kd.checkpoint" for name in _CHECKPOINT_NAMES},
+        "AtomicModelParallelStrategy": "lightning_kd.checkpoint.strategy",
+    },
 }
 
 #: Module → {old name: new name} of renamed public names; the module's ``__getattr__`` calls
@@ -78,7 +103,8 @@ RENAMED: dict[str, dict[str, str]] = {
 
 
 def renamed_attribute(module: str, name: str) -> Any:
-    """The object an old name of ``module`` stands for, with a DeprecationWarning.
+    """The object an old name of ``module`` stands for (:data:`RENAMED`, :data:`MOVED_NAMES`),
+    with a DeprecationWarning.
 
     Args:
         module: the ``__name__`` of the module whose ``__getattr__`` was called.
@@ -88,13 +114,17 @@ def renamed_attribute(module: str, name: str) -> Any:
         AttributeError: when ``name`` is no old name of ``module`` (as ``getattr`` expects).
     """
     new = RENAMED.get(module, {}).get(name)
-    if new is None:
+    moved_to = MOVED_NAMES.get(module, {}).get(name)
+    if new is None and moved_to is None:
         raise AttributeError(f"module {module!r} has no attribute {name!r}")
+    where = f"{moved_to}.{name}" if moved_to else f"{module}.{new}"
     warnings.warn(
-        f"{module}.{name} is now {new}; the old name will be removed in {REMOVED_IN}.",
+        f"{module}.{name} is now {where}; the old name will be removed in {REMOVED_IN}.",
         DeprecationWarning,
         stacklevel=3,
     )
+    if moved_to is not None:
+        return getattr(importlib.import_module(moved_to), name)
     return getattr(sys.modules[module], new)
 
 
