@@ -4,12 +4,17 @@ Layout (one package per concern):
 
 - :mod:`lightning_kd.losses`: ``KDLoss`` and its chunked, vocabulary-parallel engine (plain
   PyTorch, no Lightning import).
-- :mod:`lightning_kd.training`: ``DistillationModule`` and the parts it composes (teacher source,
-  token window, checkpoint policy, evaluation metrics), ``CausalLMModule``, optimizers.
-- :mod:`lightning_kd.parallel`: device-mesh groups, TP plan application and checks, FSDP2,
+- :mod:`lightning_kd.training`: ``DistillationModule`` and the parts it composes (teacher
+  backends in ``training.teachers``, the sequence source, token window, checkpoint policy,
+  evaluation metrics), ``CausalLMModule``, optimizers.
+- :mod:`lightning_kd.parallel`: device-mesh groups, the ordered parallelize pipeline
+  (``parallelize_model``: TP, activation checkpointing/compile, FSDP2, sharded loading),
   gradient clipping.
+- :mod:`lightning_kd.checkpoint`: crash-safe checkpoints (layout, verification, resolution of
+  ``last``, the folder lock, the strategy); :mod:`lightning_kd.io`: atomic writes and hashes.
 - :mod:`lightning_kd.models`: the model contract, ``TinyLlama``, Hugging Face models.
-- :mod:`lightning_kd.data`, :mod:`lightning_kd.callbacks`, :mod:`lightning_kd.cli`.
+- :mod:`lightning_kd.data`, :mod:`lightning_kd.teacher_cache`, :mod:`lightning_kd.export`,
+  :mod:`lightning_kd.callbacks`, :mod:`lightning_kd.generation`, :mod:`lightning_kd.cli`.
 - :mod:`lightning_kd.compat`: every compatibility shim (old module paths and names) and the
   release that removes them.
 
@@ -57,7 +62,7 @@ __all__ = [
     "TinyLlama",
     "TopKKDLoss",
 ]
-__version__ = "0.2.0.dev0"
+__version__ = "0.3.0.dev0"
 
 
 def __getattr__(name: str) -> Any:

@@ -156,7 +156,14 @@ PUBLIC_API = {
     "lightning_kd.teacher_cache": ["TeacherCache", "CachedTeacher", "CacheMetadata",
                                    "write_teacher_cache"],
     "lightning_kd.export": ["export_student", "export_checkpoint"],
-    "lightning_kd.parallel": ["AtomicModelParallelStrategy"],
+    "lightning_kd.losses.options": ["KDOptions"],
+    "lightning_kd.training.teachers": ["TeacherBackend", "LiveTeacher", "FusedHeadTeacher",
+                                       "CacheTeacher", "select_teacher"],
+    "lightning_kd.training.sequences": ["SequenceSource", "DataLoaderSequences"],
+    "lightning_kd.parallel": ["parallelize_model"],
+    "lightning_kd.checkpoint.strategy": ["AtomicModelParallelStrategy"],
+    "lightning_kd.checkpoint": ["resolve_last_checkpoint", "verify_checkpoint",
+                                "inspect_checkpoint", "FolderLock"],
     "lightning_kd.cli": ["KDLightningCLI", "main"],
 }  # fmt: skip
 
