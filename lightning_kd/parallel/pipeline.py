@@ -22,8 +22,8 @@ The order matters, and it is read here in one place (as in torchtitan's ``parall
 
 Every step is skipped when not asked for, so the same call serves one process (block options
 only), TP alone, FSDP2 alone and both. Used by ``DistillationModule.configure_model`` (so by
-the benchmarks that train one) and the tests; a model that is not a transformer needs only what the steps it asks
-for need (a plan for TP, ``fsdp_units()`` for the block options).
+the benchmarks that train one) and the tests; a model that is not a transformer needs only
+what the steps it asks for need (a plan for TP, ``fsdp_units()`` for the block options).
 """
 
 from __future__ import annotations
