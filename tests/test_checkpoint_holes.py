@@ -302,4 +302,4 @@ def test_a_teacher_cache_folder_under_a_file_is_one_line(tmp_path, capsys):
     args = ["cache-teacher", "--config", str(config), "--output_dir", str(output), "--top_k", "4"]
     assert main(args) == 1
     error = one_line_error(capsys.readouterr().err)
-    assert f"teacher cache output_dir '{output}' cannot be created" in error
+    assert f"output_dir '{output}' cannot be created" in error
