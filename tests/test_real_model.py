@@ -122,3 +122,15 @@ def test_converted_directory_is_complete_and_reused(smollm2_dir: Path):
     assert (smollm2_dir / "model.safetensors").stat().st_mtime_ns == before
     vocab = model.tokenizer_vocab()
     assert vocab is not None and len(vocab) == 49152
+
+
+@pytest.mark.real_model
+@needs_real_model
+def test_smollm2_tensor_parallel_sizes(smollm2_dir: Path):
+    """9 attention heads and 3 KV heads: TP=3 has a plan, TP=2 is refused with a ValueError."""
+    from lightning_kd.models.hf import HFCausalLM
+
+    model = HFCausalLM(pretrained_path=str(smollm2_dir))
+    assert model.tensor_parallel_plan(3)
+    with pytest.raises(ValueError, match="must divide num_attention_heads"):
+        model.tensor_parallel_plan(2)
