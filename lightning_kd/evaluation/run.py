@@ -8,6 +8,7 @@ from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from lightning_kd.evaluation.greedy import _logits, greedy_generate
 from lightning_kd.evaluation.metrics import TokenMetrics
@@ -51,6 +52,7 @@ def evaluate_models(
     max_context: int | None = None,
     max_batches: int | None = None,
     ignore_index: int = -100,
+    show_progress: bool = True,
 ) -> dict[str, Any]:
     """Evaluate every model (and the teacher) on the same held-out batches.
 
@@ -67,6 +69,7 @@ def evaluate_models(
         max_context: the longest input a model takes (e.g. the data's ``seq_len``).
         max_batches: evaluate only the first batches; None: all.
         ignore_index: the label of positions that are not targets.
+        show_progress: progress bars over the batches and the prompts.
 
     Returns:
         ``{"models": [{"name", "tokens", "ce", "perplexity", "accuracy", "kl_to_teacher",
@@ -84,7 +87,13 @@ def evaluate_models(
     for model in everyone.values():
         model.eval()
     sums = {name: TokenMetrics() for name in everyone}
-    for batch in itertools.islice(batches, max_batches):
+    total = None
+    if hasattr(batches, "__len__"):
+        total = len(batches) if max_batches is None else min(len(batches), max_batches)
+    chosen = itertools.islice(batches, max_batches)
+    progress = tqdm(chosen, total=total, unit=" batch", disable=not show_progress,
+                    desc=f"Evaluating {len(everyone)} models")  # fmt: skip
+    for batch in progress:
         labels = batch["labels"]
         teacher_logits = _forward(teacher, batch) if teacher is not None else None
         for name, model in everyone.items():
@@ -93,7 +102,8 @@ def evaluate_models(
     rows = [{"name": name, **metrics.compute()} for name, metrics in sums.items()]
     samples = []
     if tokenizer is not None:
-        for prompt in prompts:
+        for prompt in tqdm(list(prompts), desc="Greedy samples", unit=" prompt",
+                           disable=not show_progress):  # fmt: skip
             ids = tokenizer.encode(prompt)
             completions = {
                 name: tokenizer.decode(
