@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--seq_len", type=int, default=128)
     parser.add_argument("--top_k", type=int, default=32, help="teacher entries cached per token")
-    parser.add_argument("--layers", default="0,6,12,18,24,29", help="teacher blocks kept")
+    parser.add_argument("--layers", default="0,1,2,27,28,29", help="teacher blocks kept")
     parser.add_argument("--eval_batches", type=int, default=6, help="held-out batches")
     parser.add_argument("--fast", action="store_true", help="a smoke run (4 steps), not a result")
     args = parser.parse_args(argv)

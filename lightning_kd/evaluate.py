@@ -27,12 +27,16 @@ from typing import Any
 
 from torch import nn
 
-from lightning_kd.cli import _EXPORT_TRAINER, KDLightningCLI
+from lightning_kd.cli import KDLightningCLI
 from lightning_kd.evaluation import DEFAULT_PROMPTS, evaluate_models, format_table, write_report
 from lightning_kd.evaluation.report import format_samples
 from lightning_kd.io import ensure_writable_dir
 
 EVALUATE = "evaluate"
+#: Evaluation runs on one CPU process, whatever the run's trainer was.
+ONE_CPU_PROCESS = ("--trainer.accelerator", "cpu", "--trainer.devices", "1",
+                   "--trainer.num_nodes", "1", "--trainer.strategy", "auto",
+                   "--trainer.logger", "false")  # fmt: skip
 
 
 def _named(spec: str, flag: str) -> tuple[str, Path]:
@@ -96,7 +100,7 @@ def evaluate(args: list[str]) -> dict[str, Any]:
         raise ValueError(f"model names must differ, got {names}; use NAME=PATH.")
     ensure_writable_dir(ours.output_dir, "--output_dir")
     configs = [arg for path in ours.config for arg in ("--config", path)]
-    cli = KDLightningCLI(args=[*configs, *_EXPORT_TRAINER, *rest], run=False)
+    cli = KDLightningCLI(args=[*configs, *ONE_CPU_PROCESS, *rest], run=False)
     module, datamodule = cli.model, cli.datamodule
     if not ours.no_teacher and getattr(module, "teacher_source", None) is not None:
         module.configure_model()  # builds the student and the teacher, vocabularies reconciled

@@ -4,15 +4,9 @@ each step, which is plenty for a few dozen tokens from small models)."""
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-
-def _logits(output: object) -> Tensor:
-    if isinstance(output, Tensor):
-        return output
-    if isinstance(output, dict):
-        return output["logits"]
-    return output.logits  # HF ModelOutput
+from lightning_kd.models.outputs import logits_of
 
 
 @torch.no_grad()
@@ -48,7 +42,7 @@ def greedy_generate(
     new: list[int] = []
     for _ in range(max_new_tokens):
         window = ids if max_context is None else ids[-max_context:]
-        logits = _logits(model(torch.tensor([window], device=device)))
+        logits = logits_of(model(torch.tensor([window], device=device)))
         token = int(logits[0, -1].argmax())
         ids.append(token)
         new.append(token)

@@ -10,8 +10,9 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from lightning_kd.evaluation.greedy import _logits, greedy_generate
+from lightning_kd.evaluation.greedy import greedy_generate
 from lightning_kd.evaluation.metrics import TokenMetrics
+from lightning_kd.models.outputs import logits_of
 
 #: Fixed prompts of the greedy samples (override with ``prompts``).
 DEFAULT_PROMPTS = (
@@ -37,7 +38,7 @@ def _forward(model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
     kwargs = {}
     if batch.get("position_ids") is not None:
         kwargs["position_ids"] = batch["position_ids"]
-    return _logits(model(batch["input_ids"], **kwargs))
+    return logits_of(model(batch["input_ids"], **kwargs))
 
 
 @torch.no_grad()
