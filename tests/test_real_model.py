@@ -16,6 +16,7 @@ import torch
 
 from lightning_kd.models.hf.gguf import (
     DONE_MARKER,
+    as_plain_model,
     convert_gguf,
     is_converted,
     is_gguf,
@@ -82,9 +83,14 @@ def test_converted_logits_equal_transformers_gguf_loading(smollm2_dir: Path):
     ids = tokenizer(PROMPT, return_tensors="pt").input_ids
     assert ids.shape[1] >= 8
     model = HFCausalLM(pretrained_path=str(smollm2_dir)).eval()
+    # What HFCausalLM(pretrained_path=<gguf>) does after transformers' own load (the
+    # conversion above may have been cached by an earlier session).
+    plain = as_plain_model(reference)
+    assert getattr(plain.config, "quantization_config", None) is None
     with torch.no_grad():
         expected = reference(ids).logits
         got = model(ids)
+        torch.testing.assert_close(plain(ids).logits, expected, rtol=0, atol=1e-5)
     assert got.shape == (1, ids.shape[1], 49152) and got.dtype == torch.float32
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
     # Greedy: the pretrained model continues in English (the next token is a real word).

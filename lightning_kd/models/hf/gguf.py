@@ -15,6 +15,7 @@ ordinary transformers model afterwards (``save_pretrained`` works, TP plans appl
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 import shutil
@@ -98,14 +99,21 @@ def load_gguf(
     loaded = transformers.AutoModelForCausalLM.from_pretrained(
         path.parent, gguf_file=path.name, dtype=dtype, local_files_only=True
     )
-    config = loaded.config
+    return as_plain_model(loaded, attn_implementation)
+
+
+def as_plain_model(loaded: Any, attn_implementation: str = "sdpa") -> Any:
+    """A GGUF-loaded transformers model as an ordinary one: built ``from_config`` (a copy of
+    its config without ``quantization_config``) in its dtype, with its weights and generation
+    config, in eval mode. transformers refuses ``save_pretrained`` on the GGUF-loaded one."""
+    config = copy.deepcopy(loaded.config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    model = transformers.AutoModelForCausalLM.from_config(
-        config, dtype=dtype, attn_implementation=attn_implementation
+    model = require_transformers().AutoModelForCausalLM.from_config(
+        config, dtype=loaded.dtype, attn_implementation=attn_implementation
     )
     model.load_state_dict(loaded.state_dict())
-    model.generation_config = loaded.generation_config
+    model.generation_config = copy.deepcopy(loaded.generation_config)
     return model.eval()
 
 
