@@ -118,7 +118,9 @@ def _resumable_run(tmp_path: Path, steps: int, resume: str | None = None) -> lis
     losses = Losses()
     ckpt = ModelCheckpoint(tmp_path, every_n_train_steps=2, save_top_k=-1)
     _trainer(steps, [losses, ckpt], checkpointing=True).fit(
-        _module(source), _loader(4, 2), ckpt_path=resume  # epochs of 2 steps: resumable
+        _module(source),
+        _loader(4, 2),
+        ckpt_path=resume,  # epochs of 2 steps: resumable
     )
     return losses.values
 
