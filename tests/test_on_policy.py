@@ -178,19 +178,28 @@ def _run(tmp_path: Path, name: str, *args: str) -> dict:
     return json.loads(out.read_text())
 
 
+@pytest.fixture(scope="module")
+def single(tmp_path_factory) -> dict[str, dict]:
+    tmp = tmp_path_factory.mktemp("single")
+    return {family: _run(tmp, family, "--seq-kd", "--family", family)
+            for family in ("tiny", "llama")}  # fmt: skip
+
+
 @pytest.mark.distributed
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("name", "args"),
-    [("tp2", ["--devices", "2", "--tp", "2"]),
-     ("dp2", ["--devices", "2", "--dp", "2", "--batch-size", "2"])],
+    ("family", "args"),
+    [("tiny", ["--devices", "2", "--tp", "2"]),
+     ("tiny", ["--devices", "2", "--dp", "2", "--batch-size", "2"]),
+     ("llama", ["--devices", "2", "--dp", "2", "--batch-size", "2"])],
+    ids=["tp2", "fsdp2_dp2", "hf_fsdp2_dp2"],
 )  # fmt: skip
-def test_greedy_on_policy_fit_matches_one_process(tmp_path, name, args):
-    single = _run(tmp_path, "single", "--seq-kd")
-    result = _run(tmp_path, name, "--seq-kd", *args)
+def test_greedy_on_policy_fit_matches_one_process(tmp_path, single, family, args):
+    reference = single[family]
+    result = _run(tmp_path, "run", "--seq-kd", "--family", family, *args)
     # Student samples, teacher samples and the dataset's all occur in the 4 steps.
-    assert single["student_samples"] == [0.0, 1.0, 0.0, 1.0] and single["calls"] == 4
-    assert result["student_samples"] == single["student_samples"]
-    torch.testing.assert_close(torch.tensor(result["losses"]), torch.tensor(single["losses"]),
+    assert reference["student_samples"] == [0.0, 1.0, 0.0, 1.0] and reference["calls"] == 4
+    assert result["student_samples"] == reference["student_samples"]
+    torch.testing.assert_close(torch.tensor(result["losses"]), torch.tensor(reference["losses"]),
                                rtol=0, atol=1e-5)  # fmt: skip
-    assert result["student_abs_sum"] == pytest.approx(single["student_abs_sum"], rel=1e-5)
+    assert result["student_abs_sum"] == pytest.approx(reference["student_abs_sum"], rel=1e-5)

@@ -32,6 +32,11 @@ def gathered_parameters(model: nn.Module) -> Iterator[None]:
     """Every FSDP2 unit of ``model`` unsharded for the duration (one all-gather per unit, not
     one per token), resharded after. No effect on a model without FSDP2."""
     units = [m for m in model.modules() if isinstance(m, FSDPModule)]  # the root first
+    if units:
+        # FSDP2 picks its root at the first forward: make it the model's root before a hooked
+        # decoder runs the units' forwards (a unit run first would claim the root; private
+        # API, torch has no public one).
+        units[0]._get_fsdp_state()._lazy_init()
     for unit in units:
         unit.unshard()
     try:
