@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.fsdp import FSDPModule
 
+from lightning_kd.lightning_private import fsdp_claim_root
 from lightning_kd.rollout.decoders import decoder_for
 from lightning_kd.rollout.sampling import SamplingOptions, sample_tokens
 
@@ -34,9 +35,8 @@ def gathered_parameters(model: nn.Module) -> Iterator[None]:
     units = [m for m in model.modules() if isinstance(m, FSDPModule)]  # the root first
     if units:
         # FSDP2 picks its root at the first forward: make it the model's root before a hooked
-        # decoder runs the units' forwards (a unit run first would claim the root; private
-        # API, torch has no public one).
-        units[0]._get_fsdp_state()._lazy_init()
+        # decoder runs the units' forwards (a unit run first would claim the root).
+        fsdp_claim_root(units[0])
     for unit in units:
         unit.unshard()
     try:
