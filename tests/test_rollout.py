@@ -157,3 +157,36 @@ def test_bad_inputs_are_refused():
         generate(model, ids, mask, SamplingOptions(max_new_tokens=60))
     with pytest.raises(ValueError, match="TinyLlama and HFCausalLM"):
         generate(torch.nn.Linear(2, 2), ids, mask, SamplingOptions(max_new_tokens=2))
+
+
+def _sharded_generation(rank: int, world: int, family: str, dp: int, tp: int) -> None:
+    from tests.distributed import CollectiveRecorder, parallelize
+
+    build = _tiny if family == "tiny" else _hf
+    reference = build(dtype=torch.float32) if family == "tiny" else build("float32")
+    model = parallelize(build(dtype=torch.float32) if family == "tiny" else build("float32"),
+                        dp, tp)  # fmt: skip
+    ids, mask = _prompts()
+    calls = []
+    for steps in (2, 6):
+        opts = SamplingOptions(max_new_tokens=steps, temperature=0)
+        with CollectiveRecorder() as recorder:
+            out = generate(model, ids, mask, opts, lockstep=dp > 1)
+        calls.append(len(recorder.calls))
+        expected = generate(reference, ids, mask, opts)
+        assert torch.equal(out.tokens, expected.tokens), (family, dp, tp, steps)
+    if tp == 1:  # FSDP2 only: gathered once per rollout, whatever the number of tokens
+        assert calls[0] == calls[1] > 0, calls
+    # the model trains on afterwards: its forward still works, resharded
+    model(ids).sum()
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("family", "dp", "tp"), [("tiny", 2, 1), ("hf", 2, 1), ("tiny", 1, 2), ("hf", 1, 2)]
+)
+def test_sharded_greedy_generation_equals_one_process(family, dp, tp):
+    from tests.distributed import run_workers
+
+    run_workers(_sharded_generation, 2, family, dp, tp)

@@ -31,12 +31,19 @@ class Rollout(NamedTuple):
 @contextmanager
 def gathered_parameters(model: nn.Module) -> Iterator[None]:
     """Every FSDP2 unit of ``model`` unsharded for the duration (one all-gather per unit, not
-    one per token), resharded after. No effect on a model without FSDP2."""
+    one per token), resharded after. Units that a decoder runs through their own forward keep
+    their parameters gathered meanwhile (``set_reshard_after_forward(False)``, set back to
+    True, how :func:`~lightning_kd.parallel.fsdp.apply_fsdp` shards the blocks). No effect on a
+    model without FSDP2."""
     units = [m for m in model.modules() if isinstance(m, FSDPModule)]  # the root first
-    if units:
-        # FSDP2 picks its root at the first forward: make it the model's root before a hooked
-        # decoder runs the units' forwards (a unit run first would claim the root).
-        fsdp_claim_root(units[0])
+    if not units:
+        yield
+        return
+    # FSDP2 picks its root at the first forward: make it the model's root before a hooked
+    # decoder runs the units' forwards (a unit run first would claim the root).
+    fsdp_claim_root(units[0])
+    for unit in units[1:]:
+        unit.set_reshard_after_forward(False, recurse=False)
     for unit in units:
         unit.unshard()
     try:
@@ -44,6 +51,8 @@ def gathered_parameters(model: nn.Module) -> Iterator[None]:
     finally:
         for unit in units:
             unit.reshard()
+        for unit in units[1:]:
+            unit.set_reshard_after_forward(True, recurse=False)
 
 
 @torch.no_grad()
@@ -73,9 +82,10 @@ def generate(
         pad_token_id: the token written after a row's EOS.
         vocab_limit: sample only among the first ``vocab_limit`` ids (a padded lm_head's extra
             rows are never drawn).
-        lockstep: run all ``max_new_tokens`` steps even when every row has stopped (data
-            parallel ranks whose models gather weights in each forward must call it equally
-            often).
+        lockstep: with a decoder that runs the model's hooked forward (HFCausalLM), run all
+            ``max_new_tokens`` steps even when every row has stopped, so that data-parallel
+            ranks call FSDP2's hooks equally often (a safety net: with the parameters gathered
+            they issue no collective).
 
     Returns:
         The :class:`Rollout`.
@@ -111,7 +121,7 @@ def generate(
             if eos_token_id is not None:
                 finished = finished | (token == eos_token_id)
             last = step == options.max_new_tokens - 1
-            if last or (bool(finished.all()) and not lockstep):
+            if last or (bool(finished.all()) and not (lockstep and decoder.hooked)):
                 break
             positions = positions[:, -1:] + 1
             key_mask = torch.cat([key_mask, torch.ones_like(key_mask[:, :1])], dim=1)
