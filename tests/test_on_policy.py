@@ -203,3 +203,15 @@ def test_greedy_on_policy_fit_matches_one_process(tmp_path, single, family, args
     torch.testing.assert_close(torch.tensor(result["losses"]), torch.tensor(reference["losses"]),
                                rtol=0, atol=1e-5)  # fmt: skip
     assert result["student_abs_sum"] == pytest.approx(reference["student_abs_sum"], rel=1e-5)
+
+
+def test_fused_head_teacher_and_gradient_accumulation_run_on_policy():
+    """The fused-head teacher scores the samples too; with accumulation each micro-batch
+    makes its own draw (the counter counts micro-batches)."""
+    source = OnPolicySequences(lmbda=1.0, max_new_tokens=4, temperature=1.0, seed=5)
+    losses = Losses()
+    _trainer(2, [losses], accumulate_grad_batches=2).fit(
+        _module(source, fused_head=True), _loader(8, 2)
+    )
+    assert source.calls == 4 and len(losses.values) == 4
+    assert all(v == v and v > 0 for v in losses.values)

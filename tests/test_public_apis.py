@@ -156,6 +156,8 @@ PUBLIC_API = {
     "lightning_kd.teacher_cache": ["TeacherCache", "CachedTeacher", "CacheMetadata",
                                    "write_teacher_cache"],
     "lightning_kd.export": ["export_student", "export_checkpoint"],
+    "lightning_kd.training.on_policy": ["OnPolicySequences"],
+    "lightning_kd.rollout": ["generate", "SamplingOptions", "Rollout"],
     "lightning_kd.parallel": ["AtomicModelParallelStrategy"],
     "lightning_kd.cli": ["KDLightningCLI", "main"],
 }  # fmt: skip
