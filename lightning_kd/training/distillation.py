@@ -178,8 +178,8 @@ class DistillationModule(LightningModule):
             missing teacher checkpoint, a non-positive ``shared_vocab_size``, both or neither
             of ``teacher``, ``teacher_cache`` and ``teacher_backend``, a missing or malformed
             teacher cache (or a top-k one with another divergence than forward KL),
-            ``fused_head`` with a teacher cache, a loss that is not a ``KDLoss``, or a flag
-            that is not a bool.
+            ``fused_head`` with a teacher cache, a loss that is not a ``KDLoss``, a flag
+            that is not a bool, or ``on_policy`` with a teacher cache.
     """
 
     def __init__(
