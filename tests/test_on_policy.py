@@ -215,3 +215,16 @@ def test_fused_head_teacher_and_gradient_accumulation_run_on_policy():
     )
     assert source.calls == 4 and len(losses.values) == 4
     assert all(v == v and v > 0 for v in losses.values)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_resumed_tp2_run_with_sampling_equals_an_uninterrupted_one(tmp_path):
+    common = ["--devices", "2", "--tp", "2", "--temperature", "1.0", "--samples", "8"]
+    full = _run(tmp_path, "full", *common)
+    _run(tmp_path, "part", *common, "--steps", "2", "--ckpt-dir", str(tmp_path / "ckpt"))
+    ckpt = tmp_path / "ckpt" / "epoch=0-step=2.ckpt"  # an epoch end: the data resumes exactly
+    resumed = _run(tmp_path, "resumed", *common, "--resume", str(ckpt))
+    assert resumed["student_samples"] == full["student_samples"][2:] == [0.0, 1.0]
+    assert resumed["losses"] == full["losses"][2:]
+    assert resumed["student_abs_sum"] == full["student_abs_sum"]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, DistributedSampler
@@ -49,6 +49,9 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="sampling; 0: greedy")
     parser.add_argument("--family", default="tiny", help="tiny (TinyLlama) or an HF model_type")
     parser.add_argument("--divergence", default="reverse_kl")
+    parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument("--ckpt-dir", default=None, help="checkpoint every 2 steps here")
+    parser.add_argument("--resume", default=None)
     args = parser.parse_args()
 
     L.seed_everything(0, verbose=False)
@@ -63,17 +66,21 @@ def main() -> None:
     if args.devices > 1:
         strategy = ModelParallelStrategy(data_parallel_size=args.dp, tensor_parallel_size=args.tp)
     recorder = Recorder()
+    callbacks: list[Callback] = [recorder]
+    if args.ckpt_dir:
+        callbacks.append(ModelCheckpoint(args.ckpt_dir, every_n_train_steps=2, save_top_k=-1))
     trainer = L.Trainer(
         accelerator="cpu", devices=args.devices, strategy=strategy, max_steps=args.steps,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, limit_val_batches=0, callbacks=[recorder],
+        logger=False, enable_checkpointing=bool(args.ckpt_dir), enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0, callbacks=callbacks,
         deterministic=True,
     )  # fmt: skip
-    dataset = RandomTokens(16)
+    dataset = RandomTokens(args.samples)
     sampler = None
     if args.devices == 1:  # the sampler Lightning injects in distributed runs
         sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=0)
-    trainer.fit(module, DataLoader(dataset, batch_size=args.batch_size, sampler=sampler))
+    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler)
+    trainer.fit(module, loader, ckpt_path=args.resume)
     state = {
         k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu()
         for k, v in module.student.state_dict().items()
