@@ -32,6 +32,7 @@ from lightning_kd.checks import check_bool, check_int, check_unit_interval
 from lightning_kd.parallel.mesh import data_parallel
 from lightning_kd.rollout import Rollout, SamplingOptions, generate
 from lightning_kd.training.teachers import CacheTeacher
+from lightning_kd.training.vllm_rollouts import VLLMRollouts
 
 if TYPE_CHECKING:
     from lightning_kd.training.distillation import DistillationModule
@@ -63,6 +64,9 @@ class OnPolicySequences:
             the data module's tokenizer's EOS when it has one, else none.
         pad_token_id: token filling the rows after their end. None: the data module's
             tokenizer's padding id when it has one, else 0.
+        vllm: sample the student's completions from a vLLM server that follows its weights
+            (:class:`~lightning_kd.training.vllm_rollouts.VLLMRollouts`) instead of in process;
+            teacher samples (``seq_kd``) stay in process.
 
     Raises:
         ValueError: for ``lmbda`` outside [0, 1], bad sampling options, a negative seed, and
@@ -81,6 +85,7 @@ class OnPolicySequences:
         seed: int = 0,
         eos_token_id: int | None = None,
         pad_token_id: int | None = None,
+        vllm: VLLMRollouts | None = None,
     ) -> None:
         self.lmbda = check_unit_interval("lmbda", lmbda)
         self.seq_kd = check_bool("seq_kd", seq_kd)
@@ -93,6 +98,7 @@ class OnPolicySequences:
             None if pad_token_id is None else check_int("pad_token_id", pad_token_id, 0)
         )
         self.calls = 0  # training micro-batches seen: the counter of every seed
+        self.vllm = vllm
 
     def __repr__(self) -> str:
         o = self.options
@@ -163,25 +169,34 @@ class OnPolicySequences:
         eos, pad = self._special_ids(module)
         prompt_ids, prompt_mask = split_prompts(batch, ignore, pad)
         rank = data_parallel(module.device_mesh)
-        device = prompt_ids.device
-        generator = torch.Generator(device).manual_seed(
-            counter_seed(self.seed, calls, 1 + rank.rank)
-        )
-        model: nn.Module = getattr(module, role)
+        sample_seed = counter_seed(self.seed, calls, 1 + rank.rank)
         start = time.perf_counter()
-        was_training = model.training
-        model.eval()
-        try:
-            rollout = generate(
-                model, prompt_ids, prompt_mask, self.options, generator, eos, pad,
-                vocab_limit=_vocab_limit(module), lockstep=rank.size > 1,
-            )  # fmt: skip
-        finally:
-            model.train(was_training)
+        if role == "student" and self.vllm is not None:
+            rollout = self.vllm(module, prompt_ids, prompt_mask, self.options, sample_seed,
+                                eos, pad)  # fmt: skip
+        else:
+            rollout = self._in_process(module, role, prompt_ids, prompt_mask, sample_seed, eos,
+                                       pad, lockstep=rank.size > 1)  # fmt: skip
         seconds = time.perf_counter() - start
         module.log("train/student_samples", float(role == "student"))
         module.log("train/rollout_tokens_per_sec", float(rollout.mask.sum()) / max(seconds, 1e-9))
         return join_completions(prompt_ids, prompt_mask, rollout, ignore, pad)
+
+    def _in_process(
+        self, module: DistillationModule, role: str, prompt_ids: Tensor, prompt_mask: Tensor,
+        seed: int, eos: int | None, pad: int, lockstep: bool,
+    ) -> Rollout:  # fmt: skip
+        generator = torch.Generator(prompt_ids.device).manual_seed(seed)
+        model: nn.Module = getattr(module, role)
+        was_training = model.training
+        model.eval()
+        try:
+            return generate(
+                model, prompt_ids, prompt_mask, self.options, generator, eos, pad,
+                vocab_limit=_vocab_limit(module), lockstep=lockstep,
+            )  # fmt: skip
+        finally:
+            model.train(was_training)
 
     def _special_ids(self, module: DistillationModule) -> tuple[int | None, int]:
         tokenizer = _data_tokenizer(module)
