@@ -5,7 +5,12 @@ Models: the chat demo's student (TinyLlama V=258, d=64, 2 blocks) and teacher (d
 blocks), fp32, CPU. Prompts of ``--prompt`` random tokens, ``--new`` sampled tokens at
 temperature 1 (no EOS: every row runs to the end).
 
+With ``--vllm-python .venv-vllm/bin/python`` (``make vllm-env``) it also compares in-process
+sampling with a vLLM server (launched here) on a Llama of head size 64 (vLLM's CPU attention
+has no kernel for the chat models' head size 16), d=256, 4 blocks.
+
 Usage: python benchmarks/rollout.py [--batch 8] [--prompt 64] [--new 96] [--steps 4]
+       [--vllm-python PATH] [--vllm-batch 64]
 """
 
 from __future__ import annotations
@@ -102,13 +107,51 @@ def step_share(batch: int, prompt: int, new: int, steps: int) -> tuple[float, fl
     return step, rollout
 
 
+def vllm_versus_in_process(python: str, batch: int, prompt: int, new: int) -> None:
+    import tempfile
+
+    from lightning_kd.export import export_student
+    from lightning_kd.rollout.vllm_client import VLLMGenerator, unpadded
+    from lightning_kd.rollout.vllm_server import VLLMServer
+
+    torch.manual_seed(0)
+    net = TinyLlama(vocab_size=258, dim=256, n_layers=4, n_heads=4, n_kv_heads=2,
+                    hidden_dim=688, max_seq_len=512).eval()  # fmt: skip
+    params = sum(p.numel() for p in net.parameters()) / 1e6
+    ids = torch.randint(0, 258, (batch, prompt))
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    options = SamplingOptions(max_new_tokens=new, temperature=1.0)
+    generate(net, ids, mask, options, torch.Generator().manual_seed(0))  # warm-up
+    start = time.perf_counter()
+    generate(net, ids, mask, options, torch.Generator().manual_seed(0))
+    local = batch * new / (time.perf_counter() - start)
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = export_student(net, net.state_dict(), f"{tmp}/model")
+        launched = time.perf_counter()
+        with VLLMServer(str(directory), python=python,
+                        extra_args=("--skip-tokenizer-init",)) as server:  # fmt: skip
+            ready = time.perf_counter() - launched
+            client = VLLMGenerator(server.url)
+            client.complete(unpadded(ids, mask), options, seed=0)  # warm-up
+            start = time.perf_counter()
+            out = client.complete(unpadded(ids, mask), options, seed=1)
+            served = float(out.mask.sum()) / (time.perf_counter() - start)
+    print(f"\nLlama {params:.1f} M parameters, batch {batch}: in process {local:,.0f} tokens/s, "
+          f"vLLM {served:,.0f} tokens/s (server ready after {ready:.0f} s)")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--new", type=int, default=96)
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--vllm-python", default=None, help="compare with vLLM (this Python)")
+    parser.add_argument("--vllm-batch", type=int, default=64)
+    parser.add_argument("--skip-step", action="store_true", help="no training-step share")
     args = parser.parse_args()
+    if args.vllm_python:
+        vllm_versus_in_process(args.vllm_python, args.vllm_batch, args.prompt, args.new)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     print(f"batch {args.batch}, prompt {args.prompt}, {args.new} new tokens, "
           f"{torch.get_num_threads()} threads")  # fmt: skip
@@ -117,6 +160,8 @@ def main() -> None:
     for role in ("student", "teacher"):
         cached, free = tokens_per_second(role, args.batch, args.prompt, args.new)
         print(f"| chat {role} | {cached:,.0f} | {free:,.0f} | {cached / free:.1f}x |")
+    if args.skip_step:
+        return
     step, rollout = step_share(args.batch, args.prompt, args.new, args.steps)
     print(f"\non-policy step (lmbda=1): {step * 1000:.0f} ms, of which generating "
           f"{rollout * 1000:.0f} ms ({rollout / step:.0%})")  # fmt: skip

@@ -8,6 +8,10 @@
 - :func:`generate` (``generate.py``): left-padded prompts in, completions out (padded and
   masked after EOS), under no-grad; FSDP2-sharded models are unsharded once per rollout.
 
+- ``vllm_server.py`` / ``vllm_client.py``: a vLLM OpenAI-compatible server launched on
+  127.0.0.1 (:class:`~lightning_kd.rollout.vllm_server.VLLMServer`) and a client that samples
+  by token ids and reloads weights (:class:`~lightning_kd.rollout.vllm_client.VLLMGenerator`).
+
 Used by :class:`~lightning_kd.training.on_policy.OnPolicySequences` (on-policy distillation).
 """
 
