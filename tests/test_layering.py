@@ -31,6 +31,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("checkpoint",),
     # Meshes, TP plans, FSDP2, sharded loading.
     ("parallel",),
+    # In-process generation with a KV cache (rollouts of on-policy distillation).
+    ("rollout",),
     ("data",),
     # The offline teacher: runs the teacher of a (duck-typed) training module.
     ("teacher_cache",),

@@ -163,6 +163,8 @@ PUBLIC_API = {
     "lightning_kd.checkpoint.strategy": ["AtomicModelParallelStrategy"],
     "lightning_kd.checkpoint": ["resolve_last_checkpoint", "verify_checkpoint",
                                 "inspect_checkpoint", "FolderLock"],
+    "lightning_kd.training.on_policy": ["OnPolicySequences"],
+    "lightning_kd.rollout": ["generate", "SamplingOptions", "Rollout"],
     "lightning_kd.cli": ["KDLightningCLI", "main"],
 }  # fmt: skip
 

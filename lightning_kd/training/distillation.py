@@ -65,6 +65,7 @@ from lightning_kd.training.eval_metrics import EvalSums
 from lightning_kd.training.loss_terms import LossTerms, find_logits, logits_of
 from lightning_kd.training.memory_estimate import estimate_run_memory
 from lightning_kd.training.module_args import resolve_loss
+from lightning_kd.training.on_policy import OnPolicySequences
 from lightning_kd.training.optim import build_optimizers, default_optimizer
 from lightning_kd.training.sequences import DataLoaderSequences, SequenceSource
 from lightning_kd.training.teacher import ModelOrFactory, TeacherSource, build_model, freeze
@@ -157,6 +158,9 @@ class DistillationModule(LightningModule):
         teacher_backend: another kind of teacher, instead of ``teacher`` / ``teacher_cache``
             (a :class:`~lightning_kd.training.teachers.TeacherBackend`; see that module for how
             to write one).
+        on_policy: on-policy distillation: the student's (or the teacher's) samples as the
+            completions of the training batches (:class:`~lightning_kd.training.on_policy.
+            OnPolicySequences`; sets :attr:`sequence_source`). Refused with a teacher cache.
 
     Attributes:
         loss: the distillation loss (``kd_loss`` is its deprecated name).
@@ -172,8 +176,8 @@ class DistillationModule(LightningModule):
             missing teacher checkpoint, a non-positive ``shared_vocab_size``, both or neither
             of ``teacher``, ``teacher_cache`` and ``teacher_backend``, a missing or malformed
             teacher cache (or a top-k one with another divergence than forward KL),
-            ``fused_head`` with a teacher cache, a loss that is not a ``KDLoss``, or a flag
-            that is not a bool.
+            ``fused_head`` with a teacher cache, a loss that is not a ``KDLoss``, a flag
+            that is not a bool, or ``on_policy`` with a teacher cache.
     """
 
     def __init__(
@@ -197,6 +201,7 @@ class DistillationModule(LightningModule):
         teacher_offload: bool = False,
         sharded_loading: bool = False,
         teacher_backend: TeacherBackend | None = None,
+        on_policy: OnPolicySequences | None = None,
     ) -> None:
         super().__init__()
         check_bool("fused_head", fused_head)
@@ -220,7 +225,9 @@ class DistillationModule(LightningModule):
         self.teacher_cache = teacher_cache
         self.loss = resolve_loss(loss, kd_ratio)
         self._use_backend(backend)
-        self.sequence_source: SequenceSource = DataLoaderSequences()
+        if on_policy is not None:
+            OnPolicySequences.check_teacher(backend)
+        self.sequence_source: SequenceSource = on_policy or DataLoaderSequences()
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.save_teacher = save_teacher
@@ -512,11 +519,15 @@ class DistillationModule(LightningModule):
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         record_settings(checkpoint, self._settings())
+        if hasattr(self.sequence_source, "state_dict"):  # e.g. on-policy draws: resume them
+            checkpoint["sequence_source"] = self.sequence_source.state_dict()
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Warn when the module being loaded into is configured unlike the one that saved."""
         check_settings(checkpoint, self._settings(), teacher_saved=self.save_teacher)
+        if "sequence_source" in checkpoint and hasattr(self.sequence_source, "load_state_dict"):
+            self.sequence_source.load_state_dict(checkpoint["sequence_source"])
 
     # ------------------------------------------------------------------ groups
     @property

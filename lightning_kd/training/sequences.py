@@ -7,6 +7,11 @@ makes its own sequences (e.g. the student generating them, on-policy distillatio
 module, so it can run the student, and returns a batch of the same form: ``input_ids`` [B, S]
 int64 and already-shifted ``labels`` [B, S] int64 (``ignore_index`` where no loss is wanted),
 optionally ``position_ids`` [B, S].
+
+A source with ``state_dict()`` / ``load_state_dict(state)`` (e.g. the counter of its random
+draws) is saved in checkpoints under ``"sequence_source"`` and restored on resume.
+:class:`~lightning_kd.training.on_policy.OnPolicySequences` (``DistillationModule(on_policy=)``)
+is the on-policy source.
 """
 
 from __future__ import annotations
