@@ -328,6 +328,7 @@ def cache_teacher(args: list[str]) -> None:
 
 
 EXPORT = "export"
+EVALUATE = "evaluate"
 #: Export builds the student on one CPU process, whatever the run's trainer was.
 _EXPORT_TRAINER = ("--trainer.accelerator", "cpu", "--trainer.devices", "1",
                    "--trainer.num_nodes", "1", "--trainer.strategy", "auto",
@@ -422,7 +423,7 @@ def main(args: list[str] | None = None) -> int:
             export(argv[1:])
         elif argv[:1] == [GENERATE]:
             generate(argv[1:])
-        elif argv[:1] == ["evaluate"]:  # students and teacher on held-out text: table + JSON
+        elif argv[:1] == [EVALUATE]:  # students and teacher on held-out text: table + JSON
             from lightning_kd.evaluate import evaluate
 
             evaluate(argv[1:])

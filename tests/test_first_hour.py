@@ -27,7 +27,14 @@ from lightning_kd.callbacks.run_progress import (
     run_progress_bar,
     run_total_batches,
 )
-from lightning_kd.cli import CACHE_TEACHER, EXPORT, KDLightningCLI, main, quiet_expected_messages
+from lightning_kd.cli import (
+    CACHE_TEACHER,
+    EVALUATE,
+    EXPORT,
+    KDLightningCLI,
+    main,
+    quiet_expected_messages,
+)
 from lightning_kd.generate_cli import GENERATE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,7 +149,12 @@ def test_top_level_help_lists_every_command_without_importing_torch():
 
 def test_the_help_lists_exactly_the_commands_main_runs(capsys):
     lightning = set(KDLightningCLI.subcommands())
-    assert {name for name, _ in commands.COMMANDS} == lightning | {CACHE_TEACHER, EXPORT, GENERATE}
+    assert {name for name, _ in commands.COMMANDS} == lightning | {
+        CACHE_TEACHER,
+        EXPORT,
+        GENERATE,
+        EVALUATE,
+    }
     assert main(["--help"]) == 0  # lightning_kd.cli.main, the 0.2 entry point, too
     assert "cache-teacher" in capsys.readouterr().out
     assert commands.main([]) == 2  # no command: the help, as a usage error

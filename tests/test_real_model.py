@@ -1,7 +1,7 @@
 """A real pretrained teacher: SmolLM2-135M-Instruct loaded from its GGUF file (``real_model``).
 
 The GGUF is dequantised once per session into a safetensors directory (cached under ``.cache/``
-across sessions, see :mod:`tests.real_model`); its logits must equal transformers' own GGUF
+across sessions, see :mod:`tests.helpers.real_model`); its logits must equal transformers' own GGUF
 loading. The argument checks at the top run without the wheel.
 """
 
@@ -22,7 +22,7 @@ from lightning_kd.models.hf.gguf import (
     is_gguf,
     resolve_gguf,
 )
-from tests.real_model import SMOLLM2, converted_smollm2, needs_real_model
+from tests.helpers.real_model import SMOLLM2, converted_smollm2, needs_real_model
 
 pytest.importorskip("transformers")
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from lightning_kd import TinyLlama
 from lightning_kd.models.init_from_teacher import copy_from_teacher, select_layers, teacher_key
-from tests.real_model import converted_smollm2, needs_real_model
+from tests.helpers.real_model import converted_smollm2, needs_real_model
 
 SIZES = {"vocab_size": 64, "dim": 32, "n_heads": 4, "n_kv_heads": 2, "hidden_dim": 48}
 

