@@ -160,7 +160,7 @@ def test_bad_inputs_are_refused():
 
 
 def _sharded_generation(rank: int, world: int, family: str, dp: int, tp: int) -> None:
-    from tests.distributed import CollectiveRecorder, parallelize
+    from tests.helpers.distributed import CollectiveRecorder, parallelize
 
     build = _tiny if family == "tiny" else _hf
     reference = build(dtype=torch.float32) if family == "tiny" else build("float32")
@@ -187,6 +187,6 @@ def _sharded_generation(rank: int, world: int, family: str, dp: int, tp: int) ->
     ("family", "dp", "tp"), [("tiny", 2, 1), ("hf", 2, 1), ("tiny", 1, 2), ("hf", 1, 2)]
 )
 def test_sharded_greedy_generation_equals_one_process(family, dp, tp):
-    from tests.distributed import run_workers
+    from tests.helpers.distributed import run_workers
 
     run_workers(_sharded_generation, 2, family, dp, tp)

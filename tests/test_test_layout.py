@@ -39,3 +39,32 @@ def test_no_test_module_imports_another():
         if (names := imported_test_modules(path.read_text()))
     }
     assert not offenders, f"move what they share to tests/helpers: {offenders}"
+
+
+def imported_tests_modules(source: str) -> list[str]:
+    """The ``tests.*`` modules ``source`` imports by absolute name, at any depth (a lazy import
+    inside a worker function fails only in the worker, after the test started)."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found += [alias.name for alias in node.names if alias.name.startswith("tests.")]
+        elif (
+            isinstance(node, ast.ImportFrom)
+            and node.level == 0
+            and (node.module or "").startswith("tests.")
+        ):
+            found.append(node.module)
+    return found
+
+
+def test_every_imported_tests_module_exists():
+    """A helper moved (e.g. to tests/helpers/) must not leave imports of its old path."""
+    root = TESTS.parent
+    missing = {
+        f"{path.relative_to(TESTS)}: {name}"
+        for path in sorted(TESTS.rglob("*.py"))
+        for name in imported_tests_modules(path.read_text())
+        if not (root / (name.replace(".", "/") + ".py")).exists()
+        and not (root / name.replace(".", "/") / "__init__.py").exists()
+    }
+    assert not missing, f"imports of test modules that do not exist: {sorted(missing)}"

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from lightning_kd import DistillationModule, KDLoss
 from lightning_kd.cli import shutdown_distributed
 from lightning_kd.training.on_policy import OnPolicySequences
-from tests.distributed import exit_now
+from tests.helpers.distributed import exit_now
 from tests.scripts.fit_run import RandomTokens, make_hf_models, make_models
 
 
@@ -98,4 +98,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    exit_now(0)  # see tests/distributed.py: no gloo teardown abort after success
+    exit_now(0)  # see tests/helpers/distributed.py: no gloo teardown abort after success
