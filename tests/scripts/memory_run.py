@@ -19,6 +19,16 @@ import torch.nn.functional as F
 
 
 def _peak() -> int:
+    """This process's peak resident bytes. ``VmHWM`` is per address space; ``ru_maxrss``
+    also counts the parent's resident size at the fork before exec (a large pytest process,
+    e.g. one that loaded a real model, would inflate it), so it is only the fallback."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
