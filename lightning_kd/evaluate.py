@@ -71,6 +71,7 @@ def parse_args(args: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(
         prog=f"lightning-kd {EVALUATE}",
         description="Evaluate students and the teacher on the held-out split.",
+        allow_abbrev=False,  # `--output` is not `--output_dir`: a typo is an error
     )
     parser.add_argument("--config", action="append", required=True, help="a config file")
     parser.add_argument("--output_dir", required=True, help="where the table and JSON go")

@@ -171,12 +171,13 @@ def test_unknown_or_abbreviated_option_is_one_final_line(typo, capsys):
     assert lines[-1] == f"lightning-kd fit: error: unrecognized arguments: {typo} 4"
 
 
-@pytest.mark.parametrize("command", [EXPORT, CACHE_TEACHER, GENERATE])
+@pytest.mark.parametrize("command", [EXPORT, CACHE_TEACHER, GENERATE, EVALUATE])
 def test_own_options_of_the_other_commands_are_not_abbreviated(command, tmp_path, capsys):
     # `--ckpt`/`--output_d`/`--promp` would have been taken for the full option names
     args = {EXPORT: ["--ckpt", "x.ckpt", "--output_dir", str(tmp_path)],
             CACHE_TEACHER: ["--output_d", str(tmp_path), "--top_k", "2"],
-            GENERATE: ["--ckpt_path", "x.ckpt", "--promp", "hi"]}[command]  # fmt: skip
+            GENERATE: ["--ckpt_path", "x.ckpt", "--promp", "hi"],
+            EVALUATE: ["--output", str(tmp_path), "--ckpt_path", "x.ckpt"]}[command]  # fmt: skip
     with pytest.raises(SystemExit) as stop:
         main([command, "--config", QUICKSTART, *args])
     assert stop.value.code == 2
