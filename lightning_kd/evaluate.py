@@ -21,7 +21,6 @@ greedy samples use a minimal decoder of this package (:mod:`lightning_kd.evaluat
 from __future__ import annotations
 
 import argparse
-import copy
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from torch import nn
 from lightning_kd.cli import KDLightningCLI
 from lightning_kd.evaluation import DEFAULT_PROMPTS, evaluate_models, format_table, write_report
 from lightning_kd.evaluation.report import format_samples
+from lightning_kd.export import load_student
 from lightning_kd.io import ensure_writable_dir
 
 EVALUATE = "evaluate"
@@ -47,23 +47,6 @@ def _named(spec: str, flag: str) -> tuple[str, Path]:
     if not source.exists():
         raise ValueError(f"{flag} {path!r} does not exist.")
     return name or (source.stem if source.is_file() else source.name), source
-
-
-def _student_from_checkpoint(module: Any, path: Path) -> nn.Module:
-    from lightning_kd.export import student_of, student_state_from_checkpoint
-
-    student, prefix = student_of(module, build=True)
-    if student is None:
-        raise ValueError(f"the config's module has no student to load {str(path)!r} into.")
-    model = copy.deepcopy(student)
-    state = student_state_from_checkpoint(path, prefix)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            f"checkpoint {str(path)!r} does not hold the config's student: missing "
-            f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}."
-        )
-    return model
 
 
 def parse_args(args: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -108,7 +91,7 @@ def evaluate(args: list[str]) -> dict[str, Any]:
     teacher = None if ours.no_teacher else getattr(module, "teacher", None)
     models: dict[str, nn.Module] = {}
     for name, path in named:
-        models[name] = _student_from_checkpoint(module, path)
+        models[name] = load_student(module, path, copy=True)
     for name, path in named_hf:
         from lightning_kd.models.hf import HFCausalLM
 

@@ -98,21 +98,14 @@ def _hf_codec(hf: Any, chat: bool, eos: int | list[int] | None) -> Codec:
 def _from_checkpoint(ours: argparse.Namespace, rest: list[str]) -> tuple[nn.Module, Codec]:
     from lightning_kd.cli import KDLightningCLI
     from lightning_kd.data.tokenizer import ByteTokenizer
-    from lightning_kd.export import student_of, student_state_from_checkpoint
+    from lightning_kd.export import load_student
 
     ckpt = Path(ours.ckpt_path)
     if not ckpt.exists():
         raise ValueError(f"--ckpt_path {ours.ckpt_path!r} does not exist.")
     configs = [arg for path in ours.config for arg in ("--config", path)]
     cli = KDLightningCLI(args=[*configs, *_CPU_TRAINER, *rest], run=False)
-    model, prefix = student_of(cli.model, build=True)
-    state = student_state_from_checkpoint(ckpt, prefix)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            f"checkpoint {str(ckpt)!r} does not hold the config's model: missing "
-            f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}."
-        )
+    model = load_student(cli.model, ckpt)
     tokenizer = getattr(cli.datamodule, "tokenizer", None)
     encoder = getattr(cli.datamodule, "encoder", None) if ours.chat else None
     if ours.chat and encoder is None:

@@ -12,7 +12,7 @@ A :class:`~lightning_kd.TinyLlama` exports as ``LlamaForCausalLM``
 :class:`~lightning_kd.models.hf.HFCausalLM` as its own architecture.
 """
 
-from lightning_kd.export.checkpoint_export import export_checkpoint, student_of
+from lightning_kd.export.checkpoint_export import export_checkpoint, load_student, student_of
 from lightning_kd.export.hf_export import export_student, run_tokenizer
 from lightning_kd.export.student_state import gather_full_state, student_state_from_checkpoint
 
@@ -20,6 +20,7 @@ __all__ = [
     "export_checkpoint",
     "export_student",
     "gather_full_state",
+    "load_student",
     "run_tokenizer",
     "student_of",
     "student_state_from_checkpoint",

@@ -9,6 +9,7 @@ directory, consolidated by DCP on this one process).
 
 from __future__ import annotations
 
+import copy as copy_module
 import os
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -54,6 +55,37 @@ def student_of(module: nn.Module, build: bool = False) -> tuple[nn.Module | None
             "DistillationModule and CausalLMModule runs (modules with export_model)."
         )
     return module.export_model(build=build)
+
+
+def load_student(
+    module: nn.Module, ckpt_path: str | os.PathLike[str], *, copy: bool = False
+) -> nn.Module:
+    """The student (or model) of ``module`` built from its config, with the weights of
+    checkpoint ``ckpt_path`` (single file or distributed directory) loaded into it.
+
+    Args:
+        module: the run's LightningModule as its config builds it (not configured).
+        ckpt_path: the checkpoint.
+        copy: load into a copy, leaving the module's own student as built (to load several
+            checkpoints of one config side by side).
+
+    Raises:
+        ValueError: a module without a student, a missing or unreadable checkpoint, or weights
+            that are not the config's student's (missing or unexpected keys).
+    """
+    student, prefix = student_of(module, build=True)
+    if student is None:
+        raise ValueError(f"the config's module has no student to load {str(ckpt_path)!r} into.")
+    if copy:
+        student = copy_module.deepcopy(student)
+    state = student_state_from_checkpoint(ckpt_path, prefix)
+    missing, unexpected = student.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint {str(ckpt_path)!r} does not hold the config's student: missing "
+            f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}."
+        )
+    return student
 
 
 def export_checkpoint(
