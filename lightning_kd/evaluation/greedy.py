@@ -1,12 +1,13 @@
-"""A minimal greedy decoder for evaluation samples (no KV cache: the whole context is re-run at
-each step, which is plenty for a few dozen tokens from small models)."""
+"""Greedy continuations for evaluation samples: one prompt as a list of ids, through the
+reference sampler of ``lightning-kd generate`` (:func:`lightning_kd.generation.sample` at
+temperature 0; no KV cache, plenty for a few dozen tokens from small models)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from lightning_kd.models.outputs import logits_of
+from lightning_kd.generation import sample
 
 
 @torch.no_grad()
@@ -38,14 +39,7 @@ def greedy_generate(
             f"{max_context}."
         )
     device = next(model.parameters()).device
-    ids = list(prompt_ids)
-    new: list[int] = []
-    for _ in range(max_new_tokens):
-        window = ids if max_context is None else ids[-max_context:]
-        logits = logits_of(model(torch.tensor([window], device=device)))
-        token = int(logits[0, -1].argmax())
-        ids.append(token)
-        new.append(token)
-        if token == eos_id:
-            break
-    return new
+    prompt = torch.tensor([prompt_ids], device=device)
+    out = sample(model, prompt, max_new_tokens, temperature=0.0, eos_token_id=eos_id,
+                 max_context=max_context)  # fmt: skip
+    return out[0, len(prompt_ids) :].tolist()
