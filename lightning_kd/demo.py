@@ -12,7 +12,11 @@
 ``--chat`` runs the same three stages on instruction data instead: the generated question-answer
 conversations of :class:`~lightning_kd.data.ChatDataModule` (packed, each attending only to
 itself), with the loss on the assistant's answers only (``configs/chat_teacher.yaml``,
-``configs/chat_quickstart.yaml``; runs in ``runs/chat_*``).
+``configs/chat_quickstart.yaml``; runs in ``runs/chat_*``). ``--on-policy`` (chat only) adds a
+fourth student distilled on its own samples (``configs/chat_on_policy.yaml``, GKD with reverse KL)
+for the same number of steps, and a second table: the off- and on-policy students' divergence to
+the teacher on held-out answers and on completions each student samples itself
+(:func:`~lightning_kd.evaluation.own_samples.divergence_on_own_samples`).
 
 Every stage runs through the ``lightning-kd`` CLI with the shipped configs, so the demo also
 proves them. The configs ship inside the package (``lightning_kd/configs``, which the repository's
@@ -36,6 +40,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 from lightning_kd.cli import KDLightningCLI
+from lightning_kd.evaluation.own_samples import divergence_on_own_samples
+from lightning_kd.evaluation.run import evaluate_models
 from lightning_kd.export import export_checkpoint
 from lightning_kd.losses.divergences import DIVERGENCES, resolve_divergence
 
@@ -129,7 +135,7 @@ def _cli(config: str, *overrides: str) -> KDLightningCLI:
 
 def _fit_and_validate(
     config: str, *overrides: str, run_dir: str | None = None, export_to: str | None = None
-) -> dict:
+) -> tuple[dict, KDLightningCLI]:
     """Fit and validate ``config``; ``run_dir`` receives the run's logs and checkpoints (so
     the demo never touches the runs of ``lightning-kd fit --config <config>``). The final
     weights land in ``checkpoints/last.ckpt`` whatever the checkpoint interval: the CLI adds
@@ -148,12 +154,49 @@ def _fit_and_validate(
     elif export_to is not None:  # the final student as a Hugging Face directory
         ckpt = Path(run_dir or ".") / "checkpoints" / "last.ckpt"
         export_checkpoint(cli.model, ckpt, export_to, datamodule=cli.datamodule, overwrite=True)
-    return {k: float(v) for k, v in metrics.items()}
+    return {k: float(v) for k, v in metrics.items()}, cli
 
 
 def _row(name: str, ce: float, div: float | None) -> str:
     div_text = "-" if div is None else f"{div:.4f}"
     return f"| {name:<28} | {ce:>13.4f} | {math.exp(ce):>10.3f} | {div_text:>21} |"
+
+
+#: Held-out batches of the on-policy comparison (8 conversations each).
+OWN_SAMPLE_BATCHES = 4
+
+
+def _print_on_policy_table(students: dict[str, KDLightningCLI], on_policy: KDLightningCLI) -> None:
+    """Each student's KL(teacher ‖ student) on held-out answers and on its own samples (drawn
+    as the on-policy run draws them), on the on-policy run's held-out conversations."""
+    teacher = on_policy.model.teacher
+    data = on_policy.datamodule  # one conversation per row: prompts split cleanly
+    tokenizer = data.tokenizer
+    source = on_policy.model.sequence_source
+    models = {name: cli.model.student for name, cli in students.items()}
+    held_out = evaluate_models(models, data.val_dataloader(), teacher=teacher,
+                               max_batches=OWN_SAMPLE_BATCHES, show_progress=False)  # fmt: skip
+    kl = {row["name"]: row["kl_to_teacher"] for row in held_out["models"]}
+    print(f"\nOn-policy vs off-policy, on {OWN_SAMPLE_BATCHES} held-out batches of conversations; "
+          f"samples: {source.options}\n")  # fmt: skip
+    print(
+        "| model                        | KL(t‖s) held-out answers | KL(t‖s) own samples "
+        "| KL(s‖t) own samples |"
+    )
+    print(
+        "|------------------------------|--------------------------|---------------------"
+        "|---------------------|"
+    )
+    for name, model in models.items():
+        own = divergence_on_own_samples(
+            model, teacher, data.val_dataloader(), options=source.options, seed=source.seed,
+            eos_token_id=tokenizer.eos_id, pad_token_id=getattr(tokenizer, "pad_id", 0),
+            max_batches=OWN_SAMPLE_BATCHES, ignore_index=on_policy.model.loss.options.ignore_index,
+        )  # fmt: skip
+        print(
+            f"| {name:<28} | {kl[name]:>24.4f} | {own['kl_to_teacher']:>19.4f} "
+            f"| {own['reverse_kl']:>19.4f} |"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,6 +220,20 @@ def main(argv: list[str] | None = None) -> int:
         "(configs/chat_teacher.yaml, configs/chat_quickstart.yaml)",
     )
     parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        metavar="N",
+        help="training steps of each student (default: the configs', 300; 20 with --fast); "
+        "the learning-rate schedules stay the configs'",
+    )
+    parser.add_argument(
+        "--on-policy",
+        action="store_true",
+        help="the chat demo plus a student distilled on its own samples "
+        "(configs/chat_on_policy.yaml) for the same steps, compared with the off-policy one",
+    )
+    parser.add_argument(
         "--divergence",
         choices=list(DIVERGENCES),
         default=None,
@@ -184,33 +241,45 @@ def main(argv: list[str] | None = None) -> int:
         "is measured with the same one",
     )
     args = parser.parse_args(argv)
+    if args.steps is not None and args.steps < 1:
+        parser.error(f"--steps must be a positive number of steps, got {args.steps}")
     short = ["--trainer.max_steps", "20", "--trainer.val_check_interval", "10"] if args.fast else []
     loss_args = "--model.init_args.loss.init_args."
     student = list(short)  # the two students' runs (the teacher has no distillation loss)
+    if args.steps is not None:
+        student += ["--trainer.max_steps", str(args.steps)]
     if args.divergence is not None:
         student += [loss_args + "divergence", args.divergence]
     label = resolve_divergence(args.divergence or "forward_kl").label
-    setup = CHAT if args.chat else STORIES
+    setup = CHAT if args.chat or args.on_policy else STORIES
     start = time.time()
 
+    stages = 4 if args.on_policy else 3
     teacher_ckpt = setup.teacher_ckpt
     if args.fast or args.retrain_teacher or not _cached_teacher_ok(setup):
-        print(f"== 1/3 training the teacher (configs/{setup.teacher_config})", flush=True)
+        print(f"== 1/{stages} training the teacher (configs/{setup.teacher_config})", flush=True)
         if teacher_ckpt.parent.exists():
             shutil.rmtree(teacher_ckpt.parent)
         _fit_and_validate(config_path(setup.teacher_config), *short)  # writes teacher_ckpt
         if not args.fast:  # a smoke-run teacher is never reused
             setup.teacher_stamp.write_text(_config_digest(setup))
     else:
-        print(f"== 1/3 reusing the cached teacher {teacher_ckpt}", flush=True)
+        print(f"== 1/{stages} reusing the cached teacher {teacher_ckpt}", flush=True)
 
     config = config_path(setup.student_config)
-    print(f"== 2/3 distilling into the student (configs/{setup.student_config}, {label})",
+    print(f"== 2/{stages} distilling into the student (configs/{setup.student_config}, {label})",
           flush=True)  # fmt: skip
     exported = f"{setup.runs}_kd/hf"
-    kd = _fit_and_validate(config, *student, run_dir=f"{setup.runs}_kd", export_to=exported)
-    print("== 3/3 training the same student on labels only (kd_ratio=0)", flush=True)
-    baseline = _fit_and_validate(
+    kd, kd_cli = _fit_and_validate(config, *student, run_dir=f"{setup.runs}_kd", export_to=exported)
+    on_policy = None
+    if args.on_policy:
+        print(f"== 3/{stages} distilling on the student's own samples "
+              "(configs/chat_on_policy.yaml)", flush=True)  # fmt: skip
+        steps = ["--trainer.max_steps", str(kd_cli.trainer.max_steps)]
+        on_policy = _fit_and_validate(config_path("chat_on_policy.yaml"), *student, *steps,
+                                      run_dir=f"{setup.runs}_on_policy")  # fmt: skip
+    print(f"== {stages}/{stages} training the same student on labels only (kd_ratio=0)", flush=True)
+    baseline, baseline_cli = _fit_and_validate(
         config,
         loss_args + "kd_ratio",
         "0.0",
@@ -235,6 +304,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     if hf_export_available():
         print(f"The distilled student in Hugging Face format (LlamaForCausalLM): {exported}")
+    if on_policy is not None:
+        students = {"student, distilled (KD)": kd_cli, "student, on-policy KD": on_policy[1],
+                    "student, labels only": baseline_cli}  # fmt: skip
+        _print_on_policy_table(students, on_policy[1])
     plots = sorted(Path(f"{setup.runs}_kd").glob("**/divergence_per_token.png"))
     if plots:
         print(f"Per-token divergence plot: {plots[-1]}")

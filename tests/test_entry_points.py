@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from lightning_kd.checkpoint import inspect_checkpoint
 from lightning_kd.cli import KDLightningCLI, main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -210,13 +211,24 @@ def test_demo_runs_outside_the_repository(tmp_path):
 
 @pytest.mark.slow
 def test_chat_demo_runs_outside_the_repository(tmp_path):
-    """`python -m lightning_kd.demo --fast --chat`: the chat configs train a teacher and two
-    students on the generated instruction set, with the loss on the answers only."""
-    proc = _run([sys.executable, "-m", "lightning_kd.demo", "--fast", "--chat"], tmp_path)
+    """`python -m lightning_kd.demo --fast --on-policy --steps 8`: the chat configs train a
+    teacher and three students (off-policy KD, on-policy KD, labels only) for the same steps
+    on the generated instruction set, with the loss on the answers only, and the students are
+    compared on held-out answers and on their own samples."""
+    args = ["--fast", "--on-policy", "--steps", "8"]
+    proc = _run([sys.executable, "-m", "lightning_kd.demo", *args], tmp_path)
     assert proc.returncode == 0, _tail(proc)
     out = proc.stdout
     assert "Loss on the assistant's answers only" in out, _tail(proc)
     assert "| student, distilled (KD)" in out and "| student, labels only" in out, _tail(proc)
+    assert "== 3/4 distilling on the student's own samples" in out, _tail(proc)
+    table = out[out.index("On-policy vs off-policy") :]
+    for name in ("student, distilled (KD)", "student, on-policy KD", "student, labels only"):
+        (row,) = [line for line in table.splitlines() if line.startswith(f"| {name} ")]
+        values = [float(cell) for cell in row.strip("|").split("|")[1:]]
+        assert len(values) == 3 and all(v >= 0 for v in values), row
     assert (tmp_path / "runs/chat_teacher/checkpoints/last.ckpt").is_file()
-    for run in ("chat_kd", "chat_baseline"):
+    for run in ("chat_kd", "chat_on_policy", "chat_baseline"):
         assert (tmp_path / "runs" / run / "checkpoints" / "last.ckpt").is_file(), run
+        step = inspect_checkpoint(tmp_path / "runs" / run / "checkpoints" / "last.ckpt").global_step
+        assert step == 8, (run, step)  # --steps: the same number of steps for every student

@@ -83,7 +83,7 @@ def test_demo_export_step_needs_the_hf_extra_only(
     monkeypatch.setattr(demo, "_cli", _fake_cli)
     monkeypatch.setattr(demo, "export_checkpoint", lambda *a, **k: exported.append(a))
     hf = str(tmp_path / "hf")
-    metrics = demo._fit_and_validate("c.yaml", run_dir=str(tmp_path), export_to=hf)
+    metrics, _ = demo._fit_and_validate("c.yaml", run_dir=str(tmp_path), export_to=hf)
     assert metrics == {"val/loss": 1.0}
     out = capsys.readouterr().out
     assert demo.hf_export_available() is installed
