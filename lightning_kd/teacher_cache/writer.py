@@ -56,14 +56,14 @@ from lightning_kd.teacher_cache.format import (
     shard_path,
     write_metadata,
 )
-from lightning_kd.teacher_cache.topk import exact_logprobs, topk_logprobs
+from lightning_kd.teacher_cache.topk import exact_logprobs, topk_with_tail
 
 #: Test hook: a writer process raises :class:`CacheWriteInterrupted` after writing this many
 #: shards (simulates a job killed between shards).
 STOP_AFTER_ENV = "LIGHTNING_KD_CACHE_STOP_AFTER_SHARDS"
 SPLITS = ("train", "val")
-_COMPARED = ("teacher", "tokenizer", "temperature", "top_k", "splits", "seq_len",
-             "num_sequences", "shard_size", "codec", "ignore_index")  # fmt: skip
+_COMPARED = ("format_version", "teacher", "tokenizer", "temperature", "top_k", "splits",
+             "seq_len", "num_sequences", "shard_size", "codec", "ignore_index")  # fmt: skip
 
 
 class CacheWriteInterrupted(RuntimeError):
@@ -256,11 +256,11 @@ class _Runner:
         group = find_vocab_tp_group(logits)
         if isinstance(logits, DTensor):
             logits = logits.to_local() if group is not None else logits.full_tensor()
-        ids, logprobs = topk_logprobs(logits[valid], meta.top_k, meta.temperature, group)
+        ids, logprobs, tail = topk_with_tail(logits[valid], meta.top_k, meta.temperature, group)
         if not writes:
             return counts, []
-        pairs = zip(ids.split(counts), logprobs.split(counts), strict=True)
-        records = [encode_topk(i, v, meta.vocab_size) for i, v in pairs]
+        parts = zip(ids.split(counts), logprobs.split(counts), tail.split(counts), strict=True)
+        records = [encode_topk(i, v, meta.vocab_size, t) for i, v, t in parts]
         return counts, records
 
 
