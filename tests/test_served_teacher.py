@@ -254,3 +254,45 @@ def test_a_killed_server_stops_the_run_with_a_checkpoint_and_the_resume_continue
     assert sorted(resumed) == list(range(stopped_at + 1, 6))
     for step, value in resumed.items():
         assert value == pytest.approx(straight[step], abs=1e-5), step
+
+
+class _TokensData(L.LightningDataModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.batch_size, self.seq_len = 4, SEQ
+        self.train_dataset = _Tokens(10, seed=7)
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+@pytest.mark.skipif(not PYTHON, reason="set LIGHTNING_KD_VLLM_PYTHON (make test-vllm)")
+def test_cache_teacher_from_the_served_teacher(served, tmp_path):
+    """The cache holds the served top-k: the in-process teacher's ids, its log-probabilities
+    within the codec's rounding, and the tail its top-k implies."""
+    from lightning_kd.teacher_cache import TeacherCache, write_teacher_cache
+
+    server, _ = served
+    backend = ServedTeacher(url=server.url, top_k=K)
+    module = DistillationModule(_student(), teacher_backend=backend)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False)  # fmt: skip
+    data = _TokensData()
+    with pytest.raises(ValueError, match="top-8 only"):
+        write_teacher_cache(module, data, trainer, tmp_path / "bad", K + 1, splits=["train"])
+    meta = write_teacher_cache(module, data, trainer, tmp_path / "cache", K, splits=["train"])
+    backend.close()
+    assert meta.complete and meta.vocab_size == V and "vLLM-served" in meta.teacher
+    dataset = data.train_dataset
+    index = torch.arange(len(dataset))
+    labels = torch.stack([dataset[i]["labels"] for i in range(len(dataset))])
+    out = TeacherCache(tmp_path / "cache").read("train", index, labels != -100)
+    ref_ids, ref_values = _in_process_topk(_teacher(), dataset.ids[:, :SEQ])
+    valid = labels != -100
+    order = ref_ids.argsort(-1)
+    same = (out.ids == ref_ids.gather(-1, order)).all(-1) & valid
+    assert same.sum() > 0.95 * valid.sum()
+    expected = ref_values.gather(-1, order)
+    step = (ref_values[..., 0] - ref_values[..., -1]) / 255
+    assert ((out.logprobs.double() - expected).abs() <= step[..., None] + 1e-4)[same].all()
+    implied = (1 - expected.exp().sum(-1)).log()
+    torch.testing.assert_close(out.tail_logprob.double()[same], implied[same], rtol=0, atol=1e-4)

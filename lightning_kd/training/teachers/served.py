@@ -157,6 +157,7 @@ class ServedTeacher(TeacherBackend):
         self._pool: ThreadPoolExecutor | None = None
         self._pending: _Request | None = None
         self._student_vocab: int | None = None
+        self.served_vocab: int | None = None  # known once connected
 
     # ------------------------------------------------------------------ set-up
     def setup(self, loss: KDLoss) -> None:
@@ -206,7 +207,7 @@ class ServedTeacher(TeacherBackend):
             )
         if self.top_k > served:
             raise ValueError(f"top_k={self.top_k} exceeds the served vocabulary ({served}).")
-        self._served_vocab = served
+        self.served_vocab = served
         self.client = client
         self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="served-teacher")
         return client
@@ -232,11 +233,11 @@ class ServedTeacher(TeacherBackend):
         client = self.connect(self._student_vocab)
         assert self._pool is not None
         rows = input_ids.cpu()
-        bad = (rows < 0) | (rows >= self._served_vocab)
+        bad = (rows < 0) | (rows >= self.served_vocab)
         if bool(bad.any()):  # out-of-vocabulary ids crash vLLM's engine: never send them
             raise ValueError(
                 f"input_ids hold {int(rows[bad][0])}, outside the served vocabulary "
-                f"[0, {self._served_vocab})."
+                f"[0, {self.served_vocab})."
             )
         chunks = rows.split(self.request_size)
         futures = [self._pool.submit(client.topk, chunk.tolist()) for chunk in chunks]
@@ -254,8 +255,11 @@ class ServedTeacher(TeacherBackend):
 
     def _prefetch(self, module: DistillationModule) -> None:
         """Send the next training batch's requests (when the train loader can tell them)."""
-        trainer = module._trainer
-        if not self.prefetch or trainer is None or not trainer.training:
+        try:
+            trainer = module.trainer
+        except RuntimeError:  # not attached to a trainer
+            return
+        if not self.prefetch or not trainer.training:
             return
         loader = trainer.train_dataloader
         if not isinstance(loader, ResumableDataLoader):
