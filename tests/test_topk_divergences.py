@@ -207,3 +207,17 @@ def test_bad_tails_are_refused():
     out = loss_fn(student, ids, logprobs, labels, teacher_tail_logprob=tail,
                   return_per_token=True)  # fmt: skip
     assert isinstance(out, KDLossOutput) and torch.isfinite(out.loss)
+
+
+@pytest.mark.parametrize("div", [JSD(0.3), TVD(), SkewKL(0.1), SkewReverseKL(0.1)], ids=repr)
+def test_garbage_in_ignored_rows_changes_nothing(div):
+    """Ignored rows may hold anything (a cache's padding): -1 ids, NaN log-probabilities."""
+    student, ids, logprobs, tail, labels = _inputs(5, 1.0, seed=4)
+    ignored = labels == -100
+    bad_ids, bad_lp, bad_tail = ids.clone(), logprobs.clone(), tail.clone()
+    bad_ids[ignored], bad_lp[ignored], bad_tail[ignored] = -1, math.nan, math.nan
+    for chunk_size in (0, 4):
+        loss_fn = TopKKDLoss(divergence=div, chunk_size=chunk_size)
+        out, grad = _run(loss_fn, student, bad_ids, bad_lp, labels, teacher_tail_logprob=bad_tail)
+        ref, ref_grad = _run(loss_fn, student, ids, logprobs, labels, teacher_tail_logprob=tail)
+        assert torch.equal(out.loss, ref.loss) and torch.equal(grad, ref_grad)
