@@ -100,6 +100,7 @@ def main() -> int:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     results: dict[str, float] = {}
     results["in process"] = _fit("live", args.steps, root, teacher=_teacher())
+    print(f"in process: {results['in process']:,.0f} tokens/s", flush=True)
 
     cache = root / f"cache_k{args.top_k}"
     start = time.perf_counter()
@@ -112,12 +113,13 @@ def main() -> int:
                             splits=["train"])  # fmt: skip
     written = time.perf_counter() - start
     results[f"top-{args.top_k} cache"] = _fit("cache", args.steps, root, teacher_cache=str(cache))
+    print(f"cache: {results[f'top-{args.top_k} cache']:,.0f} tokens/s", flush=True)
 
     teacher = _teacher()
     model_dir = root / "teacher_hf"
     if not (model_dir / "config.json").is_file():
         export_student(teacher, teacher.state_dict(), model_dir)
-    backend = ServedTeacher(model_dir=str(model_dir), top_k=args.top_k, max_model_len=SEQ + 8,
+    backend = ServedTeacher(model_dir=str(model_dir), top_k=args.top_k, max_model_len=SEQ + 1,
                             server_args=["--skip-tokenizer-init"])  # fmt: skip
     start = time.perf_counter()
     backend.connect(V)

@@ -108,7 +108,8 @@ class ServedTeacher(TeacherBackend):
         retries: tries after the first when the server does not answer.
         backoff: seconds before the first retry, doubled at every further one.
         python: the interpreter with vLLM for a launched server.
-        max_model_len: a launched server's longest sequence (>= the run's seq_len + 1).
+        max_model_len: a launched server's longest sequence (>= the run's seq_len + 1: one
+            token is appended to every prompt; allowed past the model's own length).
         kv_cache_gib: a launched server's KV cache (GiB, CPU builds).
         server_args: more command-line arguments for a launched server.
 
@@ -183,8 +184,13 @@ class ServedTeacher(TeacherBackend):
             return self.client
         url = self.url
         if url is None:
-            self.server = VLLMServer(str(self.model_dir), **self._launch).start()
-            url = self.server.url
+            server = VLLMServer(str(self.model_dir), **self._launch)
+            # The token appended to each prompt (for the distribution after the last input
+            # token) may sit one past the model's trained length; only earlier positions are
+            # read, and they do not depend on it (causal attention).
+            server.env["VLLM_ALLOW_LONG_MAX_MODEL_LEN"] = "1"
+            self.server = server.start()
+            url = server.url
         client = PromptLogprobsClient(url, self.top_k, timeout=self.timeout,
                                       retries=self.retries, backoff=self.backoff)  # fmt: skip
         if self.expect_model is not None and client.model != self.expect_model:
@@ -238,6 +244,14 @@ class ServedTeacher(TeacherBackend):
             raise ValueError(
                 f"input_ids hold {int(rows[bad][0])}, outside the served vocabulary "
                 f"[0, {self.served_vocab})."
+            )
+        limit = client.info.get("max_model_len")
+        if isinstance(limit, int) and rows.shape[-1] + 1 > limit:
+            raise ValueError(
+                f"sequences of {rows.shape[-1]} tokens need a server with max_model_len >= "
+                f"{rows.shape[-1] + 1} (one token is appended to score the last position), the "
+                f"server at {client.url} has {limit}; raise its --max-model-len (with "
+                "VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 past the model's own length)."
             )
         chunks = rows.split(self.request_size)
         futures = [self._pool.submit(client.topk, chunk.tolist()) for chunk in chunks]
