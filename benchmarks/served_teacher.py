@@ -119,7 +119,7 @@ def main() -> int:
     model_dir = root / "teacher_hf"
     if not (model_dir / "config.json").is_file():
         export_student(teacher, teacher.state_dict(), model_dir)
-    backend = ServedTeacher(model_dir=str(model_dir), top_k=args.top_k, max_model_len=SEQ + 1,
+    backend = ServedTeacher(model_dir=str(model_dir), top_k=args.top_k, max_model_len=SEQ + 2,
                             server_args=["--skip-tokenizer-init"])  # fmt: skip
     start = time.perf_counter()
     backend.connect(V)

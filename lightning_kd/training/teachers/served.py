@@ -108,8 +108,9 @@ class ServedTeacher(TeacherBackend):
         retries: tries after the first when the server does not answer.
         backoff: seconds before the first retry, doubled at every further one.
         python: the interpreter with vLLM for a launched server.
-        max_model_len: a launched server's longest sequence (>= the run's seq_len + 1: one
-            token is appended to every prompt; allowed past the model's own length).
+        max_model_len: a launched server's longest sequence (>= the run's seq_len + 2: one
+            token is appended to every prompt and one generated; allowed past the model's
+            own length).
         kv_cache_gib: a launched server's KV cache (GiB, CPU builds).
         server_args: more command-line arguments for a launched server.
 
@@ -186,8 +187,8 @@ class ServedTeacher(TeacherBackend):
         if url is None:
             server = VLLMServer(str(self.model_dir), **self._launch)
             # The token appended to each prompt (for the distribution after the last input
-            # token) may sit one past the model's trained length; only earlier positions are
-            # read, and they do not depend on it (causal attention).
+            # token) and the one generated may sit past the model's trained length; only
+            # earlier positions are read, and they do not depend on them (causal attention).
             server.env["VLLM_ALLOW_LONG_MAX_MODEL_LEN"] = "1"
             self.server = server.start()
             url = server.url
@@ -246,12 +247,13 @@ class ServedTeacher(TeacherBackend):
                 f"[0, {self.served_vocab})."
             )
         limit = client.info.get("max_model_len")
-        if isinstance(limit, int) and rows.shape[-1] + 1 > limit:
+        if isinstance(limit, int) and rows.shape[-1] + 2 > limit:
             raise ValueError(
                 f"sequences of {rows.shape[-1]} tokens need a server with max_model_len >= "
-                f"{rows.shape[-1] + 1} (one token is appended to score the last position), the "
-                f"server at {client.url} has {limit}; raise its --max-model-len (with "
-                "VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 past the model's own length)."
+                f"{rows.shape[-1] + 2} (one token is appended to score the last position, and "
+                f"vLLM generates one), the server at {client.url} has {limit}; raise its "
+                "--max-model-len (with VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 past the model's own "
+                "length)."
             )
         chunks = rows.split(self.request_size)
         futures = [self._pool.submit(client.topk, chunk.tolist()) for chunk in chunks]
