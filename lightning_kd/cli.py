@@ -36,6 +36,7 @@ from lightning_kd.callbacks.frozen_modules import QuietFrozenModules
 from lightning_kd.callbacks.run_progress import run_progress_bar
 from lightning_kd.checkpoint import resolve_last_checkpoint
 from lightning_kd.io import ensure_writable_dir
+from lightning_kd.rollout.vllm_logprobs import ServedTeacherError
 
 #: Exit status of a run stopped by SIGTERM (128 + 15), the shell's convention.
 EXIT_SIGTERM = 143
@@ -259,9 +260,10 @@ def shutdown_distributed(barrier: bool = True) -> None:
         dist.destroy_process_group()
 
 
-def _own_value_error(error: BaseException) -> ValueError | None:
-    """The outermost ``ValueError`` raised by lightning_kd's own code in ``error``'s chain of
-    causes (jsonargparse wraps a constructor's error in its own ValueErrors), or None."""
+def _own_value_error(error: BaseException) -> Exception | None:
+    """The outermost ``ValueError`` (or :class:`ServedTeacherError`: a served teacher that
+    stopped answering) raised by lightning_kd's own code in ``error``'s chain of causes
+    (jsonargparse wraps a constructor's error in its own ValueErrors), or None."""
     package = os.path.dirname(os.path.abspath(__file__)) + os.sep
     seen: set[int] = set()
     current: BaseException | None = error
@@ -269,7 +271,7 @@ def _own_value_error(error: BaseException) -> ValueError | None:
         seen.add(id(current))
         frames = traceback.extract_tb(current.__traceback__)
         raised_here = bool(frames) and os.path.abspath(frames[-1].filename).startswith(package)
-        if isinstance(current, ValueError) and raised_here:
+        if isinstance(current, (ValueError, ServedTeacherError)) and raised_here:
             return current
         suppress = current.__suppress_context__
         current = current.__cause__ or (None if suppress else current.__context__)

@@ -23,11 +23,19 @@ from lightning_kd.teacher_cache import (
     TeacherCache,
     data_fingerprint,
     topk_logprobs,
+    topk_with_tail,
     write_teacher_cache,
 )
-from lightning_kd.teacher_cache.codec import decode_topk, encode_topk
-from lightning_kd.teacher_cache.format import METADATA_FILENAME, read_shard_header, shard_path
+from lightning_kd.teacher_cache.codec import decode_topk, decode_topk_with_tail, encode_topk
+from lightning_kd.teacher_cache.format import (
+    METADATA_FILENAME,
+    encode_shard,
+    read_record,
+    read_shard_header,
+    shard_path,
+)
 from lightning_kd.teacher_cache.writer import STOP_AFTER_ENV, CacheWriteInterrupted
+from lightning_kd.training.cached_teacher import CachedTeacherSource
 from tests.helpers.cli import SMALL_DATA, cli_env
 from tests.helpers.distributed import run_workers
 from tests.helpers.runs import ROOT
@@ -143,16 +151,56 @@ def test_topk_logprobs_matches_torch_topk():
         topk_logprobs(logits, 301, 1.0)
 
 
+def _reference_tail(logits, ids, temperature):
+    """float64 log of the softmax mass outside ``ids``."""
+    log_p = torch.log_softmax(logits.double() / temperature, -1)
+    return torch.logsumexp(log_p.scatter(-1, ids, -math.inf), -1)
+
+
+def test_codec_stores_the_tail_log_mass_and_reads_old_records():
+    lp = torch.log_softmax(_realistic_logits(8, 300), -1)
+    values, ids = lp.topk(6)
+    tail = torch.logsumexp(lp.scatter(-1, ids, -math.inf), -1)
+    tail[0] = -50.0  # a tail of 2e-22: 1 − Σ P_i cannot hold it, the stored log-mass does
+    tail[1] = -math.inf
+    dec_ids, dec_lp, dec_tail = decode_topk_with_tail(encode_topk(ids, values, 300, tail), 8, 6)
+    assert torch.equal(dec_tail, tail) and torch.equal(dec_ids, ids.sort(-1).values)
+    old_ids, old_lp, no_tail = decode_topk_with_tail(encode_topk(ids, values, 300), 8, 6)
+    assert no_tail is None and torch.equal(old_ids, dec_ids) and torch.equal(old_lp, dec_lp)
+    assert len(decode_topk(encode_topk(ids, values, 300, tail), 8, 6)) == 2
+
+
+def test_topk_with_tail_is_exact_for_tiny_tails():
+    logits = torch.randn(5, 40)
+    logits[:2, 4:] -= 60.0  # rows 0, 1: tails around e^-60
+    for k in (1, 4, 40):
+        ids, lp, tail = topk_with_tail(logits, k, 1.5)
+        torch.testing.assert_close(lp, topk_logprobs(logits, k, 1.5)[1])
+        ref = _reference_tail(logits, ids, 1.5)
+        if k == 40:
+            assert torch.isinf(tail).all() and (tail < 0).all()
+        else:
+            torch.testing.assert_close(tail.double(), ref, rtol=0, atol=1e-5)
+    assert float(topk_with_tail(logits, 4, 1.0)[2][0]) < -30
+
+
 def _sharded_topk_worker(rank, world_size, vocab):
     torch.manual_seed(0)
     logits = torch.randn(6, vocab) * 4
+    logits[0, 10:] -= 80.0  # a tiny tail, its entries on both shards
     bounds = [0, (vocab + 1) // 2, vocab]  # uneven shards for odd V
     local = logits[:, bounds[rank] : bounds[rank + 1]]
-    for k in (1, 5, bounds[1] - bounds[0] + 3):
+    for k in (1, 5, bounds[1] - bounds[0] + 3, vocab):
         ids, lp = topk_logprobs(local, k, 2.0, dist.group.WORLD)
         ref = torch.log_softmax(logits / 2.0, -1).topk(k)
         assert torch.equal(ids, ref.indices), (k, ids, ref.indices)
-        torch.testing.assert_close(lp, ref.values, rtol=0, atol=1e-6)
+        torch.testing.assert_close(lp, ref.values, rtol=1e-6, atol=1e-6)
+        tail = topk_with_tail(local, k, 2.0, dist.group.WORLD)[2]
+        if k == vocab:
+            assert torch.isinf(tail).all()
+        else:
+            torch.testing.assert_close(tail.double(), _reference_tail(logits, ids, 2.0),
+                                       rtol=0, atol=1e-5)  # fmt: skip
 
 
 @pytest.mark.distributed
@@ -206,6 +254,45 @@ def test_topk_mode_equals_torch_topk_within_codec_tolerance(tmp_path):
     cached_tail = (1 - out.logprobs.double().exp().sum(-1)).clamp_min(0)
     torch.testing.assert_close(cached_tail[valid], tail, rtol=0, atol=1e-5)
     assert torch.equal(out.ids[~valid][0], torch.arange(16))
+    # The stored tail log-mass (format version 2) is the teacher's, from its logits.
+    assert meta.format_version == 2 and out.tail_logprob.shape == valid.shape
+    ref_tail = _reference_tail(ref[valid], ids[valid], 1.0)  # ref: log-probabilities already
+    torch.testing.assert_close(out.tail_logprob[valid].double(), ref_tail, rtol=0, atol=1e-5)
+    assert torch.isinf(out.tail_logprob[~valid]).all()
+
+
+def _as_version_1(directory: Path) -> None:
+    """Rewrite a top-k cache as format version 1 wrote it (no tail log-mass)."""
+    for path in sorted(directory.glob("*/shard-*.bin")):
+        header = read_shard_header(path)
+        fields = {k: v for k, v in header.fields.items() if k not in ("sizes", "sha256")}
+        records = []
+        for position, n in enumerate(fields["num_valid"]):
+            ids, lp, _ = decode_topk_with_tail(read_record(header, position), n, fields["top_k"])
+            records.append(encode_topk(ids, lp, fields["vocab_size"]))
+        path.write_bytes(encode_shard(fields, records))
+    meta = directory / METADATA_FILENAME
+    meta.write_text(meta.read_text().replace('"format_version": 2', '"format_version": 1'))
+
+
+def test_a_version_1_cache_loads_and_trains_forward_kl_only(tmp_path):
+    _write(tmp_path, tmp_path / "cache", 8)
+    data = _TokensData()
+    idx, valid = _batch(data.train_dataset, [0, 3, 6])
+    before = TeacherCache(tmp_path / "cache").read("train", idx, valid)
+    _as_version_1(tmp_path / "cache")
+    old = TeacherCache(tmp_path / "cache")
+    assert old.metadata.format_version == 1
+    after = old.read("train", idx, valid)
+    assert after.tail_logprob is None and torch.equal(after.ids, before.ids)
+    torch.testing.assert_close(after.logprobs, before.logprobs, rtol=0, atol=0.05)  # requantised
+    source = CachedTeacherSource(str(tmp_path / "cache"))
+    source.check_loss(KDLoss())
+    with pytest.raises(ValueError, match=r"format version 1.*forward_kl only.*Write it again"):
+        source.check_loss(KDLoss(divergence="jsd"))
+    # Continuing it with this writer would mix records: refused, naming the version.
+    with pytest.raises(ValueError, match="format_version: cache 1, run 2"):
+        _write(tmp_path, tmp_path / "cache", 8)
 
 
 def test_check_compatible_names_every_field_that_differs(exact_cache):
@@ -286,7 +373,7 @@ def test_bad_metadata_is_an_error_naming_the_problem(exact_cache, tmp_path):
     path.write_text(text[:-5])
     with pytest.raises(ValueError, match="is not valid JSON"):
         TeacherCache(directory)
-    path.write_text(text.replace('"format_version": 1', '"format_version": 99'))
+    path.write_text(text.replace('"format_version": 2', '"format_version": 99'))
     with pytest.raises(ValueError, match="format_version 99"):
         TeacherCache(directory)
     path.write_text(text.replace('"complete": true', '"complete": false'))

@@ -1,6 +1,7 @@
 """TopKKDLoss on vocab-sharded student logits, in real gloo processes (TP=2 and TP=4, uneven).
 
-One spawn per tensor-parallel size runs every case (divergence × kd_ratio × temperature,
+One spawn per tensor-parallel size runs every case (divergence (forward and reverse KL, and JSD
+through the generic bucketed form) × kd_ratio × temperature,
 chunking, k from 1 to V, uneven vocabularies, ``num_batch_labels``) on two input kinds:
 vocab-sharded DTensors (the group inferred from the mesh) and plain local shards with an
 explicit ``tp_group`` (split with ``tensor_split``: other uneven shards than DTensor's). Loss,
@@ -31,7 +32,7 @@ SETTINGS = [  # temperature, chunk_size, vocabulary, k, num_batch_labels
     (0.5, 3, 37, 37, None),
     (1.0, 4, 37, 9, None),
 ]
-CASES = list(itertools.product(("forward_kl", "reverse_kl"), (1.0, 0.5), SETTINGS))
+CASES = list(itertools.product(("forward_kl", "reverse_kl", "jsd"), (1.0, 0.5), SETTINGS))
 
 
 def _case_inputs(vocab, k, temperature, seed):

@@ -177,6 +177,16 @@ class CheckpointOnStop(Callback):
         self._saved_step = trainer.global_step
         rank_zero_info(f"Saved {path} at step {trainer.global_step}.")
 
+    def save_last(self, trainer: Trainer) -> Path:
+        """Save ``last.ckpt`` now (every rank; e.g. a teacher that stops the run at a step
+        boundary) and return its path.
+
+        Raises:
+            ValueError: when the checkpoint did not reach the disk.
+        """
+        self._save(trainer)
+        return self.last_path(trainer)
+
     def _stop_requested(self, trainer: Trainer) -> int | None:
         """The signal to stop on, agreed by every rank (the largest signal number any got)."""
         local = self.received or 0

@@ -236,6 +236,21 @@ class ResumableDataLoader(DataLoader):
             yield batch
         current.done = True
 
+    def upcoming_indices(self) -> list[int] | None:
+        """The dataset indices of the next batch this loader will yield in the pass in
+        progress (for a teacher that prefetches), or None when no pass is in progress or it
+        has no further batch. Pure: the sampler's epoch order is recomputed, nothing moves."""
+        sampler: ResumableSampler = self.sampler  # type: ignore[assignment]
+        current = self._pass
+        if current is None or current.done or current.epoch != sampler.epoch:
+            return None
+        order = list(DistributedSampler.__iter__(sampler))  # this rank's shard, no side effect
+        begin = current.start + current.batches * self.batch_size  # type: ignore[operator]
+        upcoming = order[begin : begin + self.batch_size]  # type: ignore[operator]
+        if not upcoming or (self.drop_last and len(upcoming) < self.batch_size):  # type: ignore[operator]
+            return None
+        return upcoming
+
     def state_dict(self) -> dict[str, Any]:
         """The sampler state after the batches this loader has yielded so far."""
         sampler: ResumableSampler = self.sampler  # type: ignore[assignment]

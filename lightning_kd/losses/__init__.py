@@ -5,8 +5,9 @@
   ``OtherLoss.from_options(loss, **changes)`` derives one loss from another's.
 - :class:`LinearKDLoss`: ``KDLoss`` with the lm_heads fused in (hidden states and head weights
   in, no ``[N, V]`` logits; :mod:`~lightning_kd.losses.linear_engine` is its chunked pass).
-- :class:`TopKKDLoss`: ``KDLoss`` against a teacher's stored top-k distribution plus a tail
-  bucket (offline teacher caches; :mod:`~lightning_kd.losses.topk_buckets` is its math).
+- :class:`TopKKDLoss`: ``KDLoss`` against a teacher's top-k distribution plus a tail bucket,
+  every divergence on the (k+1) buckets (teacher caches, served teachers;
+  :mod:`~lightning_kd.losses.topk_buckets` is its math).
 - :mod:`~lightning_kd.losses.engine`: the chunked, memory-bounded pass with analytic backward
   (the divergence and the hard-label cross-entropy term in one pass).
 - :mod:`~lightning_kd.losses.divergences`: one file per divergence, only its chunk math:

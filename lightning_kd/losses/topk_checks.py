@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -58,13 +60,39 @@ def check_topk_shapes(student: Tensor, ids: Tensor, logprobs: Tensor, labels: Te
             )
 
 
-def check_topk_values(ids: Tensor, logprobs: Tensor, valid: Tensor, vocab_size: int) -> None:
+def check_tail_shape(tail: Tensor, labels: Tensor, device: object) -> None:
+    """``teacher_tail_logprob``: a floating tensor shaped like ``labels`` on ``device``.
+
+    Raises:
+        ValueError: naming what is wrong.
+    """
+    if not isinstance(tail, Tensor) or not tail.is_floating_point():
+        what = tail.dtype if isinstance(tail, Tensor) else type(tail).__name__
+        raise ValueError(f"teacher_tail_logprob must be a floating-point tensor, got {what}.")
+    if tuple(tail.shape) != tuple(labels.shape):
+        raise ValueError(
+            f"teacher_tail_logprob must have the labels' shape {tuple(labels.shape)} (one "
+            f"log-mass per token), got {tuple(tail.shape)}."
+        )
+    if tail.device != device:
+        raise ValueError(
+            f"teacher_tail_logprob must be on the student logits' device {device}, got "
+            f"{tail.device}."
+        )
+
+
+def check_topk_values(
+    ids: Tensor, logprobs: Tensor, valid: Tensor, vocab_size: int, tail: Tensor | None = None
+) -> None:
     """The valid tokens' top-k data: ids distinct vocabulary ids, log-probabilities not NaN or
-    +inf, and their probability mass at most :data:`MAX_TOP_MASS`. Reads only valid rows.
+    +inf, and their probability mass (with the tail's, when given) at most
+    :data:`MAX_TOP_MASS`; a given tail log-mass not NaN and at most ``log MAX_TOP_MASS``.
+    Reads only valid rows.
 
     Args:
         ids: [*, k] integer ids; logprobs: [*, k] floating; valid: [*] bool.
         vocab_size: the whole vocabulary size V.
+        tail: [*] floating ``log P_rest``, or None.
 
     Raises:
         ValueError: saying what is wrong, with an offending value.
@@ -94,7 +122,16 @@ def check_topk_values(ids: Tensor, logprobs: Tensor, valid: Tensor, vocab_size: 
     lp = logprobs.reshape(-1, k)[flat_valid].to(torch.float64)
     if bool((lp.isnan() | (lp == torch.inf)).any()):
         raise ValueError("teacher_logprobs of valid tokens must not be NaN or +inf.")
-    mass = float(lp.exp().sum(-1).max())
+    top_mass = lp.exp().sum(-1)
+    if tail is not None:
+        rest = tail.reshape(-1)[flat_valid].to(torch.float64)
+        if bool((rest.isnan() | (rest > math.log(MAX_TOP_MASS))).any()):
+            raise ValueError(
+                "teacher_tail_logprob of valid tokens must be the log of the teacher's mass "
+                "outside the top-k (<= 0, -inf for none), got NaN or a positive value."
+            )
+        top_mass = top_mass + rest.exp()
+    mass = float(top_mass.max())
     if mass > MAX_TOP_MASS:
         raise ValueError(
             "teacher_logprobs must be the teacher's log-probabilities (log_softmax of its logits "

@@ -15,6 +15,7 @@ from lightning_kd.teacher_cache.format import CacheMetadata
 from lightning_kd.teacher_cache.reader import CachedTeacher, TeacherCache
 from lightning_kd.teacher_cache.topk import exact_logprobs as exact_logprobs
 from lightning_kd.teacher_cache.topk import topk_logprobs as topk_logprobs
+from lightning_kd.teacher_cache.topk import topk_with_tail as topk_with_tail
 from lightning_kd.teacher_cache.writer import describe_teacher as describe_teacher
 from lightning_kd.teacher_cache.writer import describe_tokenizer as describe_tokenizer
 from lightning_kd.teacher_cache.writer import write_teacher_cache

@@ -7,11 +7,15 @@ the sequence's ``n`` valid tokens, little-endian, row after row. Nothing is lost
 
 ``"q8rice"`` (``top_k = k > 0``): per token, the ``k`` ids are sorted ascending and stored as
 Rice-coded gaps, the ``k`` log-probabilities as 8-bit codes in the same (id) order, and the
-log of the top-k mass exactly. All numbers little-endian; a record is::
+log of the top-k mass exactly, and (format version 2) the log of the tail's mass exactly. All
+numbers little-endian; a record is::
 
-    flag       1 byte           0: the body follows as is; 1: the body is zlib-compressed
+    flag       1 byte           bit 0: the body is zlib-compressed; bit 1: the body holds
+                                log_tail (format version 2 writes it, version 1 did not)
     body:
-      log_mass   n × float32    logsumexp of the token's k log-probabilities = log(1 − tail)
+      log_mass   n × float32    logsumexp of the token's k log-probabilities
+      log_tail   n × float32    (bit 1) log of the teacher's mass outside the top-k, from its
+                                logits (a log-sum-exp: exact for tails far below 1e-7)
       step       n × float16    quantisation step of the token's log-probabilities
       rice_b     n × uint8      Rice parameter b of the token's id gaps (0..17)
       codes      n × k uint8    u = round((v − v_min) / step), v clamped to ≥ v_max − 30
@@ -27,7 +31,9 @@ delimit the entries). zlib is used when it makes the body smaller.
 
 Decoding gives ``v = u · step`` shifted by a per-token constant so that
 ``logsumexp(v) = log_mass``: the value of ``v_min`` is not needed, and the implied tail mass
-``1 − Σ exp(v)`` equals the teacher's exactly (to float32), whatever the rounding of the codes.
+``1 − Σ exp(v)`` equals the teacher's to float32 (about 1e-7 absolute), whatever the rounding
+of the codes; ``log_tail`` keeps smaller tails, which reverse KL and the other divergences of
+the buckets need (``log(1 − Σ P_i)`` is ``−inf`` or noise below 1e-7).
 The quantisation moves each log-probability by at most ``step / 2`` before that shift
 (``step = range / 255``; a range of 8 nats gives ±0.016). Log-probabilities more than 30
 nats below the token's largest (``exp(−30) ≈ 1e−13`` each, e.g. ``−inf`` from a masked
@@ -51,6 +57,7 @@ EXACT_CODEC, TOPK_CODEC = "f32", "q8rice"
 #: How far below a token's largest log-probability values are clamped (nats).
 CLAMP_RANGE = 30.0
 _LEVELS = 255
+_ZLIB_FLAG, _TAIL_FLAG = 1, 2
 _MAX_B = 18  # ids < 2**18 = 262,144 need at most 18 remainder bits; larger vocabularies widen
 
 
@@ -98,13 +105,17 @@ def _unpack_fixed(data: np.ndarray, widths: np.ndarray) -> np.ndarray:
     return out
 
 
-def encode_topk(ids: Tensor, logprobs: Tensor, vocab_size: int) -> bytes:
+def encode_topk(
+    ids: Tensor, logprobs: Tensor, vocab_size: int, tail_logprob: Tensor | None = None
+) -> bytes:
     """The ``"q8rice"`` record of one sequence's top-k entries.
 
     Args:
         ids: [n, k] integer token ids, distinct within a row, in [0, V).
         logprobs: [n, k] float log-probabilities of those ids (any order, same as ``ids``).
         vocab_size: V.
+        tail_logprob: [n] float log of each token's mass outside the top-k (stored as
+            float32), or None for a record without it (format version 1).
 
     Returns:
         The record's bytes (see the module docstring).
@@ -139,26 +150,50 @@ def encode_topk(ids: Tensor, logprobs: Tensor, vocab_size: int) -> bytes:
     unary_bits[np.cumsum(quotients + 1) - 1] = 0
     pad = (-unary_bits.size) % 8
     unary = np.packbits(np.concatenate([unary_bits, np.ones(pad, np.uint8)])).tobytes()
-    body = b"".join((log_mass.astype("<f4").tobytes(), step.astype("<f2").tobytes(),
+    tail = b""
+    if tail_logprob is not None:
+        tail = tail_logprob.detach().cpu().to(torch.float32).numpy().astype("<f4").tobytes()
+    body = b"".join((log_mass.astype("<f4").tobytes(), tail, step.astype("<f2").tobytes(),
                      rice_b.tobytes(), codes.tobytes(), remainders, unary))  # fmt: skip
     packed = zlib.compress(body, 6)
-    return b"\x01" + packed if len(packed) < len(body) else b"\x00" + body
+    flag = _TAIL_FLAG if tail else 0
+    if len(packed) < len(body):
+        return bytes([flag | _ZLIB_FLAG]) + packed
+    return bytes([flag]) + body
 
 
 def decode_topk(record: bytes, n: int, k: int) -> tuple[Tensor, Tensor]:
     """``(ids [n, k] int64, logprobs [n, k] float32)`` from a ``"q8rice"`` record, ids sorted
-    ascending within each row.
+    ascending within each row (:func:`decode_topk_with_tail` also returns the tail).
 
     Raises:
         ValueError: when the record is malformed (a wrong flag, too short, or not ``n × k``
             entries).
     """
-    if not record or record[0] not in (0, 1):
+    ids, logprobs, _ = decode_topk_with_tail(record, n, k)
+    return ids, logprobs
+
+
+def decode_topk_with_tail(record: bytes, n: int, k: int) -> tuple[Tensor, Tensor, Tensor | None]:
+    """:func:`decode_topk` and the stored ``log_tail`` [n] float32 (None in a record without
+    it).
+
+    Raises:
+        ValueError: when the record is malformed.
+    """
+    if not record or record[0] & ~(_ZLIB_FLAG | _TAIL_FLAG):
         raise ValueError("record has an unknown flag byte.")
     try:
-        body = zlib.decompress(record[1:]) if record[0] == 1 else record[1:]
+        body = zlib.decompress(record[1:]) if record[0] & _ZLIB_FLAG else record[1:]
     except zlib.error as error:
         raise ValueError(f"record does not decompress ({error}).") from None
+    tail = None
+    if record[0] & _TAIL_FLAG:
+        if len(body) < 8 * n:
+            raise ValueError(f"record body of {len(body)} bytes, expected at least {8 * n}.")
+        tail_bytes = body[4 * n : 8 * n]
+        tail = torch.from_numpy(np.frombuffer(tail_bytes, dtype="<f4").astype(np.float32))
+        body = body[: 4 * n] + body[8 * n :]
     buf = np.frombuffer(body, dtype=np.uint8)
     head = 4 * n + 2 * n + n + n * k
     if len(buf) < head:
@@ -182,4 +217,4 @@ def decode_topk(record: bytes, n: int, k: int) -> tuple[Tensor, Tensor]:
     top = values.max(axis=1, keepdims=True) if k else np.zeros((n, 1))
     lse = np.log(np.exp(values - top).sum(axis=1, keepdims=True)) + top
     logprobs = values - lse + log_mass[:, None]
-    return torch.from_numpy(ids), torch.from_numpy(logprobs.astype(np.float32))
+    return torch.from_numpy(ids), torch.from_numpy(logprobs.astype(np.float32)), tail

@@ -33,8 +33,12 @@ from typing import Any
 
 from lightning_kd.io import atomic_write
 
-#: Bump when the layout or the meaning of a field changes.
-FORMAT_VERSION = 1
+#: Bump when the layout or the meaning of a field changes. Version 2 stores each token's tail
+#: log-mass in top-k records (see :mod:`.codec`); version 1 caches are still read (their tail
+#: is implied by the top-k mass, enough for forward KL only).
+FORMAT_VERSION = 2
+#: The versions this lightning_kd reads.
+READABLE_VERSIONS = (1, 2)
 METADATA_FILENAME = "metadata.json"
 SHARD_MAGIC = b"LKDTCSH1"
 _PREFIX = len(SHARD_MAGIC) + 8 + 32
@@ -45,7 +49,7 @@ class CacheMetadata:
     """What a cache holds and how it was made (``metadata.json``).
 
     Attributes:
-        format_version: :data:`FORMAT_VERSION` of the writer.
+        format_version: :data:`FORMAT_VERSION` of the writer (2 stores the tail log-mass).
         teacher: where the teacher came from (its config hash and checkpoint path/digest).
         vocab_size: V, the width of the teacher's logits.
         tokenizer: the data module's tokenizer (its ``repr``).
@@ -92,10 +96,11 @@ class CacheMetadata:
         if not isinstance(raw, dict):
             raise ValueError(f"{source} does not hold a JSON object.")
         version = raw.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise ValueError(
-                f"{source} has format_version {version!r}; this lightning_kd reads version "
-                f"{FORMAT_VERSION}. Write the cache again with this version's cache-teacher."
+                f"{source} has format_version {version!r}; this lightning_kd reads versions "
+                f"{', '.join(map(str, READABLE_VERSIONS))}. Write the cache again with this "
+                "version's cache-teacher."
             )
         names = {f.name for f in dataclasses.fields(cls)}
         required = {

@@ -10,7 +10,12 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from lightning_kd.teacher_cache.codec import EXACT_CODEC, TOPK_CODEC, decode_exact, decode_topk
+from lightning_kd.teacher_cache.codec import (
+    EXACT_CODEC,
+    TOPK_CODEC,
+    decode_exact,
+    decode_topk_with_tail,
+)
 from lightning_kd.teacher_cache.format import (
     CacheMetadata,
     ShardHeader,
@@ -32,11 +37,15 @@ class CachedTeacher(NamedTuple):
         ids: [B, S, k] int64 token ids, sorted ascending within a token; None in exact mode.
         logprobs: [B, S, k] float32 ``log_softmax(teacher_logits / T)`` of those ids (exact
             mode: [B, S, V], the whole distribution). The top-k mass's complement, the tail
-            ``1 − Σ exp(logprobs)``, is the teacher's own.
+            ``1 − Σ exp(logprobs)``, is the teacher's own to float32.
+        tail_logprob: [B, S] float32 log of the teacher's mass outside the top-k (``−inf`` at
+            invalid positions), stored by format version 2; None for an exact cache or a
+            version 1 cache (the tail is then implied by the top-k mass).
     """
 
     ids: Tensor | None
     logprobs: Tensor
+    tail_logprob: Tensor | None = None
 
 
 class TeacherCache:
@@ -158,6 +167,9 @@ class TeacherCache:
         width = meta.vocab_size if exact else meta.top_k
         logprobs = torch.full((batch, seq, width), -math.log(width), dtype=torch.float32)
         ids = None if exact else torch.arange(width).expand(batch, seq, width).clone()
+        tail = None
+        if not exact and meta.format_version >= 2:
+            tail = torch.full((batch, seq), -math.inf, dtype=torch.float32)
         for row, index in enumerate(indices):
             header, position = self._header(split, int(index))
             n = int(valid[row].sum())
@@ -172,13 +184,21 @@ class TeacherCache:
                 if exact:
                     logprobs[row, valid[row]] = decode_exact(record, n, width)
                 elif meta.codec == TOPK_CODEC:
-                    token_ids, values = decode_topk(record, n, width)
+                    token_ids, values, stored = decode_topk_with_tail(record, n, width)
+                    if (stored is None) != (tail is None):
+                        raise ValueError(
+                            "its tail log-mass is "
+                            f"{'missing' if stored is None else 'present'} in a format "
+                            f"version {meta.format_version} cache"
+                        )
                     ids[row, valid[row]] = token_ids  # type: ignore[index]
                     logprobs[row, valid[row]] = values
+                    if tail is not None:
+                        tail[row, valid[row]] = stored
                 else:
                     raise ValueError(f"unknown codec {meta.codec!r}")
             except ValueError as error:
                 raise ValueError(
                     f"corrupt shard {header.path}: sequence {index}: {error}"
                 ) from None
-        return CachedTeacher(ids, logprobs)
+        return CachedTeacher(ids, logprobs, tail)

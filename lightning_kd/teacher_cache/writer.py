@@ -16,6 +16,12 @@ whole, so a killed writer never leaves a half shard that counts. ``metadata.json
 by global rank 0 once the teacher's vocabulary size is known (before any shard), with
 ``complete: false``, and rewritten with ``complete: true`` when every shard is there; a
 restart with other settings (k, temperature, data, teacher, ...) is a ``ValueError``.
+
+A served teacher (a backend with ``fetch(input_ids) -> (ids, logprobs)`` and ``top_k``, e.g.
+:class:`~lightning_kd.training.teachers.ServedTeacher`) is cached the same way, from its top-k:
+the ids as served, the log-probabilities within the codec's rounding, and the tail log-mass
+implied by the top-k (``log(1 − Σ P_i)``; a server gives no more). ``top_k`` must be at most the
+served k and not 0.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm.auto import tqdm
 
 from lightning_kd.io import ensure_writable_dir, sha256_file
+from lightning_kd.losses.topk_buckets import implied_tail_logprob
 from lightning_kd.losses.vocab_parallel import find_vocab_tp_group
 from lightning_kd.models.outputs import logits_of
 from lightning_kd.parallel.mesh import TP_DIM, data_parallel
@@ -56,14 +63,14 @@ from lightning_kd.teacher_cache.format import (
     shard_path,
     write_metadata,
 )
-from lightning_kd.teacher_cache.topk import exact_logprobs, topk_logprobs
+from lightning_kd.teacher_cache.topk import exact_logprobs, topk_with_tail
 
 #: Test hook: a writer process raises :class:`CacheWriteInterrupted` after writing this many
 #: shards (simulates a job killed between shards).
 STOP_AFTER_ENV = "LIGHTNING_KD_CACHE_STOP_AFTER_SHARDS"
 SPLITS = ("train", "val")
-_COMPARED = ("teacher", "tokenizer", "temperature", "top_k", "splits", "seq_len",
-             "num_sequences", "shard_size", "codec", "ignore_index")  # fmt: skip
+_COMPARED = ("format_version", "teacher", "tokenizer", "temperature", "top_k", "splits",
+             "seq_len", "num_sequences", "shard_size", "codec", "ignore_index")  # fmt: skip
 
 
 class CacheWriteInterrupted(RuntimeError):
@@ -171,6 +178,12 @@ class _Runner:
         tp_rank = mesh[TP_DIM].get_local_rank() if mesh is not None else 0
         return dp.rank, dp.size, tp_rank == 0
 
+    @property
+    def _served(self) -> Any:
+        """The module's served teacher backend (one with ``fetch``), or None."""
+        backend = getattr(self.module, "teacher_backend", None)
+        return backend if callable(getattr(backend, "fetch", None)) else None
+
     def _teacher(self, batch: Mapping[str, Tensor]) -> Tensor:
         with torch.no_grad():
             return logits_of(self.module.run_teacher(batch))
@@ -180,8 +193,11 @@ class _Runner:
         """First step, on every rank: learn V from a forward, then write or check the
         metadata (global rank 0 writes; every rank checks after a barrier)."""
         item = self.plan.datasets[split][0]
-        logits = self._teacher(_collate([item], self.module.device))
-        meta = replace(self.plan.metadata, vocab_size=int(logits.shape[-1]))
+        if self._served is not None:
+            vocab_size = int(self._served.served_vocab)  # connected in configure_model
+        else:
+            vocab_size = int(self._teacher(_collate([item], self.module.device)).shape[-1])
+        meta = replace(self.plan.metadata, vocab_size=vocab_size)
         if meta.top_k > meta.vocab_size:
             raise ValueError(
                 f"top_k={meta.top_k} exceeds the teacher's vocabulary ({meta.vocab_size}); "
@@ -230,7 +246,7 @@ class _Runner:
                 counts, new = self._encode(batch_data, writes)
                 num_valid += counts
                 records += new
-            elif dp_size > 1:  # keep FSDP2's collectives in step with the busy replicas
+            elif dp_size > 1 and self._served is None:  # keep FSDP2's collectives in step
                 self._teacher(_collate([dataset[0]], self.module.device))
         if work is not None and writes:
             fields = self.plan.shard_fields(split, *work)
@@ -245,9 +261,19 @@ class _Runner:
     def _encode(self, batch: Mapping[str, Tensor], writes: bool) -> tuple[list[int], list[bytes]]:
         """Per sequence of the micro-batch: its number of valid tokens and its record."""
         meta = self.plan.metadata
-        logits = self._teacher(batch)
         valid = batch["labels"] != meta.ignore_index
         counts = valid.sum(dim=1).tolist()
+        if self._served is not None:
+            ids, logprobs = self._served.fetch(batch["input_ids"])
+            ids, logprobs = (
+                ids[valid.cpu()][:, : meta.top_k],
+                logprobs[valid.cpu()][:, : meta.top_k],
+            )
+            tail = implied_tail_logprob(logprobs).float()
+            parts = zip(ids.split(counts), logprobs.split(counts), tail.split(counts), strict=True)
+            records = [encode_topk(i, v, meta.vocab_size, t) for i, v, t in parts] if writes else []
+            return counts, records
+        logits = self._teacher(batch)
         if meta.top_k == 0:
             full = logits.full_tensor() if isinstance(logits, DTensor) else logits
             logprobs = exact_logprobs(full[valid], meta.temperature)
@@ -256,11 +282,11 @@ class _Runner:
         group = find_vocab_tp_group(logits)
         if isinstance(logits, DTensor):
             logits = logits.to_local() if group is not None else logits.full_tensor()
-        ids, logprobs = topk_logprobs(logits[valid], meta.top_k, meta.temperature, group)
+        ids, logprobs, tail = topk_with_tail(logits[valid], meta.top_k, meta.temperature, group)
         if not writes:
             return counts, []
-        pairs = zip(ids.split(counts), logprobs.split(counts), strict=True)
-        records = [encode_topk(i, v, meta.vocab_size) for i, v in pairs]
+        parts = zip(ids.split(counts), logprobs.split(counts), tail.split(counts), strict=True)
+        records = [encode_topk(i, v, meta.vocab_size, t) for i, v, t in parts]
         return counts, records
 
 
@@ -279,6 +305,9 @@ def describe_teacher(module: LightningModule, config: Any = None) -> str:
         as_dict = config.as_dict() if hasattr(config, "as_dict") else config
         text = json.dumps(as_dict, sort_keys=True, default=str)
         parts.append(f"config sha256:{hashlib.sha256(text.encode()).hexdigest()[:16]}")
+    backend = getattr(module, "teacher_backend", None)
+    if callable(getattr(backend, "fetch", None)):
+        parts.append(backend.describe())  # type: ignore[union-attr]
     source = getattr(module, "teacher_source", None)
     checkpoint = getattr(source, "checkpoint", None)
     if checkpoint:
@@ -337,8 +366,14 @@ def write_teacher_cache(
         raise ValueError(f"splits must be a non-empty subset of {SPLITS}, got {splits!r}.")
     ensure_writable_dir(output_dir, "teacher cache output_dir")  # one line naming it
     backend = getattr(module, "teacher_backend", None)
+    served = callable(getattr(backend, "fetch", None))
+    if served and not 0 < top_k <= backend.top_k:  # type: ignore[union-attr]
+        raise ValueError(
+            f"a served teacher gives its top-{backend.top_k} only: cache it with "  # type: ignore[union-attr]
+            f"0 < top_k <= {backend.top_k}, got top_k={top_k}."  # type: ignore[union-attr]
+        )
     if getattr(module, "teacher_cache", None) is not None or (
-        backend is not None and backend.source is None
+        backend is not None and backend.source is None and not served
     ):
         raise ValueError(
             "the config has no teacher model in this process (a teacher cache, or a teacher "

@@ -41,19 +41,22 @@ class CachedTeacherSource:
         self.cache = TeacherCache(self.directory)  # fails now on a missing or malformed cache
 
     def check_loss(self, loss: KDLoss) -> None:
-        """A top-k cache supports forward KL only: its tail mass is known to fp32, so a tail
-        below ~1e-7 reads as 0, where reverse KL (and the rest) is infinite or undefined.
+        """A top-k cache of format version 1 stores no tail log-mass: its tail is known to
+        fp32 only (a tail below ~1e-7 reads as 0, where reverse KL and the divergences that
+        weigh the tail by the student's mass are infinite or wrong), so it trains forward KL
+        only. Version 2 caches train every divergence on the (k+1) buckets.
 
         Raises:
-            ValueError: for another divergence with a top-k cache.
+            ValueError: for another divergence than forward KL with a version 1 top-k cache.
         """
-        top_k = self.cache.metadata.top_k
+        meta = self.cache.metadata
         name = loss.divergence.name
-        if top_k > 0 and name != "forward_kl":
+        if meta.top_k > 0 and meta.format_version < 2 and name != "forward_kl":
             raise ValueError(
-                f"teacher cache {self.directory} holds the teacher's top-{top_k}: train from it "
-                f"with divergence forward_kl (got {name}); the other divergences need the "
-                "whole distribution (a cache written with --top_k 0)."
+                f"teacher cache {self.directory} (format version {meta.format_version}) holds "
+                f"the teacher's top-{meta.top_k} without the tail's log-mass: it trains "
+                f"forward_kl only (got {name}). Write it again with this version's "
+                "cache-teacher to train any divergence on the top-k buckets."
             )
 
     def check(
@@ -99,7 +102,9 @@ class CachedTeacherSource:
         labels = batch["labels"]
         cached = self.cache.read(split, batch["index"].cpu(), (labels != ignore_index).cpu())
         ids = cached.ids.to(labels.device) if cached.ids is not None else None
-        return CachedTeacher(ids, cached.logprobs.to(labels.device))
+        tail = cached.tail_logprob
+        tail = tail.to(labels.device) if tail is not None else None
+        return CachedTeacher(ids, cached.logprobs.to(labels.device), tail)
 
 
 def cached_teacher_ce(

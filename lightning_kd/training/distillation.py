@@ -470,6 +470,11 @@ class DistillationModule(LightningModule):
             if estimate is not None:
                 rank_zero_info(estimate.table())
 
+    @override
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Let the teacher backend act at the step boundary (e.g. stop on a failed prefetch)."""
+        self.teacher_backend.after_train_batch(self)
+
     def _models(self) -> list[tuple[str, nn.Module]]:
         """``(role, model)`` of the models built so far (a teacher cache has no teacher)."""
         models = ((role, getattr(self, role)) for role in ("student", "teacher"))

@@ -6,6 +6,8 @@
 - :class:`FusedHeadTeacher` (``fused.py``): the same with both lm_heads fused into the loss
   (``fused_head=True``): no ``[N, V]`` logits.
 - :class:`CacheTeacher` (``cached.py``): a teacher cache (``teacher_cache=DIR``), no model.
+- :class:`ServedTeacher` (``served.py``): a teacher served by vLLM (its top-k per position),
+  no model in process (``teacher_backend=ServedTeacher(url=...)``).
 
 :func:`select_teacher` maps the module's constructor arguments to one of them.
 """
@@ -19,6 +21,7 @@ from lightning_kd.training.teachers.base import TeacherBackend, run_model
 from lightning_kd.training.teachers.cached import CacheTeacher
 from lightning_kd.training.teachers.fused import FusedHeadTeacher
 from lightning_kd.training.teachers.live import LiveTeacher
+from lightning_kd.training.teachers.served import ServedTeacher
 
 
 def select_teacher(
@@ -78,6 +81,7 @@ __all__ = [
     "CacheTeacher",
     "FusedHeadTeacher",
     "LiveTeacher",
+    "ServedTeacher",
     "TeacherBackend",
     "run_model",
     "select_teacher",

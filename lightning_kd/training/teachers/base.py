@@ -103,6 +103,11 @@ class TeacherBackend(ABC):
         """The student's output for the loss (default: its forward, logits [B, S, V])."""
         return run_model(module.student, "student", "forward", batch)
 
+    def after_train_batch(self, module: DistillationModule) -> None:
+        """Called at the end of every training step (default: nothing); a teacher that works
+        ahead (e.g. a served one's prefetch) may stop the run here, at a step boundary."""
+        return None
+
     @abstractmethod
     def run_teacher(self, module: DistillationModule, batch: Mapping[str, Tensor]) -> Any:
         """What the teacher hands the loss for ``batch`` (called under ``torch.no_grad()``)."""

@@ -3,8 +3,8 @@
 Exact caches (``top_k=0``) go through the module's own :class:`~lightning_kd.KDLoss` with
 ``T · log P`` as the teacher's logits; top-k caches through
 :class:`~lightning_kd.losses.TopKKDLoss` with the loss's options (the top-k tokens plus one
-bucket for the rest of the vocabulary). Opening, checking and reading the cache is
-:mod:`lightning_kd.training.cached_teacher`.
+bucket for the rest of the vocabulary, whose log-mass the cache stores), any divergence.
+Opening, checking and reading the cache is :mod:`lightning_kd.training.cached_teacher`.
 """
 
 from __future__ import annotations
@@ -49,7 +49,8 @@ class CacheTeacher(TeacherBackend):
         self._checked_splits: set[str] = set()
 
     def setup(self, loss: KDLoss) -> None:
-        """Raises: ValueError for a top-k cache with another divergence than forward KL."""
+        """Raises: ValueError for a format version 1 top-k cache with another divergence than
+        forward KL (it stores no tail log-mass)."""
         self.reader.check_loss(loss)
         self._loss = loss
         self._top_k = (
@@ -80,7 +81,7 @@ class CacheTeacher(TeacherBackend):
         if self._top_k is not None:
             return self._top_k(
                 student_logits, teacher_output.ids, teacher_output.logprobs, labels,
-                return_per_token=True,
+                return_per_token=True, teacher_tail_logprob=teacher_output.tail_logprob,
             )  # fmt: skip
         # Exact: softmax(T · log P / T) = P, vocabulary-sharded like the student's under TP.
         teacher_logits = teacher_output.logprobs * self._loss.temperature
