@@ -62,6 +62,7 @@ from lightning_kd.training.checkpoint_policy import (
     teacher_free_checkpoints,
 )
 from lightning_kd.training.eval_metrics import EvalSums
+from lightning_kd.training.hidden_state_loss import HiddenStateLoss
 from lightning_kd.training.loss_terms import LossTerms, find_logits, logits_of
 from lightning_kd.training.memory_estimate import estimate_run_memory
 from lightning_kd.training.module_args import resolve_loss
@@ -161,6 +162,11 @@ class DistillationModule(LightningModule):
         on_policy: on-policy distillation: the student's (or the teacher's) samples as the
             completions of the training batches (:class:`~lightning_kd.training.on_policy.
             OnPolicySequences`; sets :attr:`sequence_source`). Refused with a teacher cache.
+        hidden_state_loss: intermediate-layer distillation: a
+            :class:`~lightning_kd.training.hidden_state_loss.HiddenStateLoss` term (pairs of
+            student/teacher blocks, a distance, a weight, learned projections when the widths
+            differ) added to the logit loss; needs a teacher model (not a teacher cache). Its
+            projections train with the student and are saved in checkpoints (not in exports).
 
     Attributes:
         loss: the distillation loss (``kd_loss`` is its deprecated name).
@@ -202,6 +208,7 @@ class DistillationModule(LightningModule):
         sharded_loading: bool = False,
         teacher_backend: TeacherBackend | None = None,
         on_policy: OnPolicySequences | None = None,
+        hidden_state_loss: HiddenStateLoss | None = None,
     ) -> None:
         super().__init__()
         check_bool("fused_head", fused_head)
@@ -227,6 +234,17 @@ class DistillationModule(LightningModule):
         self._use_backend(backend)
         if on_policy is not None:
             OnPolicySequences.check_teacher(backend)
+        if hidden_state_loss is not None and not isinstance(hidden_state_loss, HiddenStateLoss):
+            raise ValueError(
+                "hidden_state_loss must be a HiddenStateLoss (lightning_kd.training."
+                f"hidden_state_loss), got {type(hidden_state_loss).__name__}."
+            )
+        if hidden_state_loss is not None and teacher_cache is not None:
+            raise ValueError(
+                "hidden_state_loss compares the teacher's intermediate hidden states; a teacher "
+                "cache holds only its logits. Use a live teacher (teacher=) with it."
+            )
+        self.hidden_state_loss = hidden_state_loss
         self.sequence_source: SequenceSource = on_policy or DataLoaderSequences()
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
@@ -348,6 +366,13 @@ class DistillationModule(LightningModule):
         if self.teacher is not None:
             freeze(self.teacher)  # also covers modules restrict_vocab created
         self.teacher_backend.prepare(self)  # fail early, before any parallelisation
+        if self.hidden_state_loss is not None:
+            if self.teacher is None:
+                raise ValueError(
+                    f"hidden_state_loss needs a teacher model; the "
+                    f"{type(self.teacher_backend).__name__} teacher backend has none."
+                )
+            self.hidden_state_loss.attach(self.student, self.teacher)  # before parallelisation
         mesh = self.device_mesh
         if mesh is None and self.teacher_offload and self.teacher is not None:
             raise ValueError(
@@ -491,7 +516,7 @@ class DistillationModule(LightningModule):
         ]  # fmt: skip
 
     def _extra_trainable_modules(self) -> list[nn.Module]:
-        skip = {id(self.student), id(self.teacher), id(self.loss)}
+        skip = {id(self.student), id(self.teacher), id(self.loss)}  # the projections stay
         return [
             m for m in self.children()
             if id(m) not in skip and any(p.requires_grad for p in m.parameters())
@@ -514,6 +539,12 @@ class DistillationModule(LightningModule):
             "temperature": options.temperature,
             "divergence": repr(options.divergence),
             "ignore_index": options.ignore_index,
+            # Only when set: checkpoints of runs without it record (and compare) nothing new.
+            **(
+                {"hidden_state_loss": self.hidden_state_loss.settings()}
+                if self.hidden_state_loss is not None
+                else {}
+            ),
         }
 
     @override
@@ -558,7 +589,17 @@ class DistillationModule(LightningModule):
         module turns them into sums over the accumulation window).
         """
         out = self.teacher_backend.loss(student_output, teacher_output, batch)
-        return LossTerms(out.loss, out.div_loss, out.ce_loss, out.per_token_div, out.valid_mask)
+        terms = LossTerms(out.loss, out.div_loss, out.ce_loss, out.per_token_div, out.valid_mask)
+        if self.hidden_state_loss is None:
+            return terms
+        student_hidden, teacher_hidden = self.hidden_state_loss.collect()
+        valid = batch["labels"] != self.loss.ignore_index
+        # Called as a module: under FSDP2 its hooks gather the projections (and the hidden
+        # states pass through its arguments, so their gradients are hooked too).
+        hidden = self.hidden_state_loss(student_hidden, teacher_hidden, valid)
+        extra = {"hidden_loss": hidden.loss.detach()}
+        extra.update({f"hidden/{name}": value for name, value in hidden.pairs.items()})
+        return terms._replace(loss=terms.loss + hidden.loss, extra=extra)
 
     # ------------------------------------------------------------------ steps
     def _forward_both(self, batch: Mapping[str, Tensor]) -> tuple[Any, Any]:
@@ -593,6 +634,8 @@ class DistillationModule(LightningModule):
             ("train/ce_loss", terms.ce_loss),
         ):
             self._log_scalar(name, value, prog_bar=name == "train/kd_loss", sync_dist=dp_sync)
+        for name, value in (terms.extra or {}).items():
+            self._log_scalar(f"train/{name}", value, sync_dist=dp_sync)
         return {
             # Token sum: the window normalisation happens in on_before_optimizer_step.
             "loss": terms.loss * tokens,
