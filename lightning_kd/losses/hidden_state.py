@@ -79,4 +79,3 @@ def hidden_state_distance(
     values = per_token_distance(student, teacher, distance)
     mask = valid_mask.to(values.dtype)
     return (values * mask).sum() / mask.sum().clamp_min(1.0)
-

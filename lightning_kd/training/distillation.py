@@ -212,6 +212,16 @@ class DistillationModule(LightningModule):
     ) -> None:
         super().__init__()
         check_bool("fused_head", fused_head)
+        if hidden_state_loss is not None and not isinstance(hidden_state_loss, HiddenStateLoss):
+            raise ValueError(
+                "hidden_state_loss must be a HiddenStateLoss (lightning_kd.training."
+                f"hidden_state_loss), got {type(hidden_state_loss).__name__}."
+            )
+        if hidden_state_loss is not None and teacher_cache is not None:
+            raise ValueError(
+                "hidden_state_loss compares the teacher's intermediate hidden states; a teacher "
+                "cache holds only its logits. Use a live teacher (teacher=) with it."
+            )
         self.activation_checkpointing = check_bool(
             "activation_checkpointing", activation_checkpointing
         )
@@ -234,16 +244,6 @@ class DistillationModule(LightningModule):
         self._use_backend(backend)
         if on_policy is not None:
             OnPolicySequences.check_teacher(backend)
-        if hidden_state_loss is not None and not isinstance(hidden_state_loss, HiddenStateLoss):
-            raise ValueError(
-                "hidden_state_loss must be a HiddenStateLoss (lightning_kd.training."
-                f"hidden_state_loss), got {type(hidden_state_loss).__name__}."
-            )
-        if hidden_state_loss is not None and teacher_cache is not None:
-            raise ValueError(
-                "hidden_state_loss compares the teacher's intermediate hidden states; a teacher "
-                "cache holds only its logits. Use a live teacher (teacher=) with it."
-            )
         self.hidden_state_loss = hidden_state_loss
         self.sequence_source: SequenceSource = on_policy or DataLoaderSequences()
         self.optimizer_factory = optimizer

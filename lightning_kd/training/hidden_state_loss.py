@@ -195,7 +195,9 @@ class HiddenStateLoss(nn.Module):
             distances.append(hidden_state_distance(s, t, valid_mask, self.distance))
         loss = self.weight * torch.stack(distances).mean()
         names = [f"s{s}_t{t}" for s, t in self.pairs]
-        return HiddenStateTerms(loss, {n: d.detach() for n, d in zip(names, distances, strict=True)})
+        return HiddenStateTerms(
+            loss, {n: d.detach() for n, d in zip(names, distances, strict=True)}
+        )
 
     def extra_repr(self) -> str:
         pairs = self.pairs or self.requested_pairs or "evenly spaced"
