@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from lightning_kd import DistillationModule, KDLoss, TinyLlama
 from lightning_kd.cli import shutdown_distributed
 from lightning_kd.training.distillation import logits_of
+from lightning_kd.training.hidden_state_loss import HiddenStateLoss
 from tests.helpers.distributed import exit_now
 from tests.helpers.runs import run_cases
 
@@ -88,10 +89,13 @@ class CheckedModule(DistillationModule):
 class LossRecorder(Callback):
     def __init__(self) -> None:
         self.losses: list[float] = []
+        self.hidden_losses: list[float] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if (batch_idx + 1) % trainer.accumulate_grad_batches == 0:
             self.losses.append(float(trainer.callback_metrics["train/kd_loss"]))
+            if "train/hidden_loss" in trainer.callback_metrics:
+                self.hidden_losses.append(float(trainer.callback_metrics["train/hidden_loss"]))
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -117,6 +121,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--fused-head", action="store_true", help="DistillationModule(fused_head)")
     parser.add_argument("--divergence", default="forward_kl")
     parser.add_argument("--tie-student", action="store_true", help="tied student lm_head")
+    parser.add_argument("--hidden", default=None, help="a HiddenStateLoss with this distance")
     return parser.parse_args(argv)
 
 
@@ -144,6 +149,9 @@ def run(args: argparse.Namespace) -> None:
         fused_head=args.fused_head,
         optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3),
         shared_vocab_size=VOCAB if args.teacher_vocab != VOCAB else None,
+        hidden_state_loss=(
+            None if args.hidden is None else HiddenStateLoss(distance=args.hidden, weight=0.5)
+        ),
     )
     strategy = "auto"
     if args.devices > 1:
@@ -193,10 +201,16 @@ def run(args: argparse.Namespace) -> None:
     }
     if args.save_student and trainer.global_rank == 0:
         torch.save(student_state, args.save_student)
+    if module.hidden_state_loss is not None:  # its projections train with the student
+        student_state.update({
+            f"hidden.{k}": (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu()
+            for k, v in module.hidden_state_loss.state_dict().items()
+        })  # fmt: skip
     student_sum = sum(float(v.double().abs().sum()) for v in student_state.values())
     if trainer.global_rank == 0:
         result = {
             "losses": recorder.losses,
+            "hidden_losses": recorder.hidden_losses,
             "teacher_unchanged": teacher_same,
             "teacher_requires_grad": any(p.requires_grad for p in module.teacher.parameters()),
             "teacher_training": module.teacher.training,
