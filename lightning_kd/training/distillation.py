@@ -44,6 +44,7 @@ from typing_extensions import override
 
 from lightning_kd.checks import check_bool, check_unit_interval
 from lightning_kd.losses.kd_loss import KDLoss
+from lightning_kd.models.lora import has_lora
 from lightning_kd.parallel.fsdp import mixed_precision_policy, place_offloaded
 from lightning_kd.parallel.grad_clip import clip_grad_norm
 from lightning_kd.parallel.mesh import (
@@ -57,9 +58,13 @@ from lightning_kd.parallel.meta_init import WeightSource, build_on_meta
 from lightning_kd.parallel.pipeline import parallelize_model
 from lightning_kd.parallel.plans import check_vocab_parallel_logits, resolve_tensor_parallel_plan
 from lightning_kd.training.checkpoint_policy import (
+    FROZEN_DIGEST_KEY,
+    check_frozen_digest,
     check_settings,
+    frozen_digest,
     record_settings,
     teacher_free_checkpoints,
+    trainable_only_checkpoints,
 )
 from lightning_kd.training.eval_metrics import EvalSums
 from lightning_kd.training.hidden_state_loss import HiddenStateLoss
@@ -262,6 +267,7 @@ class DistillationModule(LightningModule):
         self._eval = EvalSums()
         self._step_start: float | None = None
         teacher_free_checkpoints(self, "teacher")
+        trainable_only_checkpoints(self, "student")  # a LoRA student: adapters, not its base
 
     def _use_backend(self, backend: TeacherBackend) -> None:
         """Make ``backend`` the teacher backend; it builds its loss objects once, here."""
@@ -547,9 +553,18 @@ class DistillationModule(LightningModule):
             ),
         }
 
+    @property
+    def drop_frozen_student(self) -> bool:
+        """Whether checkpoints leave out the student's frozen parameters: a LoRA student
+        (``lora`` option) saves its adapters (and whatever else trains), not its base, which
+        is rebuilt from its own source on resume and checked against a digest."""
+        return self.student is not None and has_lora(self.student)
+
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         record_settings(checkpoint, self._settings())
+        if self.drop_frozen_student:
+            checkpoint[FROZEN_DIGEST_KEY] = frozen_digest(self.student)
         if hasattr(self.sequence_source, "state_dict"):  # e.g. on-policy draws: resume them
             checkpoint["sequence_source"] = self.sequence_source.state_dict()
 
@@ -557,6 +572,8 @@ class DistillationModule(LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Warn when the module being loaded into is configured unlike the one that saved."""
         check_settings(checkpoint, self._settings(), teacher_saved=self.save_teacher)
+        if FROZEN_DIGEST_KEY in checkpoint and self.drop_frozen_student:
+            check_frozen_digest(checkpoint[FROZEN_DIGEST_KEY], frozen_digest(self.student))
         if "sequence_source" in checkpoint and hasattr(self.sequence_source, "load_state_dict"):
             self.sequence_source.load_state_dict(checkpoint["sequence_source"])
 
