@@ -61,12 +61,12 @@ def make_hf_models(family: str, teacher_vocab: int = VOCAB, seed: int = 0):
     return student, teacher
 
 
-def make_models(seed: int = 0) -> tuple[TinyLlama, TinyLlama]:
+def make_models(seed: int = 0, lora: dict | None = None) -> tuple[TinyLlama, TinyLlama]:
     torch.manual_seed(seed)
     teacher = TinyLlama(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
                         hidden_dim=64, init_std=0.3)  # fmt: skip
     student = TinyLlama(vocab_size=VOCAB, dim=16, n_layers=1, n_heads=2, n_kv_heads=2,
-                        hidden_dim=32, init_std=0.1)  # fmt: skip
+                        hidden_dim=32, init_std=0.1, lora=lora)  # fmt: skip
     return student, teacher
 
 
@@ -122,6 +122,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--divergence", default="forward_kl")
     parser.add_argument("--tie-student", action="store_true", help="tied student lm_head")
     parser.add_argument("--hidden", default=None, help="a HiddenStateLoss with this distance")
+    parser.add_argument("--lora", type=int, default=0, help="a LoRA student of this rank")
     return parser.parse_args(argv)
 
 
@@ -129,7 +130,7 @@ def run(args: argparse.Namespace) -> None:
     """One fit; rank 0 writes its result to ``args.out``."""
     L.seed_everything(0, verbose=False)
     if args.family == "tiny":
-        student, teacher = make_models()
+        student, teacher = make_models(lora={"rank": args.lora} if args.lora else None)
         if args.tie_student:  # the lm_head shares the embedding (FSDP2: one unit with the root)
             torch.manual_seed(0)
             student = TinyLlama(vocab_size=VOCAB, dim=16, n_layers=1, n_heads=2, n_kv_heads=2,
@@ -217,6 +218,7 @@ def run(args: argparse.Namespace) -> None:
             "saw_sharded": module.saw_sharded,
             "student_abs_sum": student_sum,
             "global_step": trainer.global_step,
+            "trainable": sorted(n for n, p in module.student.named_parameters() if p.requires_grad),
         }
         Path(args.out).write_text(json.dumps(result))
 
