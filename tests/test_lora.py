@@ -165,7 +165,9 @@ def test_checkpoints_hold_the_adapters_only_and_resume_exactly(tmp_path):
     merged = transformers.AutoModelForCausalLM.from_pretrained(out)
     trained = _fit(2)
     with torch.no_grad():
-        torch.testing.assert_close(merged(_ids()).logits, trained.student(_ids()), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            merged(_ids()).logits, trained.student(_ids()), atol=1e-5, rtol=0
+        )
     with pytest.raises(ValueError, match="another frozen base model"):
         _fit(4, ckpt=path, seed=1)  # a different base: refused, never silently trained on
 
@@ -194,3 +196,31 @@ def test_a_lora_student_can_be_copied():
     student = _tiny()
     clone = copy.deepcopy(student)
     assert set(clone.state_dict()) == set(student.state_dict())
+
+
+def test_lora_config_trains_from_yaml_and_checkpoints_the_adapters(
+    tmp_path, monkeypatch, teacher_ckpt
+):
+    from lightning_kd.cli import KDLightningCLI
+    from tests.helpers.cli import SMALL_DATA
+    from tests.helpers.runs import ROOT
+
+    monkeypatch.chdir(tmp_path)
+    cli = KDLightningCLI(
+        args=["--config", str(ROOT / "configs/lora.yaml"),
+              "--model.init_args.teacher_checkpoint", str(teacher_ckpt),
+              "--model.init_args.student.init_args.init_from", str(teacher_ckpt),
+              "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0",
+              "--trainer.enable_progress_bar", "false", *SMALL_DATA],
+        run=False,
+    )  # fmt: skip
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert cli.trainer.global_step == 2
+    student = cli.model.student
+    assert student.lora == LoraOptions(8, 16.0, 0.0, ["wq", "wk", "wv", "wo", "w1", "w2", "w3"])
+    trained = {n for n, p in student.named_parameters() if p.requires_grad}
+    assert trained and all(".lora_" in n for n in trained)
+    ckpt = tmp_path / "runs/lora/checkpoints/last.ckpt"
+    cli.trainer.save_checkpoint(ckpt)
+    keys = torch.load(ckpt, weights_only=False)["state_dict"]
+    assert keys and all(".lora_" in k for k in keys)
