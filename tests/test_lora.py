@@ -181,13 +181,12 @@ def test_bad_options_are_refused():
         _tiny(lora={"r": 4})
     with pytest.raises(ValueError, match="the output head"):
         _tiny(lora={"target_modules": ["lm_head"]})
-    with pytest.raises(ValueError, match="nn.Linear layers of the blocks only"):
+    with pytest.raises(ValueError, match=r"nn\.Linear layers of the blocks only"):
         _tiny(lora={"target_modules": ["embed"]})
-    with pytest.raises(ValueError, match="matched no layer|target_modules"):
+    with pytest.raises(ValueError, match=r"lora target_modules=\['nothing_here'\]: Target modules"):
         _tiny(lora={"target_modules": ["nothing_here"]})
-    with pytest.raises(ValueError, match="sharded \\(meta-device\\) loading"):
-        with torch.device("meta"):
-            _tiny()
+    with pytest.raises(ValueError, match=r"sharded \(meta-device\) loading"), torch.device("meta"):
+        _tiny()
     with pytest.raises(ValueError, match="no LoRA adapters"):
         export_lora_adapters(_tiny(lora=None), {}, "unused")
 
