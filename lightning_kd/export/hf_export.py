@@ -143,7 +143,9 @@ def _hf_config_and_weights(student: nn.Module, state: Mapping[str, Tensor]) -> t
     return config, weights
 
 
-def _prepare_directory(directory: Path, overwrite: bool) -> None:
+def prepare_directory(directory: Path, overwrite: bool) -> None:
+    """Create the export directory ``directory``, writable and empty (an earlier export's
+    files removed with ``overwrite``; ``ValueError`` for a file or a non-empty directory)."""
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"output_dir {str(directory)!r} is a file, not a directory.")
     if directory.is_dir() and any(directory.iterdir()):
@@ -303,7 +305,7 @@ def export_student(
     special = run_special_tokens(tokenizer=tokenizer) if special_tokens is None else special_tokens
     _fill_special_tokens(config, special)
     directory = Path(output_dir)
-    _prepare_directory(directory, overwrite)
+    prepare_directory(directory, overwrite)
     config.save_pretrained(directory)
     write_safetensors(weights, directory, max_bytes)
     _generation_config(student, config, special).save_pretrained(directory)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from lightning_kd.export.hf_export import _prepare_directory
+from lightning_kd.export.hf_export import prepare_directory
 from lightning_kd.models.lora import adapter_state, lora_layers, peft_config
 
 __all__ = ["export_lora_adapters"]
@@ -66,7 +66,7 @@ def export_lora_adapters(
     if prefix:
         config.base_model_name_or_path = getattr(student, "pretrained_path", None)
     directory = Path(output_dir)
-    _prepare_directory(directory, overwrite)
+    prepare_directory(directory, overwrite)
     config.save_pretrained(str(directory))
     from safetensors.torch import save_file
 
