@@ -190,6 +190,29 @@ def test_taps_work_on_hugging_face_decoder_layers():
         torch.testing.assert_close(kept[i], out.hidden_states[i + 1])
 
 
+def test_hugging_face_models_distil_hidden_states_through_the_module():
+    pytest.importorskip("transformers")
+    from lightning_kd.models.hf import HFCausalLM
+
+    torch.manual_seed(0)
+    student = HFCausalLM(config=hf_config(VOCAB, hidden=16, layers=2))
+    teacher = HFCausalLM(config=hf_config(VOCAB, hidden=32, layers=4))
+    module = _module(student, teacher, HiddenStateLoss(distance="mse", weight=1.0))
+    batch = _batch()
+    terms, grads = _loss_and_grads(module, batch)
+    ids, mask = batch["input_ids"], batch["labels"] != -100
+    with torch.no_grad():
+        s_out = student.model(input_ids=ids, output_hidden_states=True).hidden_states
+        t_out = teacher.model(input_ids=ids, output_hidden_states=True).hidden_states
+        projections = module.hidden_state_loss.projections
+        # Pairs (0, 1) and (1, 3); HF's last hidden state is after the final norm: block 1 of
+        # the student is its last, so its output comes from the tap (compared for pair 0 only).
+        want = _reference_distance(projections[0](s_out[1]), t_out[2], mask, "mse")
+    torch.testing.assert_close(terms.extra["hidden/s0_t1"].double(), want, rtol=1e-5, atol=1e-7)
+    assert grads["hidden_state_loss.projections.1.weight"].abs().sum() > 0
+    assert any(n.startswith("student.") and g.abs().sum() > 0 for n, g in grads.items())
+
+
 def test_projections_are_checkpointed_and_resume_exactly(tmp_path):
     import lightning as L
 

@@ -45,7 +45,7 @@ class RandomTokens(Dataset):
         return {"input_ids": self.ids[i, :-1], "labels": labels}
 
 
-def make_hf_models(family: str, teacher_vocab: int = VOCAB, seed: int = 0):
+def make_hf_models(family: str, teacher_vocab: int = VOCAB, seed: int = 0, lora=None):
     """Tiny random Hugging Face models of ``family`` (llama, qwen2, ...), untied heads."""
     from lightning_kd.models.hf import HFCausalLM
 
@@ -57,7 +57,7 @@ def make_hf_models(family: str, teacher_vocab: int = VOCAB, seed: int = 0):
 
     torch.manual_seed(seed)
     teacher = HFCausalLM(config=config(32, 2, teacher_vocab))
-    student = HFCausalLM(config=config(16, 1, VOCAB))
+    student = HFCausalLM(config=config(16, 1, VOCAB), lora=lora)
     return student, teacher
 
 
@@ -136,7 +136,8 @@ def run(args: argparse.Namespace) -> None:
             student = TinyLlama(vocab_size=VOCAB, dim=16, n_layers=1, n_heads=2, n_kv_heads=2,
                                 hidden_dim=32, init_std=0.1, tie_embeddings=True)  # fmt: skip
     else:
-        student, teacher = make_hf_models(args.family, args.teacher_vocab)
+        lora = {"rank": args.lora, "target_modules": ["q_proj", "o_proj"]} if args.lora else None
+        student, teacher = make_hf_models(args.family, args.teacher_vocab, lora=lora)
     teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
     module = CheckedModule(
         student,
