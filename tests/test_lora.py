@@ -223,3 +223,26 @@ def test_lora_config_trains_from_yaml_and_checkpoints_the_adapters(
     cli.trainer.save_checkpoint(ckpt)
     keys = torch.load(ckpt, weights_only=False)["state_dict"]
     assert keys and all(".lora_" in k for k in keys)
+
+
+@pytest.mark.parametrize("option", ["activation_checkpointing", "fused_head"])
+def test_lora_with_checkpointing_or_the_fused_head_and_a_hidden_loss_matches_plain(option):
+    from lightning_kd.training.hidden_state_loss import HiddenStateLoss
+
+    results = []
+    for options in ({}, {option: True}):
+        student = _tiny()
+        _perturb_adapters(student)
+        module = DistillationModule(student, _teacher(), loss=KDLoss(kd_ratio=0.5),
+                                    hidden_state_loss=HiddenStateLoss(), **options)  # fmt: skip
+        module.configure_model()
+        ids = _ids()
+        batch = {"input_ids": ids, "labels": ids}
+        loss = module.compute_loss(*module._forward_both(batch), batch).loss
+        loss.backward()
+        grads = {n: p.grad for n, p in module.named_parameters() if p.grad is not None}
+        assert grads and all(".lora_" in n or "projections" in n for n in grads), sorted(grads)
+        results.append((loss, grads))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, rtol=1e-4, atol=1e-6)
