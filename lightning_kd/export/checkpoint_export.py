@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from torch import nn
+from torch import Tensor, nn
 
 from lightning_kd.export.hf_export import (
     DEFAULT_MAX_SHARD_SIZE,
@@ -23,6 +23,7 @@ from lightning_kd.export.hf_export import (
     run_tokenizer,
 )
 from lightning_kd.export.student_state import student_state_from_checkpoint
+from lightning_kd.models.lora import has_lora
 
 
 @runtime_checkable
@@ -57,6 +58,18 @@ def student_of(module: nn.Module, build: bool = False) -> tuple[nn.Module | None
     return module.export_model(build=build)
 
 
+def with_frozen_base(student: nn.Module, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A LoRA student's checkpoint holds its adapters, not its frozen base: the base's weights
+    are taken from ``student`` as its config built it (``pretrained_path`` / ``init_from``;
+    a randomly initialised base is the same only under the same seed). Other students:
+    ``state`` as is."""
+    if not has_lora(student):
+        return state
+    frozen = {name for name, p in student.named_parameters() if not p.requires_grad}
+    base = {k: v for k, v in student.state_dict().items() if k in frozen and k not in state}
+    return {**state, **base}
+
+
 def load_student(
     module: nn.Module, ckpt_path: str | os.PathLike[str], *, copy: bool = False
 ) -> nn.Module:
@@ -78,7 +91,7 @@ def load_student(
         raise ValueError(f"the config's module has no student to load {str(ckpt_path)!r} into.")
     if copy:
         student = copy_module.deepcopy(student)
-    state = student_state_from_checkpoint(ckpt_path, prefix)
+    state = with_frozen_base(student, student_state_from_checkpoint(ckpt_path, prefix))
     missing, unexpected = student.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(
@@ -115,7 +128,7 @@ def export_checkpoint(
             weights that are not the config's student's.
     """
     student, prefix = student_of(module, build=True)
-    state = student_state_from_checkpoint(ckpt_path, prefix)
+    state = with_frozen_base(student, student_state_from_checkpoint(ckpt_path, prefix))
     tokenizer = run_tokenizer(student, datamodule)
     return export_student(
         student, state, output_dir, tokenizer=tokenizer,

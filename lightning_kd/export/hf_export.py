@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_kd.io import ensure_writable_dir, follow_umask
+from lightning_kd.models.lora import has_lora, merge_lora_state, plain_names
 from lightning_kd.models.tiny_llama import TinyLlama
 
 #: Default size of one safetensors file (bytes, decimal: HF's "5GB").
@@ -68,8 +69,9 @@ def parse_size(size: int | str) -> int:
 
 
 def _check_names(student: nn.Module, state: Mapping[str, Tensor]) -> None:
-    """The weights must be the student's, name for name (a tied head may be absent)."""
-    expected = set(student.state_dict())
+    """The weights must be the student's, name for name (a tied head may be absent); a LoRA
+    student's merged weights are named as without LoRA."""
+    expected = plain_names(student) if has_lora(student) else set(student.state_dict())
     missing = sorted(expected - set(state) - {"lm_head.weight", "model.lm_head.weight"})
     unexpected = sorted(set(state) - expected)
     if missing or unexpected:
@@ -141,7 +143,9 @@ def _hf_config_and_weights(student: nn.Module, state: Mapping[str, Tensor]) -> t
     return config, weights
 
 
-def _prepare_directory(directory: Path, overwrite: bool) -> None:
+def prepare_directory(directory: Path, overwrite: bool) -> None:
+    """Create the export directory ``directory``, writable and empty (an earlier export's
+    files removed with ``overwrite``; ``ValueError`` for a file or a non-empty directory)."""
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"output_dir {str(directory)!r} is a file, not a directory.")
     if directory.is_dir() and any(directory.iterdir()):
@@ -273,7 +277,9 @@ def export_student(
             :class:`~lightning_kd.models.hf.HFCausalLM` (its architecture; its own weights are
             not read, and it may be tensor-parallel or FSDP2-sharded).
         state: the student's full weights under its own names (``student.state_dict()``
-            names, plain tensors), e.g. from
+            names, plain tensors; a LoRA student's base and adapters, which are merged:
+            ``W + (alpha / rank) · B @ A``, see :func:`~lightning_kd.models.lora.
+            merge_lora_state`), e.g. from
             :func:`~lightning_kd.export.student_state.student_state_from_checkpoint` or
             :func:`~lightning_kd.export.student_state.gather_full_state`.
         output_dir: the directory to write (created; must be empty unless ``overwrite``).
@@ -293,11 +299,13 @@ def export_student(
             without ``overwrite``.
     """
     max_bytes = parse_size(max_shard_size)
+    if has_lora(student):  # the adapters folded into the base weights: a plain HF model
+        state = merge_lora_state(student, state)
     config, weights = _hf_config_and_weights(student, state)
     special = run_special_tokens(tokenizer=tokenizer) if special_tokens is None else special_tokens
     _fill_special_tokens(config, special)
     directory = Path(output_dir)
-    _prepare_directory(directory, overwrite)
+    prepare_directory(directory, overwrite)
     config.save_pretrained(directory)
     write_safetensors(weights, directory, max_bytes)
     _generation_config(student, config, special).save_pretrained(directory)

@@ -25,6 +25,10 @@ from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, Ro
 
 from lightning_kd.models.contract import check_position_ids, packed_causal_mask
 from lightning_kd.models.init_from_teacher import copy_from_teacher, load_state_file, select_layers
+from lightning_kd.models.lora import LoraOptions, apply_lora, lora_tensor_parallel_plan
+
+#: The layers a LoRA student adapts by default: every projection of the blocks.
+LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 
 #: A TinyLlama block key (``layers.<i>.``), for counting a teacher file's blocks.
 _TEACHER_BLOCK = re.compile(r"^layers\.(\d+)\.")
@@ -144,6 +148,10 @@ class TinyLlama(nn.Module):
             ``"model."`` for the checkpoints ``configs/teacher.yaml`` writes).
         init_layers: the teacher blocks to copy: a stride ``k`` (every k-th from the first)
             or a list; ``len`` must equal ``n_layers``. None: the first ``n_layers`` blocks.
+        lora: train LoRA adapters instead of the model (``peft``, see
+            :mod:`lightning_kd.models.lora`): ``{rank, alpha, dropout, target_modules}``
+            (default targets: every projection of the blocks). Applied after ``init_from``;
+            every other parameter is frozen. None: the whole model trains.
 
     Raises:
         ValueError: for inconsistent sizes, or an ``init_from`` the student cannot take.
@@ -165,6 +173,7 @@ class TinyLlama(nn.Module):
         init_from: str | None = None,
         init_from_prefix: str = "",
         init_layers: int | list[int] | None = None,
+        lora: LoraOptions | None = None,
     ) -> None:
         super().__init__()
         if min(vocab_size, dim, n_layers, n_heads, n_kv_heads, hidden_dim, max_seq_len) < 1:
@@ -196,6 +205,9 @@ class TinyLlama(nn.Module):
             self._init_from_teacher(init_from, init_from_prefix, init_layers)
         elif init_layers is not None:
             raise ValueError("init_layers needs init_from (the teacher's weights file).")
+        self.lora = LoraOptions.of(lora)
+        if self.lora is not None:
+            apply_lora(self, self.lora, LORA_TARGETS, protected=(self.lm_head,))
 
     def _init_from_teacher(self, path: str, prefix: str, layers: int | list[int] | None) -> None:
         """Copy the teacher's weights in ``path`` (see ``init_from``)."""
@@ -289,7 +301,7 @@ class TinyLlama(nn.Module):
             for name in ("attn.wo", "mlp.w2"):
                 plan[f"layers.{i}.{name}"] = RowwiseParallel()
         plan["lm_head"] = ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)
-        return plan
+        return lora_tensor_parallel_plan(self, plan)  # LoRA layers: base and adapter split
 
     def tokenizer_vocab(self) -> None:
         """TinyLlama carries no tokenizer (the data module owns it)."""

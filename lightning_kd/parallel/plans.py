@@ -33,6 +33,7 @@ from lightning_kd.models.contract import (
     lm_head_width,
     plan_key_matches,
 )
+from lightning_kd.models.lora import lora_tensor_parallel_plan
 
 __all__ = [
     "apply_tensor_parallel",
@@ -99,7 +100,9 @@ def apply_tensor_parallel(
     model: nn.Module, tp_mesh: DeviceMesh, plan: Mapping[str, ParallelStyle]
 ) -> nn.Module:
     """Untie what the plan would split, then ``parallelize_module`` over the 1-D ``tp_mesh``
-    (weights from rank 0's initialisation)."""
+    (weights from rank 0's initialisation). Keys naming LoRA layers go to their base layer and
+    adapters (:func:`~lightning_kd.models.lora.lora_tensor_parallel_plan`)."""
+    plan = lora_tensor_parallel_plan(model, plan)
     untie_planned_weights(model, plan)
     return parallelize_module(model, tp_mesh, dict(plan))
 

@@ -44,6 +44,7 @@ from typing_extensions import override
 
 from lightning_kd.checks import check_bool, check_unit_interval
 from lightning_kd.losses.kd_loss import KDLoss
+from lightning_kd.models.lora import has_lora
 from lightning_kd.parallel.fsdp import mixed_precision_policy, place_offloaded
 from lightning_kd.parallel.grad_clip import clip_grad_norm
 from lightning_kd.parallel.mesh import (
@@ -57,11 +58,16 @@ from lightning_kd.parallel.meta_init import WeightSource, build_on_meta
 from lightning_kd.parallel.pipeline import parallelize_model
 from lightning_kd.parallel.plans import check_vocab_parallel_logits, resolve_tensor_parallel_plan
 from lightning_kd.training.checkpoint_policy import (
+    FROZEN_DIGEST_KEY,
+    check_frozen_digest,
     check_settings,
+    frozen_digest,
     record_settings,
     teacher_free_checkpoints,
+    trainable_only_checkpoints,
 )
 from lightning_kd.training.eval_metrics import EvalSums
+from lightning_kd.training.hidden_state_loss import HiddenStateLoss
 from lightning_kd.training.loss_terms import LossTerms, find_logits, logits_of
 from lightning_kd.training.memory_estimate import estimate_run_memory
 from lightning_kd.training.module_args import resolve_loss
@@ -161,6 +167,11 @@ class DistillationModule(LightningModule):
         on_policy: on-policy distillation: the student's (or the teacher's) samples as the
             completions of the training batches (:class:`~lightning_kd.training.on_policy.
             OnPolicySequences`; sets :attr:`sequence_source`). Refused with a teacher cache.
+        hidden_state_loss: intermediate-layer distillation: a
+            :class:`~lightning_kd.training.hidden_state_loss.HiddenStateLoss` term (pairs of
+            student/teacher blocks, a distance, a weight, learned projections when the widths
+            differ) added to the logit loss; needs a teacher model (not a teacher cache). Its
+            projections train with the student and are saved in checkpoints (not in exports).
 
     Attributes:
         loss: the distillation loss (``kd_loss`` is its deprecated name).
@@ -202,9 +213,20 @@ class DistillationModule(LightningModule):
         sharded_loading: bool = False,
         teacher_backend: TeacherBackend | None = None,
         on_policy: OnPolicySequences | None = None,
+        hidden_state_loss: HiddenStateLoss | None = None,
     ) -> None:
         super().__init__()
         check_bool("fused_head", fused_head)
+        if hidden_state_loss is not None and not isinstance(hidden_state_loss, HiddenStateLoss):
+            raise ValueError(
+                "hidden_state_loss must be a HiddenStateLoss (lightning_kd.training."
+                f"hidden_state_loss), got {type(hidden_state_loss).__name__}."
+            )
+        if hidden_state_loss is not None and teacher_cache is not None:
+            raise ValueError(
+                "hidden_state_loss compares the teacher's intermediate hidden states; a teacher "
+                "cache holds only its logits. Use a live teacher (teacher=) with it."
+            )
         self.activation_checkpointing = check_bool(
             "activation_checkpointing", activation_checkpointing
         )
@@ -227,6 +249,7 @@ class DistillationModule(LightningModule):
         self._use_backend(backend)
         if on_policy is not None:
             OnPolicySequences.check_teacher(backend)
+        self.hidden_state_loss = hidden_state_loss
         self.sequence_source: SequenceSource = on_policy or DataLoaderSequences()
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
@@ -244,6 +267,7 @@ class DistillationModule(LightningModule):
         self._eval = EvalSums()
         self._step_start: float | None = None
         teacher_free_checkpoints(self, "teacher")
+        trainable_only_checkpoints(self, "student")  # a LoRA student: adapters, not its base
 
     def _use_backend(self, backend: TeacherBackend) -> None:
         """Make ``backend`` the teacher backend; it builds its loss objects once, here."""
@@ -348,6 +372,13 @@ class DistillationModule(LightningModule):
         if self.teacher is not None:
             freeze(self.teacher)  # also covers modules restrict_vocab created
         self.teacher_backend.prepare(self)  # fail early, before any parallelisation
+        if self.hidden_state_loss is not None:
+            if self.teacher is None:
+                raise ValueError(
+                    f"hidden_state_loss needs a teacher model; the "
+                    f"{type(self.teacher_backend).__name__} teacher backend has none."
+                )
+            self.hidden_state_loss.attach(self.student, self.teacher)  # before parallelisation
         mesh = self.device_mesh
         if mesh is None and self.teacher_offload and self.teacher is not None:
             raise ValueError(
@@ -496,7 +527,7 @@ class DistillationModule(LightningModule):
         ]  # fmt: skip
 
     def _extra_trainable_modules(self) -> list[nn.Module]:
-        skip = {id(self.student), id(self.teacher), id(self.loss)}
+        skip = {id(self.student), id(self.teacher), id(self.loss)}  # the projections stay
         return [
             m for m in self.children()
             if id(m) not in skip and any(p.requires_grad for p in m.parameters())
@@ -519,11 +550,26 @@ class DistillationModule(LightningModule):
             "temperature": options.temperature,
             "divergence": repr(options.divergence),
             "ignore_index": options.ignore_index,
+            # Only when set: checkpoints of runs without it record (and compare) nothing new.
+            **(
+                {"hidden_state_loss": self.hidden_state_loss.settings()}
+                if self.hidden_state_loss is not None
+                else {}
+            ),
         }
+
+    @property
+    def drop_frozen_student(self) -> bool:
+        """Whether checkpoints leave out the student's frozen parameters: a LoRA student
+        (``lora`` option) saves its adapters (and whatever else trains), not its base, which
+        is rebuilt from its own source on resume and checked against a digest."""
+        return self.student is not None and has_lora(self.student)
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         record_settings(checkpoint, self._settings())
+        if self.drop_frozen_student:
+            checkpoint[FROZEN_DIGEST_KEY] = frozen_digest(self.student)
         if hasattr(self.sequence_source, "state_dict"):  # e.g. on-policy draws: resume them
             checkpoint["sequence_source"] = self.sequence_source.state_dict()
 
@@ -531,6 +577,8 @@ class DistillationModule(LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Warn when the module being loaded into is configured unlike the one that saved."""
         check_settings(checkpoint, self._settings(), teacher_saved=self.save_teacher)
+        if FROZEN_DIGEST_KEY in checkpoint and self.drop_frozen_student:
+            check_frozen_digest(checkpoint[FROZEN_DIGEST_KEY], frozen_digest(self.student))
         if "sequence_source" in checkpoint and hasattr(self.sequence_source, "load_state_dict"):
             self.sequence_source.load_state_dict(checkpoint["sequence_source"])
 
@@ -563,7 +611,17 @@ class DistillationModule(LightningModule):
         module turns them into sums over the accumulation window).
         """
         out = self.teacher_backend.loss(student_output, teacher_output, batch)
-        return LossTerms(out.loss, out.div_loss, out.ce_loss, out.per_token_div, out.valid_mask)
+        terms = LossTerms(out.loss, out.div_loss, out.ce_loss, out.per_token_div, out.valid_mask)
+        if self.hidden_state_loss is None:
+            return terms
+        student_hidden, teacher_hidden = self.hidden_state_loss.collect()
+        valid = batch["labels"] != self.loss.ignore_index
+        # Called as a module: under FSDP2 its hooks gather the projections (and the hidden
+        # states pass through its arguments, so their gradients are hooked too).
+        hidden = self.hidden_state_loss(student_hidden, teacher_hidden, valid)
+        extra = {"hidden_loss": hidden.loss.detach()}
+        extra.update({f"hidden/{name}": value for name, value in hidden.pairs.items()})
+        return terms._replace(loss=terms.loss + hidden.loss, extra=extra)
 
     # ------------------------------------------------------------------ steps
     def _forward_both(self, batch: Mapping[str, Tensor]) -> tuple[Any, Any]:
@@ -598,6 +656,8 @@ class DistillationModule(LightningModule):
             ("train/ce_loss", terms.ce_loss),
         ):
             self._log_scalar(name, value, prog_bar=name == "train/kd_loss", sync_dist=dp_sync)
+        for name, value in (terms.extra or {}).items():
+            self._log_scalar(f"train/{name}", value, sync_dist=dp_sync)
         return {
             # Token sum: the window normalisation happens in on_before_optimizer_step.
             "loss": terms.loss * tokens,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import NamedTuple
 
 from torch import Tensor
@@ -26,6 +27,9 @@ class LossTerms(NamedTuple):
         per_token_div: [*] detached per-token divergence for the logging callbacks (0 where
             ignored).
         valid_mask: [*] bool, True where the label is not ignored.
+        extra: further terms already inside ``loss`` (per-token means, detached), logged as
+            ``train/<name>`` (e.g. ``hidden_loss`` and ``hidden/s<i>_t<j>`` from a
+            :class:`~lightning_kd.training.hidden_state_loss.HiddenStateLoss`); None when none.
     """
 
     loss: Tensor
@@ -33,6 +37,7 @@ class LossTerms(NamedTuple):
     ce_loss: Tensor
     per_token_div: Tensor
     valid_mask: Tensor
+    extra: Mapping[str, Tensor] | None = None
 
     @property
     def per_token_kl(self) -> Tensor:

@@ -6,9 +6,10 @@
   FSDP2 (DP > 1), by the DP size, plus one gathered block (the largest ``fsdp_units()`` entry,
   in the compute dtype, divided by TP) while it runs. With ``teacher_offload`` the teacher's
   shards live in host memory and only the gathered block counts on the device.
-- gradients: the student's parameters in their storage dtype, sharded like the weights.
-- optimizer state: AdamW's two states per parameter (``exp_avg``, ``exp_avg_sq``), in the
-  parameter dtype (fp32 for ``32-true`` and the ``-mixed`` precisions), sharded likewise.
+- gradients: the student's trainable parameters in their storage dtype, sharded like the
+  weights (a LoRA student: its adapters only; the frozen base has none).
+- optimizer state: AdamW's two states per trainable parameter (``exp_avg``, ``exp_avg_sq``),
+  in the parameter dtype (fp32 for ``32-true`` and the ``-mixed`` precisions), sharded likewise.
 - logits / loss buffers: unfused, the student's and the teacher's logits and the student's
   logit gradient, ``N × V/TP`` each in the compute dtype (N = batch × sequence tokens per
   device), plus the loss's chunk workspace (:class:`~lightning_kd.KDLoss`: the student
@@ -58,12 +59,15 @@ class ModelSize:
         n_layers: number of transformer blocks (``fsdp_units()``).
         hidden: model width d.
         largest_block: parameters of the largest block (gathered whole under FSDP2).
+        trainable: parameters that train (gradients and optimizer state); None: all of them.
+            A LoRA student trains its adapters only.
     """
 
     params: int
     n_layers: int
     hidden: int
     largest_block: int
+    trainable: int | None = None
 
 
 def model_size(model: nn.Module) -> ModelSize:
@@ -79,7 +83,8 @@ def model_size(model: nn.Module) -> ModelSize:
     blocks = fsdp_units(model)
     largest = max((sum(p.numel() for p in b.parameters()) for b in blocks), default=0)
     params = sum(p.numel() for p in model.parameters())
-    return ModelSize(params, max(len(blocks), 1), width, largest)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return ModelSize(params, max(len(blocks), 1), width, largest, trainable)
 
 
 @dataclass(frozen=True)
@@ -184,7 +189,8 @@ def estimate_memory(
         if teacher_offload:
             teacher_host = teacher.params * pbytes // shards
             teacher_weights = teacher.largest_block * cbytes // tp_size
-    student_shard = student.params * pbytes // shards
+    trained = student.params if student.trainable is None else student.trainable
+    student_shard = trained * pbytes // shards  # a frozen base has no gradient or Adam state
     return MemoryEstimate(
         student_weights=weights(student),
         teacher_weights=teacher_weights,

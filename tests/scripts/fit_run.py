@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from lightning_kd import DistillationModule, KDLoss, TinyLlama
 from lightning_kd.cli import shutdown_distributed
 from lightning_kd.training.distillation import logits_of
+from lightning_kd.training.hidden_state_loss import HiddenStateLoss
 from tests.helpers.distributed import exit_now
 from tests.helpers.runs import run_cases
 
@@ -44,7 +45,7 @@ class RandomTokens(Dataset):
         return {"input_ids": self.ids[i, :-1], "labels": labels}
 
 
-def make_hf_models(family: str, teacher_vocab: int = VOCAB, seed: int = 0):
+def make_hf_models(family: str, teacher_vocab: int = VOCAB, seed: int = 0, lora=None):
     """Tiny random Hugging Face models of ``family`` (llama, qwen2, ...), untied heads."""
     from lightning_kd.models.hf import HFCausalLM
 
@@ -56,16 +57,16 @@ def make_hf_models(family: str, teacher_vocab: int = VOCAB, seed: int = 0):
 
     torch.manual_seed(seed)
     teacher = HFCausalLM(config=config(32, 2, teacher_vocab))
-    student = HFCausalLM(config=config(16, 1, VOCAB))
+    student = HFCausalLM(config=config(16, 1, VOCAB), lora=lora)
     return student, teacher
 
 
-def make_models(seed: int = 0) -> tuple[TinyLlama, TinyLlama]:
+def make_models(seed: int = 0, lora: dict | None = None) -> tuple[TinyLlama, TinyLlama]:
     torch.manual_seed(seed)
     teacher = TinyLlama(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
                         hidden_dim=64, init_std=0.3)  # fmt: skip
     student = TinyLlama(vocab_size=VOCAB, dim=16, n_layers=1, n_heads=2, n_kv_heads=2,
-                        hidden_dim=32, init_std=0.1)  # fmt: skip
+                        hidden_dim=32, init_std=0.1, lora=lora)  # fmt: skip
     return student, teacher
 
 
@@ -88,10 +89,13 @@ class CheckedModule(DistillationModule):
 class LossRecorder(Callback):
     def __init__(self) -> None:
         self.losses: list[float] = []
+        self.hidden_losses: list[float] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if (batch_idx + 1) % trainer.accumulate_grad_batches == 0:
             self.losses.append(float(trainer.callback_metrics["train/kd_loss"]))
+            if "train/hidden_loss" in trainer.callback_metrics:
+                self.hidden_losses.append(float(trainer.callback_metrics["train/hidden_loss"]))
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -117,6 +121,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--fused-head", action="store_true", help="DistillationModule(fused_head)")
     parser.add_argument("--divergence", default="forward_kl")
     parser.add_argument("--tie-student", action="store_true", help="tied student lm_head")
+    parser.add_argument("--hidden", default=None, help="a HiddenStateLoss with this distance")
+    parser.add_argument("--lora", type=int, default=0, help="a LoRA student of this rank")
     return parser.parse_args(argv)
 
 
@@ -124,13 +130,14 @@ def run(args: argparse.Namespace) -> None:
     """One fit; rank 0 writes its result to ``args.out``."""
     L.seed_everything(0, verbose=False)
     if args.family == "tiny":
-        student, teacher = make_models()
+        student, teacher = make_models(lora={"rank": args.lora} if args.lora else None)
         if args.tie_student:  # the lm_head shares the embedding (FSDP2: one unit with the root)
             torch.manual_seed(0)
             student = TinyLlama(vocab_size=VOCAB, dim=16, n_layers=1, n_heads=2, n_kv_heads=2,
                                 hidden_dim=32, init_std=0.1, tie_embeddings=True)  # fmt: skip
     else:
-        student, teacher = make_hf_models(args.family, args.teacher_vocab)
+        lora = {"rank": args.lora, "target_modules": ["q_proj", "o_proj"]} if args.lora else None
+        student, teacher = make_hf_models(args.family, args.teacher_vocab, lora=lora)
     teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
     module = CheckedModule(
         student,
@@ -144,6 +151,9 @@ def run(args: argparse.Namespace) -> None:
         fused_head=args.fused_head,
         optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3),
         shared_vocab_size=VOCAB if args.teacher_vocab != VOCAB else None,
+        hidden_state_loss=(
+            None if args.hidden is None else HiddenStateLoss(distance=args.hidden, weight=0.5)
+        ),
     )
     strategy = "auto"
     if args.devices > 1:
@@ -193,16 +203,23 @@ def run(args: argparse.Namespace) -> None:
     }
     if args.save_student and trainer.global_rank == 0:
         torch.save(student_state, args.save_student)
+    if module.hidden_state_loss is not None:  # its projections train with the student
+        student_state.update({
+            f"hidden.{k}": (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu()
+            for k, v in module.hidden_state_loss.state_dict().items()
+        })  # fmt: skip
     student_sum = sum(float(v.double().abs().sum()) for v in student_state.values())
     if trainer.global_rank == 0:
         result = {
             "losses": recorder.losses,
+            "hidden_losses": recorder.hidden_losses,
             "teacher_unchanged": teacher_same,
             "teacher_requires_grad": any(p.requires_grad for p in module.teacher.parameters()),
             "teacher_training": module.teacher.training,
             "saw_sharded": module.saw_sharded,
             "student_abs_sum": student_sum,
             "global_step": trainer.global_step,
+            "trainable": sorted(n for n, p in module.student.named_parameters() if p.requires_grad),
         }
         Path(args.out).write_text(json.dumps(result))
 

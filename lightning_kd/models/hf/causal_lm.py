@@ -35,6 +35,7 @@ from lightning_kd.models.hf.gguf import (
 from lightning_kd.models.hf.keep_layers import keep_layers as keep_decoder_layers
 from lightning_kd.models.hf.loading import local_directory, require_transformers
 from lightning_kd.models.hf.tp_plan import plan_from_config
+from lightning_kd.models.lora import LoraOptions, apply_lora, lora_tensor_parallel_plan
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: Attention backends whose mask transformers (5.x) builds from packed ``position_ids`` alone
@@ -81,6 +82,10 @@ class HFCausalLM(nn.Module):
             norm, lm_head and the chosen blocks; DistilBERT/Minitron). An int ``k`` keeps every
             k-th block from the first, a list names the blocks (strictly increasing). None:
             all blocks. See :mod:`lightning_kd.models.hf.keep_layers`.
+        lora: train LoRA adapters instead of the model (``peft``, see
+            :mod:`lightning_kd.models.lora`): ``{rank, alpha, dropout, target_modules}``
+            (default targets: peft's for the family, e.g. ``q_proj``, ``v_proj`` for Llama).
+            Applied after loading and ``keep_layers``; every other parameter is frozen.
 
     Raises:
         ValueError: when neither or both sources are given, the path is missing, the dtype is
@@ -95,6 +100,7 @@ class HFCausalLM(nn.Module):
         attn_implementation: str = "sdpa",
         converted_dir: str | None = None,
         keep_layers: int | list[int] | None = None,
+        lora: LoraOptions | None = None,
     ) -> None:
         super().__init__()
         if (pretrained_path is None) == (config is None):
@@ -150,6 +156,10 @@ class HFCausalLM(nn.Module):
             )
         if keep_layers is not None:
             self.kept_layers = keep_decoder_layers(self.model, keep_layers)
+        self.lora = LoraOptions.of(lora)
+        if self.lora is not None:
+            head = self.model.get_output_embeddings()
+            apply_lora(self, self.lora, None, root=self.model, protected=(head,))
 
     @property
     def model_type(self) -> str:
@@ -288,7 +298,8 @@ class HFCausalLM(nn.Module):
                 ``teacher_tp_plan`` to ``DistillationModule``, or run without TP), head counts
                 not divisible by ``tp_size``, or a style that cannot be mapped faithfully.
         """
-        return plan_from_config(self.model, tp_size, prefix="model")
+        plan = plan_from_config(self.model, tp_size, prefix="model")
+        return lora_tensor_parallel_plan(self, plan)  # LoRA layers: base and adapter split
 
     def untie_lm_head(self) -> None:
         """Give a tied lm_head its own copy of the embedding weight (no-op when untied).
