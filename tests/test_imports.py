@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -95,9 +97,25 @@ FAST_GROUPS = {"lightning_kd.teacher_cache"}
         for group in sorted(GROUPS)
     ],
 )
-def test_each_module_imports_on_its_own(group):
-    failed = import_each(GROUPS[group], block_lightning=group == "lightning_kd.losses")
+def test_each_module_imports_on_its_own(group, import_runs):
+    failed = import_runs[group].result()
     assert failed == [], "\n\n".join(failed)
+
+
+@pytest.fixture(scope="module")
+def import_runs(request) -> Iterator[dict[str, Future]]:
+    """The selected groups' interpreters, two at a time (an import is single-threaded; the
+    machine has two cores), started when the first group's test runs."""
+    selected = [
+        item.callspec.params["group"]
+        for item in request.session.items
+        if item.originalname == "test_each_module_imports_on_its_own"
+    ]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        yield {
+            group: pool.submit(import_each, GROUPS[group], group == "lightning_kd.losses")
+            for group in selected
+        }
 
 
 def test_every_subpackage_is_checked():
