@@ -87,9 +87,13 @@ class _Gatherer:
         local = self.x2d.index_select(0, index).to(self.dtype)
         if self.group is None:
             return local
-        parts = [local.new_empty((local.shape[0], s)) for s in self.sizes]
+        # Uneven shards travel padded to the widest (gloo gathers equal sizes only).
+        width = max(self.sizes)
+        if local.shape[-1] < width:
+            local = torch.nn.functional.pad(local, (0, width - local.shape[-1]))
+        parts = [local.new_empty((local.shape[0], width)) for _ in self.sizes]
         dist.all_gather(parts, local.contiguous(), group=self.group)
-        return torch.cat(parts, dim=-1)
+        return torch.cat([p[:, :n] for p, n in zip(parts, self.sizes, strict=True)], dim=-1)
 
     def local_slice(self, full: Tensor) -> Tensor:
         return full[:, self.offset : self.offset + self.local]
