@@ -44,7 +44,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, Replicate
 
-from lightning_kd.checks import check_bool
+from lightning_kd.checks import check_bool, check_int, check_unit_interval
 from lightning_kd.losses.cross_tokenizer_engine import XTokSpec, cross_tokenizer_pass, exact_spans
 from lightning_kd.losses.divergences import Divergence, resolve_divergence
 from lightning_kd.losses.input_checks import check_normaliser
@@ -91,6 +91,20 @@ def _labels(x: Tensor) -> Tensor:
     return x
 
 
+class CrossTokenizerOptions(NamedTuple):
+    """A cross-tokenizer loss's options as one value (``loss.options``; what a checkpoint
+    records)."""
+
+    ignore_index: int
+    temperature: float
+    fp32_upcast: bool
+    tp_group: dist.ProcessGroup | None
+    chunk_size: int
+    divergence: Divergence | None
+    kd_ratio: float
+    uld_weight: float
+
+
 class CrossTokenizerLoss(nn.Module):
     """The base of :class:`ULDLoss` and :class:`HybridKDLoss`: options, checks, the pass.
 
@@ -102,10 +116,15 @@ class CrossTokenizerLoss(nn.Module):
         tp_group: for plain tensors that are each rank's vocabulary slice (in rank order);
             DTensor logits sharded on the last dim carry their own group.
         uld_weight: weight of each ULD span's value (>= 0).
+        kd_ratio: not used by the loss itself: ``DistillationModule`` trains on
+            ``kd_ratio · this loss + (1 − kd_ratio) · the student's cross-entropy`` (in [0, 1];
+            assignable, e.g. annealed).
+        ignore_index: the label of the student's rows that are not targets (for that
+            cross-entropy and the token counts; the spans never hold such rows).
 
     Raises:
-        ValueError: for a non-positive or non-finite temperature, a negative chunk_size or a
-            negative or non-finite uld_weight.
+        ValueError: for a non-positive or non-finite temperature, a negative chunk_size, a
+            negative or non-finite uld_weight, or a kd_ratio outside [0, 1].
     """
 
     #: Whether the loss aligns two vocabularies (the training module checks it).
@@ -118,6 +137,8 @@ class CrossTokenizerLoss(nn.Module):
         fp32_upcast: bool = True,
         tp_group: dist.ProcessGroup | None = None,
         uld_weight: float = 1.0,
+        kd_ratio: float = 1.0,
+        ignore_index: int = -100,
     ) -> None:
         super().__init__()
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
@@ -135,6 +156,25 @@ class CrossTokenizerLoss(nn.Module):
         self.fp32_upcast = check_bool("fp32_upcast", fp32_upcast)
         self.tp_group = tp_group
         self.uld_weight = float(uld_weight)
+        self.kd_ratio = kd_ratio
+        self.ignore_index = check_int("ignore_index", ignore_index)
+
+    @property
+    def kd_ratio(self) -> float:
+        """Weight of this loss against the student's cross-entropy in ``DistillationModule``."""
+        return self._kd_ratio
+
+    @kd_ratio.setter
+    def kd_ratio(self, value: float) -> None:
+        self._kd_ratio = check_unit_interval("kd_ratio", value)
+
+    @property
+    def options(self) -> CrossTokenizerOptions:
+        """The options as one value."""
+        return CrossTokenizerOptions(
+            self.ignore_index, self.temperature, self.fp32_upcast, self.tp_group,
+            self.chunk_size, self.divergence, self.kd_ratio, self.uld_weight,
+        )  # fmt: skip
 
     divergence: Divergence | None = None
     vocab_map: VocabMap | None = None
@@ -299,8 +339,8 @@ class HybridKDLoss(CrossTokenizerLoss):
         vocab_map: the tokens both vocabularies share (:class:`VocabMap`; ``VocabMap.identity(V)``
             for one tokenizer).
         divergence: the exact spans' divergence, a ``KDLoss`` name or ``Divergence`` object.
-        temperature, chunk_size, fp32_upcast, tp_group, uld_weight: as for
-            :class:`CrossTokenizerLoss`.
+        temperature, chunk_size, fp32_upcast, tp_group, uld_weight, kd_ratio, ignore_index: as
+            for :class:`CrossTokenizerLoss`.
 
     Raises:
         ValueError: as :class:`CrossTokenizerLoss`, and for a ``vocab_map`` that is not a
@@ -316,8 +356,12 @@ class HybridKDLoss(CrossTokenizerLoss):
         fp32_upcast: bool = True,
         tp_group: dist.ProcessGroup | None = None,
         uld_weight: float = 1.0,
+        kd_ratio: float = 1.0,
+        ignore_index: int = -100,
     ) -> None:
-        super().__init__(temperature, chunk_size, fp32_upcast, tp_group, uld_weight)
+        super().__init__(
+            temperature, chunk_size, fp32_upcast, tp_group, uld_weight, kd_ratio, ignore_index
+        )
         if not isinstance(vocab_map, VocabMap):
             raise ValueError(f"vocab_map must be a VocabMap, got {type(vocab_map).__name__}.")
         if vocab_map.num_shared == 0:

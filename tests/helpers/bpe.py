@@ -27,3 +27,15 @@ def trained_bpe(vocab_size: int = 512, seed: int = 0):
     )
     tok.train_from_iterator(generate_corpus(40_000, seed=seed), trainer=trainer)
     return tok
+
+
+def save_bpe_directory(directory, vocab_size: int = 512):
+    """:func:`trained_bpe` saved as a Hugging Face tokenizer directory (``<eos>`` as EOS and
+    PAD), which ``tokenizer=DIR`` options load. Returns the directory as a string."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=trained_bpe(vocab_size), eos_token="<eos>", pad_token="<eos>"
+    )
+    tok.save_pretrained(str(directory))
+    return str(directory)
