@@ -124,9 +124,10 @@ def main() -> int:
         rows[variant] = {"seconds": best, "memory": growth}
         del data
     kd = rows["kd_loss"]["seconds"]
+    kind = "multi-row" if args.multi else "one-to-one"
     print(f"N={args.n}, student vocab {STUDENT_VOCAB}, teacher vocab {args.teacher_vocab} "
-          f"(KDLoss: {STUDENT_VOCAB}), chunk_size={args.chunk}, "
-          f"{'multi-row' if args.multi else 'one-to-one'} spans, {torch.get_num_threads()} threads")  # fmt: skip
+          f"(KDLoss: {STUDENT_VOCAB}), chunk_size={args.chunk}, {kind} spans, "
+          f"{torch.get_num_threads()} threads")  # fmt: skip
     print(f"{'loss':<10} {'fwd+bwd s':>10} {'vs KDLoss':>10} {'peak (N×V fp32)':>16}")
     for variant, row in rows.items():
         print(f"{variant:<10} {row['seconds']:>10.2f} {row['seconds'] / kd:>9.1f}x "

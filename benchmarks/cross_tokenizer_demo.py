@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from lightning_kd import DistillationModule, TinyLlama
-from lightning_kd.data import CrossTokenizerDataModule, ByteTokenizer, generate_corpus
+from lightning_kd.data import ByteTokenizer, CrossTokenizerDataModule, generate_corpus
 from lightning_kd.data.alignment import shared_token_ids, token_strings
 from lightning_kd.losses import HybridKDLoss, KDLoss, ULDLoss, VocabMap
 from lightning_kd.training.teachers.cross_tokenizer import spans_of_batch
@@ -90,8 +90,9 @@ def evaluate(student, teacher, datamodule, vmap) -> dict[str, float]:
         valid = labels != -100
         ce = torch.nn.functional.cross_entropy(s_logits[valid], labels[valid], reduction="sum")
         ce_sum, tokens = ce_sum + float(ce), tokens + int(valid.sum())
-        spans = spans_of_batch(batch["xtok_spans"], labels.shape[1], batch["teacher_labels"].shape[1])
-        args = (s_logits, t_logits, labels.clamp_min(0), batch["teacher_labels"].clamp_min(0), spans)
+        t_labels = batch["teacher_labels"]
+        spans = spans_of_batch(batch["xtok_spans"], labels.shape[1], t_labels.shape[1])
+        args = (s_logits, t_logits, labels.clamp_min(0), t_labels.clamp_min(0), spans)
         u = uld(*args, return_per_span=True)
         h = hybrid(*args, return_per_span=True)
         uld_sum, spans_n = uld_sum + float(u.per_span.sum()), spans_n + spans.num_spans
@@ -139,10 +140,8 @@ def main() -> int:
         for name, loss in runs.items():
             t0 = time.perf_counter()
             student = student_model(dm.vocab_size)
-            if isinstance(loss, KDLoss):  # labels only: a same-vocabulary stand-in teacher
-                teacher_arg = student_model(dm.vocab_size)
-            else:
-                teacher_arg = teacher
+            # Labels only: a same-vocabulary stand-in teacher (KDLoss needs one; unused at 0).
+            teacher_arg = student_model(dm.vocab_size) if isinstance(loss, KDLoss) else teacher
             module = DistillationModule(
                 student, teacher_arg, loss=loss,
                 optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3, weight_decay=0.01),
@@ -159,13 +158,15 @@ def main() -> int:
             print(name, json.dumps(results[name]), flush=True)
     print(f"\n{args.steps} student steps, batch 16 x 64 BPE tokens, BPE vocab {args.bpe_vocab}; "
           f"teacher: byte-level, {args.teacher_steps} steps; held-out documents")  # fmt: skip
-    print("| objective | held-out CE (nats/token) | perplexity | ULD per span | KL on exact spans | train s |")
+    print("| objective | held-out CE (nats/token) | perplexity | ULD per span | "
+          "KL on exact spans | train s |")  # fmt: skip
     print("| --- | --- | --- | --- | --- | --- |")
     for name, r in results.items():
         print(f"| {name} | {r['ce']:.3f} | {r['ppl']:.2f} | {r['uld_per_span']:.4f} | "
               f"{r['kl_exact_spans']:.3f} | {r['seconds']:.0f} |")  # fmt: skip
     share = next(iter(results.values()))["exact_share"]
-    print(f"exact spans: {share:.0%} of the aligned spans; total {time.perf_counter() - start:.0f} s")
+    total = time.perf_counter() - start
+    print(f"exact spans: {share:.0%} of the aligned spans; total {total:.0f} s")
     return 0
 
 
