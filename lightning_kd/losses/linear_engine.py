@@ -10,8 +10,14 @@ hard-label CE mixed in one gradient buffer ``G = d(loss)/d(logits)`` of the chun
 
     grad_hidden[rows] = G @ W        grad_W += Gᵀ @ hidden[rows]        grad_b += Σ_rows G
 
-so no tensor larger than ``chunk × V`` ever exists: peak memory is the chunk's logits (student
-and teacher), the divergence's workspaces and ``G``, plus gradients shaped like the inputs.
+so no tensor larger than ``chunk × V`` ever exists. Only one exists: the chunk's student
+logits are one matmul into a ``[chunk, V]`` buffer, which becomes ``G`` in place, block by
+block of rows. The teacher's logits are computed in blocks of rows
+(:data:`TEACHER_BLOCK_ELEMENTS`, large enough for an efficient matmul) and the chunk math in
+cache-sized blocks (:data:`~lightning_kd.losses.engine.BLOCK_ELEMENTS`), each block's gradient
+written over the student rows it has consumed. Peak memory is that buffer, the teacher's
+block, a few cache-sized workspaces and the gradients shaped like the inputs (the weight's
+``[V, d]``, the hidden states' ``[n, d]``).
 Everything is computed inside one ``torch.autograd.Function`` during the forward pass; the
 backward pass only scales the stored gradients by the incoming gradient.
 
