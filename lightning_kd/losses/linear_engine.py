@@ -10,8 +10,14 @@ hard-label CE mixed in one gradient buffer ``G = d(loss)/d(logits)`` of the chun
 
     grad_hidden[rows] = G @ W        grad_W += Gᵀ @ hidden[rows]        grad_b += Σ_rows G
 
-so no tensor larger than ``chunk × V`` ever exists: peak memory is the chunk's logits (student
-and teacher), the divergence's workspaces and ``G``, plus gradients shaped like the inputs.
+so no tensor larger than ``chunk × V`` ever exists. Only one exists: the chunk's student
+logits are one matmul into a ``[chunk, V]`` buffer, which becomes ``G`` in place, block by
+block of rows. The teacher's logits are computed in blocks of rows
+(:data:`TEACHER_BLOCK_ELEMENTS`, large enough for an efficient matmul) and the chunk math in
+cache-sized blocks (:data:`~lightning_kd.losses.engine.BLOCK_ELEMENTS`), each block's gradient
+written over the student rows it has consumed. Peak memory is that buffer, the teacher's
+block, a few cache-sized workspaces and the gradients shaped like the inputs (the weight's
+``[V, d]``, the hidden states' ``[n, d]``).
 Everything is computed inside one ``torch.autograd.Function`` during the forward pass; the
 backward pass only scales the stored gradients by the incoming gradient.
 
@@ -33,15 +39,17 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from lightning_kd.losses.divergences import JSD, TVD, ForwardKL, ReverseKL, SkewKL, SkewReverseKL
-from lightning_kd.losses.engine import GradMix, PassOutput, PassSpec, chunk_math, reduce_terms
+from lightning_kd.losses.engine import (
+    GradMix,
+    PassOutput,
+    PassSpec,
+    block_rows,
+    chunk_math,
+    chunk_views,
+    reduce_terms,
+    workspaces,
+)
 from lightning_kd.losses.vocab_softmax import VocabSoftmax
-
-#: Divergences whose ``chunk`` reads the teacher rows once, as its first step (into ``work``),
-#: before it writes ``grad``: for these the buffer of the teacher's chunk logits doubles as the
-#: gradient buffer (one ``[chunk, V]`` buffer less). Exact types only: a subclass or a
-#: user-defined divergence gets its own gradient buffer.
-_READS_TEACHER_FIRST = (ForwardKL, ReverseKL, JSD, TVD, SkewKL, SkewReverseKL)
 
 
 class Head(NamedTuple):
@@ -84,6 +92,30 @@ def _logits(hidden_rows: Tensor, weight: Tensor, bias: Tensor | None, out: Tenso
     return torch.addmm(bias, hidden_rows, weight.t(), out=out)
 
 
+#: Rows of the teacher's logits computed at once: about this many elements (16 MiB in fp32).
+#: Large enough for an efficient matmul, a fraction of a chunk's [chunk, V].
+TEACHER_BLOCK_ELEMENTS = 1 << 22
+
+
+def _block_sizes(
+    vsize: int,
+    widest: int,
+    vocab: VocabSoftmax,
+    tp_group: dist.ProcessGroup | None,
+    device: torch.device,
+) -> tuple[int, int]:
+    """``(teacher block rows, chunk-math block rows)``, the latter at most the former. Under
+    tensor parallelism both come from the largest shard's width, so that every rank cuts the
+    same blocks and issues the same collectives (uneven shards differ by a row or so)."""
+    width = vsize
+    if tp_group is not None and widest > 0:
+        total = vocab.vocab_range(vsize, device)[1]
+        size = dist.get_world_size(tp_group)
+        width = -(-total // size)
+    t_rows = block_rows(width, max(widest, 1), TEACHER_BLOCK_ELEMENTS)
+    return t_rows, block_rows(width, t_rows)
+
+
 class _LinearDistillOverRows(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -122,18 +154,24 @@ class _LinearDistillOverRows(torch.autograd.Function):
         s_w = s_weight.to(s_mm)
         s_b = s_bias.to(s_mm) if s_bias is not None else None
         s_h2d = s_hidden.reshape(-1, d_s)
-        s_buf = torch.empty((widest, vsize), dtype=s_mm, device=device)
-        t_buf = t_w = t_b = t_h2d = None
+        t_w = t_b = t_h2d = None
         if divergence is not None:
             t_w, t_h2d = t_weight.to(t_mm), t_hidden.reshape(-1, t_hidden.shape[-1])
             t_b = t_bias.to(t_mm) if t_bias is not None else None
-            t_buf = torch.empty((widest, vsize), dtype=t_mm, device=device)
-        n_work = 1 + (divergence.extra_workspaces if divergence is not None else 0)
-        work = [torch.empty((widest, vsize), dtype=dtype, device=device) for _ in range(n_work)]
-        share = type(divergence) in _READS_TEACHER_FIRST and t_buf.dtype == dtype
-        g_buf = None if share else torch.empty((widest, vsize), dtype=dtype, device=device)
-        cast_g = need_h and need_grad and s_mm != dtype
-        g_cast = torch.empty((widest, vsize), dtype=s_mm, device=device) if cast_g else None
+
+        # Buffers: the chunk's student logits [chunk, V] (one matmul per chunk), overwritten
+        # block by block with the gradient G when the dtypes allow (else G has its own buffer);
+        # the teacher's logits in blocks of rows; the chunk math in cache-sized blocks.
+        t_rows, rows = _block_sizes(vsize, widest, vocab, tp_group, device)
+        s_buf = torch.empty((widest, vsize), dtype=s_mm, device=device)
+        g_buf = None
+        if need_grad:
+            g_buf = s_buf if s_mm == dtype else torch.empty_like(s_buf, dtype=dtype)
+        t_buf = None
+        if divergence is not None:
+            t_buf = torch.empty((t_rows, vsize), dtype=t_mm, device=device)
+        work = workspaces(divergence, rows, vsize, dtype, device)
+        g_blk = torch.empty((rows, vsize), dtype=dtype, device=device)
 
         # Gradients: the hidden states' in the compute dtype for the valid rows only (compact,
         # row order; all-reduced under TP), the weight's and bias's accumulated over chunks.
@@ -145,33 +183,47 @@ class _LinearDistillOverRows(torch.autograd.Function):
         grad_b = torch.zeros((vsize,), dtype=acc, device=device) if need_b else None
 
         for start in range(0, n, step):
-            rows = idx[start : start + step]
-            m = rows.numel()
-            hs = _rows(s_h2d, rows)
+            chunk = idx[start : start + step]
+            m = chunk.numel()
+            hs = _rows(s_h2d, chunk)
             s = _logits(hs, s_w, s_b, s_buf[:m])
-            t = None
-            if divergence is not None:
-                t = _logits(_rows(t_h2d, rows), t_w, t_b, t_buf[:m])
-            row_targets = targets[rows.to(device)] if spec.with_ce else None
-            out = t_buf[:m] if share else g_buf[:m]  # its own view object (see VocabSoftmax)
-            values, ce = chunk_math(s, t, row_targets, vocab, spec, mix, [w[:m] for w in work], out)
-            if values is not None:
-                per_div[start : start + m] = values
-            if ce is not None:
-                per_ce[start : start + m] = ce
-            if need_grad:  # out = G, d(loss)/d(logits) up to mix.grad_scale
+            ht = _rows(t_h2d, chunk) if divergence is not None else None
+            chunk_targets = targets[chunk.to(device)] if spec.with_ce else None
+            for t_start in range(0, m, t_rows):
+                t_stop = min(t_start + t_rows, m)
+                t = None
+                if divergence is not None:
+                    t = _logits(ht[t_start:t_stop], t_w, t_b, t_buf[: t_stop - t_start])
+                for b in range(t_start, t_stop, rows):
+                    e = min(b + rows, t_stop)
+                    k = e - b
+                    values, ce = chunk_math(
+                        s[b:e],
+                        t[b - t_start : e - t_start] if t is not None else None,
+                        chunk_targets[b:e] if chunk_targets is not None else None,
+                        vocab, spec, mix, chunk_views(work, k), g_blk[:k],
+                    )  # fmt: skip
+                    if values is not None:
+                        per_div[start + b : start + e] = values
+                    if ce is not None:
+                        per_ce[start + b : start + e] = ce
+                    if need_grad:  # G = d(loss)/d(logits) up to mix.grad_scale
+                        g_buf[b:e].copy_(g_blk[:k])  # these student rows are done
+                del t
+            if need_grad:
+                g = g_buf[:m]
                 if need_h:
-                    g = g_cast[:m].copy_(out) if cast_g else out
-                    if s_w.dtype == dtype:
+                    if s_mm == dtype:
                         torch.mm(g, s_w, out=grad_h[start : start + m])
-                    else:
-                        grad_h[start : start + m] = torch.mm(g, s_w)
+                    else:  # the student's logits are dead: their buffer takes G's cast
+                        grad_h[start : start + m] = torch.mm(s_buf[:m].copy_(g), s_w)
                 if need_w:
-                    grad_w.addmm_(out.t().to(acc), hs.to(acc))
+                    grad_w.addmm_(g.t().to(acc), hs.to(acc))
                 if need_b:
-                    grad_b.add_(out.sum(0, dtype=acc))
-            del hs, s, t, out, values, ce
-        del work, g_buf, g_cast, s_buf, t_buf, s_w, s_b, t_w, t_b
+                    grad_b.add_(g.sum(0, dtype=acc))
+                del g
+            del hs, ht, s, values, ce
+        del work, g_blk, g_buf, s_buf, t_buf, s_w, s_b, t_w, t_b
 
         if grad_h is not None and tp_group is not None and n > 0:
             # The only communication of the gradient: each rank holds G @ W over its own

@@ -32,7 +32,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 from lightning_kd import KDLoss, LinearKDLoss
-from lightning_kd.losses import JSD, SkewKL
+from lightning_kd.losses import JSD, SkewKL, engine, linear_engine
 from tests.helpers.distributed import CollectiveRecorder, run_workers
 from tests.helpers.reference import assert_rel
 
@@ -142,6 +142,22 @@ def check_all(rank: int, world: int) -> None:
         ref, ref_grads = _single_process(*inputs, nbl=nbl, **kwargs)
         _dtensor_case(mesh, inputs, nbl, kwargs, ref, ref_grads, what)
         _local_case(mesh, group, inputs, nbl, kwargs, ref, ref_grads, what)
+
+    # Small row blocks (the teacher's 3 rows, the chunk math's 2, from the widest shard's
+    # width): with uneven shards every rank still cuts the same blocks and collectives.
+    width = -(-37 // world)
+    saved = engine.BLOCK_ELEMENTS, linear_engine.TEACHER_BLOCK_ELEMENTS
+    engine.BLOCK_ELEMENTS, linear_engine.TEACHER_BLOCK_ELEMENTS = 2 * width, 3 * width
+    try:
+        for divergence in ("forward_kl", "jsd", "skew_reverse_kl"):
+            inputs = _inputs(37, seed=50, bias=True)
+            kwargs = dict(temperature=2.0, chunk_size=5, divergence=divergence, kd_ratio=0.5)
+            what = f"rank {rank} blocks: {divergence}"
+            ref, ref_grads = _single_process(*inputs, **kwargs)
+            _dtensor_case(mesh, inputs, None, kwargs, ref, ref_grads, what)
+            _local_case(mesh, group, inputs, None, kwargs, ref, ref_grads, what)
+    finally:
+        engine.BLOCK_ELEMENTS, linear_engine.TEACHER_BLOCK_ELEMENTS = saved
 
     # All labels ignored: a finite zero, connected, zero gradients.
     hs, w, _b, ht, wt, _bt, labels = _inputs(37, seed=99)

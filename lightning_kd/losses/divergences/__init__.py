@@ -4,7 +4,12 @@ Each is also reachable by name (:data:`DIVERGENCES`, :func:`resolve_divergence`)
 what ``KDLoss(divergence="...")`` and YAML configs use.
 """
 
-from lightning_kd.losses.divergences.base import Divergence, row_sum_of_products, unit_interval
+from lightning_kd.losses.divergences.base import (
+    Divergence,
+    row_blocks,
+    row_sum_of_products,
+    unit_interval,
+)
 from lightning_kd.losses.divergences.forward_kl import ForwardKL
 from lightning_kd.losses.divergences.jsd import JSD
 from lightning_kd.losses.divergences.reverse_kl import ReverseKL
@@ -50,6 +55,7 @@ __all__ = [
     "SkewKL",
     "SkewReverseKL",
     "resolve_divergence",
+    "row_blocks",
     "row_sum_of_products",
     "unit_interval",
 ]

@@ -43,6 +43,11 @@ def row_sum_of_products(products: Tensor, weight: Tensor) -> Tensor:
     return out
 
 
+def row_blocks(n: int, rows: int) -> list[slice]:
+    """``[0, n)`` split into consecutive slices of at most ``rows`` (>= 1) rows."""
+    return [slice(start, min(start + rows, n)) for start in range(0, n, max(rows, 1))]
+
+
 def unit_interval(name: str, value: float) -> float:
     """``value`` as a float if it is a real number in [0, 1]; ``ValueError`` naming ``name``
     otherwise (also for bools and NaN)."""
@@ -65,7 +70,10 @@ class Divergence:
         grad: [n, V] buffer in the compute dtype; on return it holds ``d value / d z`` with
             ``z = student / T`` when ``need_grad`` is True (else it is scratch).
         need_grad: whether the gradient is wanted.
-        extra: ``extra_workspaces`` more [n, V] scratch buffers; passed only when that is > 0.
+        extra: ``extra_workspaces`` more [r, V] scratch buffers with ``1 <= r <= n`` rows;
+            passed only when that is > 0. A divergence that needs them works through its rows
+            ``r`` at a time (:func:`row_blocks`), so that, e.g., a mixture distribution never
+            takes a buffer as large as the chunk.
 
     Returns:
         [n] per-row values in the compute dtype, already summed over vocabulary shards.
@@ -73,8 +81,8 @@ class Divergence:
 
     #: The name ``KDLoss(divergence=...)`` accepts for this divergence with default parameters.
     name: str = ""
-    #: How many [n, V] scratch buffers :meth:`chunk` needs besides ``work`` and ``grad``. Each
-    #: one costs ``chunk_size × V`` elements of the compute dtype for the whole pass.
+    #: How many [r, V] scratch buffers :meth:`chunk` needs besides ``work`` and ``grad`` (``r``
+    #: rows, at most the chunk's: the engine sizes them to a cache-sized block of rows).
     extra_workspaces: int = 0
 
     def chunk(

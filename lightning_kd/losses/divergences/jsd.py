@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from lightning_kd.losses.divergences.base import Divergence, row_sum_of_products, unit_interval
+from lightning_kd.losses.divergences.base import (
+    Divergence,
+    row_blocks,
+    row_sum_of_products,
+    unit_interval,
+)
 from lightning_kd.losses.divergences.forward_kl import ForwardKL
 from lightning_kd.losses.divergences.reverse_kl import ReverseKL
 
@@ -46,12 +51,18 @@ class JSD(Divergence):
         ratio_buf, m_buf = extra
         p = vocab.softmax(teacher, temperature, out=work)
         q = vocab.softmax(student, temperature, out=grad)
-        m = torch.lerp(q, p, beta, out=m_buf)  # M = β P + (1 − β) Q
-        terms_p = torch.div(p, m, out=ratio_buf).log_().mul_(p)  # P log(P / M)
-        kl_p = row_sum_of_products(terms_p, p)
-        terms_q = torch.div(q, m, out=m_buf).log_().mul_(q)  # Q log(Q / M)
-        kl_q = row_sum_of_products(terms_q, q)
-        kl_p, kl_q = vocab.all_sum(torch.stack([kl_p, kl_q], 1)).unbind(1)
-        if need_grad:  # (1 − β) Q (log(Q / M) − KL(Q ‖ M))
-            torch.addcmul(terms_q, q, kl_q.unsqueeze(1), value=-1.0, out=q).mul_(1.0 - beta)
-        return kl_p.mul_(beta).add_(kl_q, alpha=1.0 - beta)
+        sums = p.new_empty((p.shape[0], 2))  # per row: KL(P ‖ M), KL(Q ‖ M) (local shares)
+        # The mixture lives in [r, V] blocks; once a block's KL(P ‖ M) is summed, P's rows are
+        # dead and take Q log(Q / M) for the gradient.
+        for rows in row_blocks(p.shape[0], m_buf.shape[0]):
+            p_r, q_r = p[rows], q[rows]
+            k = p_r.shape[0]
+            m = torch.lerp(q_r, p_r, beta, out=m_buf[:k])  # M = β P + (1 − β) Q
+            terms_p = torch.div(p_r, m, out=ratio_buf[:k]).log_().mul_(p_r)  # P log(P / M)
+            sums[rows, 0] = row_sum_of_products(terms_p, p_r)
+            terms_q = torch.div(q_r, m, out=p_r).log_().mul_(q_r)  # Q log(Q / M)
+            sums[rows, 1] = row_sum_of_products(terms_q, q_r)
+        kl_p, kl_q = vocab.all_sum(sums).unbind(1)
+        if need_grad:  # (1 − β) Q (log(Q / M) − KL(Q ‖ M)); Q log(Q / M) is in work
+            torch.addcmul(p, q, kl_q.unsqueeze(1), value=-1.0, out=q).mul_(1.0 - beta)
+        return kl_p.mul(beta).add_(kl_q, alpha=1.0 - beta)

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from lightning_kd.losses.divergences.base import Divergence, row_sum_of_products, unit_interval
+from lightning_kd.losses.divergences.base import (
+    Divergence,
+    row_blocks,
+    row_sum_of_products,
+    unit_interval,
+)
 from lightning_kd.losses.divergences.forward_kl import ForwardKL
 
 
@@ -45,15 +50,21 @@ class SkewKL(Divergence):
         ratio_buf, m_buf = extra
         p = vocab.softmax(teacher, temperature, out=work)
         q = vocab.softmax(student, temperature, out=grad)
-        m = torch.lerp(q, p, alpha, out=m_buf)  # M = α P + (1 − α) Q
-        p_over_m = torch.div(p, m, out=ratio_buf)
-        q_over_m = torch.div(q, m, out=m_buf) if need_grad else None
-        terms = p_over_m.log_().mul_(p)  # P log(P / M)
-        kl = row_sum_of_products(terms, p)
+        sums = p.new_empty((p.shape[0], 2))  # per row: KL(P ‖ M), c (local shares)
+        # The mixture lives in [r, V] blocks; once a block is summed, P's rows are dead and
+        # take P Q / M for the gradient.
+        for rows in row_blocks(p.shape[0], m_buf.shape[0]):
+            p_r, q_r = p[rows], q[rows]
+            k = p_r.shape[0]
+            m = torch.lerp(q_r, p_r, alpha, out=m_buf[:k])  # M = α P + (1 − α) Q
+            terms = torch.div(p_r, m, out=ratio_buf[:k]).log_().mul_(p_r)  # P log(P / M)
+            sums[rows, 0] = row_sum_of_products(terms, p_r)
+            if need_grad:
+                pq_over_m = torch.div(q_r, m, out=ratio_buf[:k]).mul_(p_r)  # NaN iff P = Q = 0
+                sums[rows, 1] = row_sum_of_products(pq_over_m, p_r)
+                p_r.copy_(pq_over_m)
         if not need_grad:
-            return vocab.all_sum(kl)
-        pq_over_m = q_over_m.mul_(p)  # NaN only where P = Q = 0
-        c = row_sum_of_products(pq_over_m, p)
-        kl, c = vocab.all_sum(torch.stack([kl, c], 1)).unbind(1)
-        q.mul_(c.unsqueeze(1)).sub_(pq_over_m).mul_(1.0 - alpha)  # (1 − α)(Q c − P Q / M)
+            return vocab.all_sum(sums[:, 0].contiguous())
+        kl, c = vocab.all_sum(sums).unbind(1)
+        q.mul_(c.unsqueeze(1)).sub_(p).mul_(1.0 - alpha)  # (1 − α)(Q c − P Q / M)
         return kl

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from lightning_kd.losses.divergences.base import Divergence, row_sum_of_products, unit_interval
+from lightning_kd.losses.divergences.base import (
+    Divergence,
+    row_blocks,
+    row_sum_of_products,
+    unit_interval,
+)
 from lightning_kd.losses.divergences.reverse_kl import ReverseKL
 
 
@@ -43,15 +48,22 @@ class SkewReverseKL(Divergence):
         (log_buf,) = extra
         p = vocab.softmax(teacher, temperature, out=work)
         q = vocab.softmax(student, temperature, out=grad)
-        m = torch.lerp(p, q, alpha, out=work)  # M = α Q + (1 − α) P
-        q_over_m = torch.div(q, m, out=work)
-        terms = torch.log(q_over_m, out=log_buf).mul_(q)  # Q log(Q / M)
-        kl = row_sum_of_products(terms, q)
+        sums = p.new_empty((p.shape[0], 2))  # per row: KL(Q ‖ M), S (local shares)
+        # Block by block of [r, V] rows, M and Q / M replace P's rows (P is read only there);
+        # for the gradient they end as Q log(Q / M) − α Q² / M.
+        for rows in row_blocks(p.shape[0], log_buf.shape[0]):
+            p_r, q_r = p[rows], q[rows]
+            m = torch.lerp(p_r, q_r, alpha, out=p_r)  # M = α Q + (1 − α) P
+            q_over_m = torch.div(q_r, m, out=p_r)
+            terms = torch.log(q_over_m, out=log_buf[: p_r.shape[0]]).mul_(q_r)  # Q log(Q / M)
+            sums[rows, 0] = row_sum_of_products(terms, q_r)
+            if need_grad:
+                q2_over_m = q_over_m.mul_(q_r)  # Q² / M, NaN only where Q = M = 0
+                sums[rows, 1] = row_sum_of_products(q2_over_m, q_r)
+                torch.add(terms, q2_over_m, alpha=-alpha, out=p_r)
         if not need_grad:
-            return vocab.all_sum(kl)
-        q2_over_m = q_over_m.mul_(q)  # Q² / M, NaN only where Q = M = 0
-        s = row_sum_of_products(q2_over_m, q)
-        kl, s = vocab.all_sum(torch.stack([kl, s], 1)).unbind(1)
+            return vocab.all_sum(sums[:, 0].contiguous())
+        kl, s = vocab.all_sum(sums).unbind(1)
         # Q log(Q / M) − α Q² / M + Q (α S − KL)
-        q.mul_(s.mul(alpha).sub_(kl).unsqueeze(1)).add_(terms).add_(q2_over_m, alpha=-alpha)
+        q.mul_(s.mul(alpha).sub_(kl).unsqueeze(1)).add_(p)
         return kl
