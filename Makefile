@@ -35,7 +35,7 @@ demo-real: $(STAMP) $(REAL_TEXT)/.fetched
 test: $(STAMP)
 	$(PY) -m pytest -q --durations=15
 
-# The single-process tests under ~5 s each (about a minute on 2 CPU cores); `make test` runs
+# The single-process tests under ~5 s each (1 min 29 s on 2 idle CPU cores); `make test` runs
 # everything, including the multi-process and slow tests.
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not distributed and not slow"
