@@ -47,6 +47,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/kd_loss.py
 	$(PY) benchmarks/kd_loss_tp.py
+	$(PY) benchmarks/scaling.py
 	$(PY) benchmarks/linear_kd_loss.py
 	$(PY) benchmarks/module_throughput.py
 	$(PY) benchmarks/teacher_cache.py
