@@ -18,7 +18,8 @@ N=8192 tokens, V=32000, d=512 (student and teacher), every token valid.
   it inside. Also the bytes moved by collectives per token, forward+backward.
 * every divergence through the fused head (memory only, fresh process each): bar <= 0.25 of
   one [N, V] fp32 matrix (the floor is the weight gradient, 0.06, the hidden-state gradient,
-  0.02, and the chunk's [1024, V] buffer, 0.125).
+  0.02, and the chunk's [1024, V] buffer, 0.125). Memory children run one thread (with two,
+  the OpenMP pool adds about 14 MiB: 0.255-0.26 for the fused rows, measured 2026-12-08).
 
 Usage: python benchmarks/linear_kd_loss.py [--quick] [--single-only | --tp-only]
 (--quick times a smaller N; memory is always measured at the full size.)
@@ -114,6 +115,9 @@ class _Bytes(TorchDispatchMode):
 
 
 def _child_memory(name: str) -> None:
+    # One thread, as the figures: a second OpenMP thread adds its pool's ~14 MiB
+    # (0.014 of the [N, V] matrix) to whatever runs, fused or not.
+    torch.set_num_threads(1)
     hs, w, ht, wt, labels = _inputs(N, V)
     hs.requires_grad_()
     w.requires_grad_()
